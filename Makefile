@@ -1,0 +1,43 @@
+# The two commands: `make run` (set up and run the appliance) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DATA   ?= var/demo
+STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.test-installed
+PIP    := $(BIN)/pip --disable-pip-version-check -q
+
+.PHONY: run test test-slow lint bench clean-demo
+
+$(BIN)/python:
+	@sh provisioning/ensure-venv.sh "$(PYTHON)" "$(VENV)"
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(PIP) install -e .
+	@touch $@
+
+$(TEST_STAMP): pyproject.toml $(STAMP)
+	$(PIP) install -e '.[test]'
+	@touch $@
+
+## make run: install, provision a demo site in ./var/demo once, run everything in the foreground
+run: $(STAMP)
+	@[ -f "$(DATA)/appliance.yaml" ] || $(BIN)/appliance init --data-dir "$(DATA)" --site-name "Demo site"
+	exec $(BIN)/appliance up --data-dir "$(DATA)"
+
+## make test: install test tools (dcmtk, orthanc … via apt when root), lint, run the suite
+test: $(TEST_STAMP)
+	@sh provisioning/install-test-tools.sh
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(TEST_STAMP)
+	@sh provisioning/install-test-tools.sh
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check .
+
+bench: $(TEST_STAMP)
+	@sh provisioning/install-test-tools.sh
+	$(BIN)/python benchmarks/ingest.py

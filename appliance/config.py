@@ -1,0 +1,383 @@
+"""Site configuration: ``DATA_DIR/appliance.yaml``.
+
+The file is written once by ``appliance init`` with comments a responder can
+follow, then edited by hand or by CLI commands (``appliance ae add``).  It is
+read with ruamel.yaml in round-trip mode so that commands which edit it keep
+every comment, and so that validation errors can name the line.
+
+Validation is strict on purpose: an unknown key (often a typo such as
+``store_form``) or a wrong type stops the process before it touches data,
+with the key path, the line and what is wrong.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import YAMLError
+
+from dicom_node import durable
+
+CONFIG_NAME = "appliance.yaml"
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: no backslash, <= 16 chars
+
+
+class ConfigError(Exception):
+    """The configuration is missing or invalid; the message is shown as is."""
+
+
+# A schema node is either a leaf (type, default, validator) or a nested dict.
+@dataclass(frozen=True)
+class Leaf:
+    kind: type | tuple[type, ...]
+    default: Any
+    check: Any = None  # callable(value) -> error message or None
+    help: str = ""
+
+
+def _port(v: int) -> str | None:
+    return None if 1 <= v <= 65535 else "must be a port number between 1 and 65535"
+
+
+def _ae(v: str) -> str | None:
+    v = v.strip()
+    if not v:
+        return "must not be empty"
+    return None if AE_TITLE_RE.match(v) else "must be 1-16 printable characters without a backslash"
+
+
+def _choice(*options: str):
+    def check(v: str) -> str | None:
+        return None if v in options else f"must be one of: {', '.join(options)}"
+
+    return check
+
+
+def _positive(v: float) -> str | None:
+    return None if v > 0 else "must be greater than 0"
+
+
+def _non_negative(v: float) -> str | None:
+    return None if v >= 0 else "must not be negative"
+
+
+SCHEMA: dict[str, Any] = {
+    "site": {
+        "name": Leaf(str, "Field site", None, "shown on every page and report"),
+        "id": Leaf(str, "field-site", None, "short identifier, used in bundle names"),
+    },
+    "dicom": {
+        "ae_title": Leaf(str, "FIELDAPP", _ae),
+        "port": Leaf(int, 11112, _port),
+        "bind": Leaf(str, "0.0.0.0"),
+        "store_from": Leaf(str, "any", _choice("any", "known")),
+        "max_associations": Leaf(int, 16, _positive),
+        "low_water_mb": Leaf(int, 500, _non_negative),
+        "known_aes": Leaf((list,), []),
+    },
+    "web": {
+        "port": Leaf(int, 8443, _port),
+        "bind": Leaf(str, "0.0.0.0"),
+        "workers": Leaf(int, 2, _positive),
+        "public_url": Leaf(str, ""),
+    },
+    "worker": {
+        "quiet_period_s": Leaf((int, float), 30, _positive),
+        "sweep_interval_s": Leaf((int, float), 5, _positive),
+    },
+    "logging": {
+        "level": Leaf(str, "info", _choice("debug", "info", "warning", "error")),
+    },
+}
+
+KNOWN_AE_KEYS: dict[str, Leaf] = {
+    "name": Leaf(str, None, _ae),
+    "host": Leaf(str, ""),
+    "port": Leaf(int, 104, _port),
+    "query": Leaf(bool, False),
+    "move_destination": Leaf(bool, False),
+    "description": Leaf(str, ""),
+}
+
+
+@dataclass(frozen=True)
+class KnownAE:
+    """A remote application entity this site knows by name."""
+
+    name: str
+    host: str = ""
+    port: int = 104
+    query: bool = False
+    move_destination: bool = False
+    description: str = ""
+
+
+class Config:
+    """Validated configuration with defaults filled in.
+
+    ``cfg["dicom"]["port"]`` reads like the file; ``cfg.data_dir`` is where
+    everything lives.
+    """
+
+    def __init__(self, data_dir: Path, values: dict[str, Any]):
+        self.data_dir = Path(data_dir)
+        self.values = values
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    @property
+    def known_aes(self) -> list[KnownAE]:
+        return [KnownAE(**ae) for ae in self.values["dicom"]["known_aes"]]
+
+    def known_ae(self, name: str) -> KnownAE | None:
+        for ae in self.known_aes:
+            if ae.name == name.strip():
+                return ae
+        return None
+
+    # Paths of the data directory (DESIGN.md).
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "appliance.db"
+
+    @property
+    def queue_path(self) -> Path:
+        return self.data_dir / "queue.db"
+
+    @property
+    def studies_dir(self) -> Path:
+        return self.data_dir / "studies"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def workflows_dir(self) -> Path:
+        return self.data_dir / "workflows"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.data_dir / "tls"
+
+
+def _yaml() -> YAML:
+    y = YAML(typ="rt")
+    y.preserve_quotes = True
+    y.indent(mapping=2, sequence=4, offset=2)
+    return y
+
+
+def _where(node: Any, key: Any, path: Path) -> str:
+    """``file:line:col`` of ``key`` inside a ruamel mapping/sequence, best effort."""
+    try:
+        if isinstance(node, CommentedMap):
+            line, col = node.lc.key(key)
+        elif isinstance(node, CommentedSeq):
+            line, col = node.lc.item(key)
+        else:
+            line, col = node.lc.line, node.lc.col
+        return f"{path}:{line + 1}:{col + 1}"
+    except Exception:
+        return str(path)
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _check_leaf(leaf: Leaf, value: Any, keypath: str, where: str) -> Any:
+    kinds = leaf.kind if isinstance(leaf.kind, tuple) else (leaf.kind,)
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not ok:
+        raise ConfigError(f"{where}: {keypath}: expected {_type_name(leaf.kind)}, got {value!r}")
+    if leaf.check is not None:
+        msg = leaf.check(value)
+        if msg:
+            raise ConfigError(f"{where}: {keypath}: {msg} (got {value!r})")
+    return value
+
+
+def _validate_map(node: Any, schema: dict[str, Any], prefix: str, path: Path) -> dict[str, Any]:
+    if node is None:
+        node = CommentedMap()
+    if not isinstance(node, dict):
+        raise ConfigError(f"{path}: {prefix or 'top level'}: expected a mapping of keys")
+    out: dict[str, Any] = {}
+    for key in node:
+        keypath = f"{prefix}.{key}" if prefix else str(key)
+        if key not in schema:
+            known = ", ".join(schema)
+            raise ConfigError(f"{_where(node, key, path)}: {keypath}: unknown key (known: {known})")
+    for key, spec in schema.items():
+        keypath = f"{prefix}.{key}" if prefix else key
+        if isinstance(spec, dict):
+            out[key] = _validate_map(node.get(key), spec, keypath, path)
+        elif key in node and node[key] is not None:
+            out[key] = _check_leaf(spec, node[key], keypath, _where(node, key, path))
+        else:
+            out[key] = spec.default if not isinstance(spec.default, list) else list(spec.default)
+    return out
+
+
+def _validate_known_aes(items: list[Any], path: Path, node: Any) -> list[dict[str, Any]]:
+    out, seen = [], set()
+    for i, item in enumerate(items):
+        keypath = f"dicom.known_aes[{i}]"
+        where = _where(node, i, path) if node is not None else str(path)
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: {keypath}: expected a mapping with name, host, port")
+        ae: dict[str, Any] = {}
+        for key in item:
+            if key not in KNOWN_AE_KEYS:
+                raise ConfigError(
+                    f"{_where(item, key, path)}: {keypath}.{key}: unknown key "
+                    f"(known: {', '.join(KNOWN_AE_KEYS)})"
+                )
+        for key, leaf in KNOWN_AE_KEYS.items():
+            if key in item and item[key] is not None:
+                ae[key] = _check_leaf(leaf, item[key], f"{keypath}.{key}", _where(item, key, path))
+            elif leaf.default is None:
+                raise ConfigError(f"{where}: {keypath}.{key}: required")
+            else:
+                ae[key] = leaf.default
+        ae["name"] = ae["name"].strip()
+        if ae["name"] in seen:
+            raise ConfigError(f"{where}: {keypath}.name: duplicate AE title {ae['name']!r}")
+        seen.add(ae["name"])
+        out.append(ae)
+    return out
+
+
+def parse(text: str, path: Path) -> dict[str, Any]:
+    """Validate YAML text against the schema; return plain values with defaults."""
+    try:
+        doc = _yaml().load(text)
+    except YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{loc}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    values = _validate_map(doc, SCHEMA, "", path)
+    dicom_node = doc.get("dicom") if isinstance(doc, dict) else None
+    ae_node = dicom_node.get("known_aes") if isinstance(dicom_node, dict) else None
+    values["dicom"]["known_aes"] = _validate_known_aes(values["dicom"]["known_aes"], path, ae_node)
+    return values
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """``--data-dir`` wins, then ``APPLIANCE_DATA_DIR``; one is required."""
+    value = data_dir or os.environ.get("APPLIANCE_DATA_DIR")
+    if not value:
+        raise ConfigError("no data directory: pass --data-dir DIR or set APPLIANCE_DATA_DIR")
+    return Path(value).resolve()
+
+
+def load(data_dir: str | os.PathLike | None) -> Config:
+    """Load and validate ``appliance.yaml``; raise ConfigError with a clear message."""
+    root = resolve_data_dir(data_dir)
+    path = root / CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing (run 'appliance init --data-dir {root}' first)")
+    return Config(root, parse(path.read_text(encoding="utf-8"), path))
+
+
+def edit_known_aes(data_dir: Path, change) -> None:
+    """Apply ``change(list_of_ae_maps)`` to the file, keeping comments; validate first.
+
+    The new text is validated as a whole before it replaces the old file, and
+    is written atomically, so a running node never reads half a file.
+    """
+    path = Path(data_dir) / CONFIG_NAME
+    y = _yaml()
+    doc = y.load(path.read_text(encoding="utf-8"))
+    if doc.get("dicom") is None:
+        doc["dicom"] = CommentedMap()
+    if doc["dicom"].get("known_aes") is None:
+        doc["dicom"]["known_aes"] = CommentedSeq()
+    change(doc["dicom"]["known_aes"])
+    buf = io.StringIO()
+    y.dump(doc, buf)
+    text = buf.getvalue()
+    parse(text, path)
+    durable.atomic_write(path, text.encode("utf-8"), mode=0o600)
+
+
+def render_default(site_name: str, site_id: str, ae_title: str, dicom_port: int, web_port: int) -> str:
+    """The commented ``appliance.yaml`` written by ``appliance init``."""
+    return DEFAULT_TEMPLATE.format(
+        site_name=_yaml_str(site_name),
+        site_id=_yaml_str(site_id),
+        ae_title=_yaml_str(ae_title),
+        dicom_port=dicom_port,
+        web_port=web_port,
+    )
+
+
+def _yaml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+DEFAULT_TEMPLATE = """\
+# appliance.yaml: the site configuration of this field appliance.
+# It is checked at every start: an unknown key or a wrong type stops the
+# process with the line and what is wrong, before any data is touched.
+# Edit it with any text editor; `appliance ae add|remove` edits it for you.
+
+site:
+  # Shown on every page, worklist entry and report.
+  name: {site_name}
+  # Short identifier (letters, digits, dashes): names this site's cloud bundles.
+  id: {site_id}
+
+dicom:
+  # The AE title and port scanners and workstations send to.
+  ae_title: {ae_title}
+  port: {dicom_port}
+  # Address to listen on; 0.0.0.0 means every network interface.
+  bind: "0.0.0.0"
+  # Who may C-ECHO / C-STORE: "any" calling AE (a new scanner can send at
+  # once; every association is logged with its address) or only "known" AEs.
+  store_from: any
+  # Associations served at the same time.
+  max_associations: 16
+  # Refuse new images (Out of Resources, 0xA700) when free disk in the data
+  # directory drops below this many MiB, so what is stored stays intact.
+  low_water_mb: 500
+  # Remote AEs this site knows. C-FIND, C-MOVE and C-GET are answered only
+  # for AEs with query: true; C-MOVE sends only to move_destination: true.
+  # Manage with: appliance ae add NAME --host H --port P [--query] [--move-destination]
+  known_aes: []
+
+web:
+  # HTTPS port of the web app (worklist, viewer, health at /livez /readyz).
+  port: {web_port}
+  bind: "0.0.0.0"
+  # gunicorn worker processes.
+  workers: 2
+  # The address readers use to reach this appliance, if not https://<host>:<port>.
+  public_url: ""
+
+worker:
+  # A study is complete when no instance has arrived for this many seconds.
+  quiet_period_s: 30
+  # How often the worker sweeps for due work (SLA escalations, leases).
+  sweep_interval_s: 5
+
+logging:
+  # debug, info, warning or error. Logs are JSON lines under logs/.
+  level: info
+"""

@@ -1,0 +1,133 @@
+"""SQLite: one file, WAL, ``synchronous=FULL``, migrations numbered in one place.
+
+Every process opens its own connections after it has forked (gunicorn and
+huey fork), never before.  ``synchronous=FULL`` in WAL mode makes a commit
+durable once it returns, which is what lets us acknowledge a C-STORE or an
+audit row right after the commit.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from appliance import accounts, audit
+from dicom_node import index as dicom_index
+
+BUSY_TIMEOUT_MS = 10_000
+
+# (number, description, SQL). Append only; never edit a landed migration.
+# dicom_node owns its index tables (dicom_node/index.py) but they are migrated here,
+# so one place decides the order of every schema change.
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (1, "DICOM index: studies, series, instances", dicom_index.SCHEMA_V1),
+    (
+        2,
+        "components heartbeat and key/value settings",
+        """
+        CREATE TABLE components (
+            name TEXT PRIMARY KEY,
+            pid INTEGER,
+            started_at REAL,
+            heartbeat_at REAL,
+            detail TEXT
+        );
+        CREATE TABLE settings (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
+        """,
+    ),
+    (3, "hash-chained audit trail", audit.SCHEMA),
+    (4, "user accounts", accounts.SCHEMA),
+]
+
+
+def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
+    """Open a connection configured for durability and concurrent access.
+
+    Autocommit mode (``isolation_level=None``): callers open transactions
+    explicitly with :func:`transaction`, so nothing is left uncommitted.
+    """
+    if readonly:
+        conn = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None, check_same_thread=False,
+        )
+    else:
+        conn = sqlite3.connect(
+            str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+            check_same_thread=False,
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection, immediate: bool = True) -> Iterator[sqlite3.Connection]:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
+    conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return conn.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate(conn: sqlite3.Connection, log: Callable[[str], None] | None = None) -> int:
+    """Apply every migration newer than the database; return the new version.
+
+    Each migration runs in its own transaction with the version bump, so a
+    crash leaves the database at a whole version.
+    """
+    current = schema_version(conn)
+    for number, description, sql in MIGRATIONS:
+        if number <= current:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if schema_version(conn) >= number:  # another process migrated first
+                conn.execute("ROLLBACK")
+                continue
+            for statement in _statements(sql):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={number}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if log:
+            log(f"migration {number}: {description}")
+    return schema_version(conn)
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a migration script into whole statements (triggers included)."""
+    out, buf = [], ""
+    for line in sql.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return out
+
+
+def open_db(path: str | Path) -> sqlite3.Connection:
+    """Connect and bring the schema up to date; what every process calls at start."""
+    conn = connect(path)
+    migrate(conn)
+    return conn

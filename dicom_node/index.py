@@ -1,0 +1,272 @@
+"""The DICOM index: patients/studies/series/instances rows that C-FIND and QIDO-RS read.
+
+The study store owns these tables (the DDL lives here) and the appliance's
+migrations apply them.  Patient attributes are kept on the study row (the
+Study Root model most clients use); a Patient Root PATIENT-level query groups
+studies by Patient ID.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+SCHEMA_V1 = """
+CREATE TABLE studies (
+    study_uid TEXT PRIMARY KEY,
+    patient_id TEXT NOT NULL DEFAULT '',
+    issuer_of_patient_id TEXT NOT NULL DEFAULT '',
+    patient_name TEXT NOT NULL DEFAULT '',
+    patient_birth_date TEXT NOT NULL DEFAULT '',
+    patient_sex TEXT NOT NULL DEFAULT '',
+    patient_age TEXT NOT NULL DEFAULT '',
+    study_date TEXT NOT NULL DEFAULT '',
+    study_time TEXT NOT NULL DEFAULT '',
+    accession_number TEXT NOT NULL DEFAULT '',
+    study_id TEXT NOT NULL DEFAULT '',
+    study_description TEXT NOT NULL DEFAULT '',
+    referring_physician TEXT NOT NULL DEFAULT '',
+    institution_name TEXT NOT NULL DEFAULT '',
+    modalities TEXT NOT NULL DEFAULT '',
+    num_series INTEGER NOT NULL DEFAULT 0,
+    num_instances INTEGER NOT NULL DEFAULT 0,
+    size_bytes INTEGER NOT NULL DEFAULT 0,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    calling_ae TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX studies_patient_id ON studies(patient_id);
+CREATE INDEX studies_patient_name ON studies(patient_name);
+CREATE INDEX studies_study_date ON studies(study_date);
+CREATE INDEX studies_accession ON studies(accession_number);
+CREATE INDEX studies_last_received ON studies(last_received);
+
+CREATE TABLE series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL REFERENCES studies(study_uid),
+    modality TEXT NOT NULL DEFAULT '',
+    series_number INTEGER,
+    series_description TEXT NOT NULL DEFAULT '',
+    body_part TEXT NOT NULL DEFAULT '',
+    series_date TEXT NOT NULL DEFAULT '',
+    series_time TEXT NOT NULL DEFAULT '',
+    num_instances INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX series_study ON series(study_uid);
+
+CREATE TABLE instances (
+    sop_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL REFERENCES series(series_uid),
+    study_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL DEFAULT '',
+    instance_number INTEGER,
+    transfer_syntax TEXT NOT NULL DEFAULT '',
+    rows INTEGER,
+    columns INTEGER,
+    number_of_frames INTEGER,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    calling_ae TEXT NOT NULL DEFAULT '',
+    remote_addr TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX instances_series ON instances(series_uid);
+CREATE INDEX instances_study ON instances(study_uid);
+
+-- Older versions of an instance that was sent again with different bytes:
+-- the newer one is served, the older file stays on disk and is listed here.
+CREATE TABLE instance_versions (
+    id INTEGER PRIMARY KEY,
+    sop_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    replaced_at REAL NOT NULL,
+    calling_ae TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX instance_versions_sop ON instance_versions(sop_uid);
+"""
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass
+class InstanceRecord:
+    """What the index keeps of one stored instance."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    path: str
+    size: int
+    sha256: str
+    received_at: float
+    calling_ae: str = ""
+    remote_addr: str = ""
+    study: dict[str, Any] = field(default_factory=dict)
+    series: dict[str, Any] = field(default_factory=dict)
+    instance: dict[str, Any] = field(default_factory=dict)
+
+
+def attributes(ds: Dataset) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Study, series and instance attributes the index keeps, from a parsed header."""
+    study = {
+        "patient_id": _text(ds, "PatientID"),
+        "issuer_of_patient_id": _text(ds, "IssuerOfPatientID"),
+        "patient_name": _text(ds, "PatientName"),
+        "patient_birth_date": _text(ds, "PatientBirthDate"),
+        "patient_sex": _text(ds, "PatientSex"),
+        "patient_age": _text(ds, "PatientAge"),
+        "study_date": _text(ds, "StudyDate"),
+        "study_time": _text(ds, "StudyTime"),
+        "accession_number": _text(ds, "AccessionNumber"),
+        "study_id": _text(ds, "StudyID"),
+        "study_description": _text(ds, "StudyDescription"),
+        "referring_physician": _text(ds, "ReferringPhysicianName"),
+        "institution_name": _text(ds, "InstitutionName"),
+    }
+    series = {
+        "modality": _text(ds, "Modality"),
+        "series_number": _int(ds, "SeriesNumber"),
+        "series_description": _text(ds, "SeriesDescription"),
+        "body_part": _text(ds, "BodyPartExamined"),
+        "series_date": _text(ds, "SeriesDate"),
+        "series_time": _text(ds, "SeriesTime"),
+    }
+    instance = {
+        "instance_number": _int(ds, "InstanceNumber"),
+        "rows": _int(ds, "Rows"),
+        "columns": _int(ds, "Columns"),
+        "number_of_frames": _int(ds, "NumberOfFrames"),
+    }
+    return study, series, instance
+
+
+def lookup(conn: sqlite3.Connection, sop_uid: str) -> sqlite3.Row | None:
+    return conn.execute(
+        "SELECT sop_uid, path, sha256, size, received_at, calling_ae, series_uid, study_uid "
+        "FROM instances WHERE sop_uid = ?",
+        (sop_uid,),
+    ).fetchone()
+
+
+def insert(conn: sqlite3.Connection, rec: InstanceRecord) -> None:
+    """Index a new instance and update its study and series counters.
+
+    Must run inside a transaction.
+    """
+    _upsert_study(conn, rec)
+    _upsert_series(conn, rec)
+    conn.execute(
+        "INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class_uid, instance_number,"
+        " transfer_syntax, rows, columns, number_of_frames, path, size, sha256, received_at,"
+        " calling_ae, remote_addr) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (
+            rec.sop_uid, rec.series_uid, rec.study_uid, rec.sop_class_uid,
+            rec.instance.get("instance_number"), rec.transfer_syntax, rec.instance.get("rows"),
+            rec.instance.get("columns"), rec.instance.get("number_of_frames"), rec.path,
+            rec.size, rec.sha256, rec.received_at, rec.calling_ae, rec.remote_addr,
+        ),
+    )
+    conn.execute(
+        "UPDATE series SET num_instances = num_instances + 1 WHERE series_uid = ?",
+        (rec.series_uid,),
+    )
+    conn.execute(
+        "UPDATE studies SET num_instances = num_instances + 1, size_bytes = size_bytes + ?,"
+        " last_received = max(last_received, ?) WHERE study_uid = ?",
+        (rec.size, rec.received_at, rec.study_uid),
+    )
+
+
+def replace(conn: sqlite3.Connection, old: sqlite3.Row, rec: InstanceRecord) -> None:
+    """Point the index at a newer version of an instance; remember the older one."""
+    conn.execute(
+        "INSERT INTO instance_versions (sop_uid, path, size, sha256, received_at, replaced_at,"
+        " calling_ae) VALUES (?,?,?,?,?,?,?)",
+        (old["sop_uid"], old["path"], old["size"], old["sha256"], old["received_at"],
+         rec.received_at, old["calling_ae"]),
+    )
+    conn.execute(
+        "UPDATE instances SET path = ?, size = ?, sha256 = ?, received_at = ?, transfer_syntax = ?,"
+        " calling_ae = ?, remote_addr = ? WHERE sop_uid = ?",
+        (rec.path, rec.size, rec.sha256, rec.received_at, rec.transfer_syntax, rec.calling_ae,
+         rec.remote_addr, rec.sop_uid),
+    )
+    conn.execute(
+        "UPDATE studies SET size_bytes = size_bytes + ? - ?, last_received = max(last_received, ?)"
+        " WHERE study_uid = ?",
+        (rec.size, old["size"], rec.received_at, old["study_uid"]),
+    )
+
+
+def _upsert_study(conn: sqlite3.Connection, rec: InstanceRecord) -> None:
+    cols = list(rec.study)
+    conn.execute(
+        f"INSERT INTO studies (study_uid, {', '.join(cols)}, first_received, last_received,"
+        f" calling_ae) VALUES (?, {', '.join('?' for _ in cols)}, ?, ?, ?)"
+        " ON CONFLICT(study_uid) DO NOTHING",
+        (rec.study_uid, *[rec.study[c] for c in cols], rec.received_at, rec.received_at,
+         rec.calling_ae),
+    )
+    # Fill attributes the first instance left empty (e.g. an SR without a description).
+    sets = ", ".join(f"{c} = CASE WHEN {c} = '' THEN ? ELSE {c} END" for c in cols)
+    conn.execute(
+        f"UPDATE studies SET {sets} WHERE study_uid = ?",
+        (*[rec.study[c] for c in cols], rec.study_uid),
+    )
+
+
+def _upsert_series(conn: sqlite3.Connection, rec: InstanceRecord) -> None:
+    cols = list(rec.series)
+    cur = conn.execute(
+        f"INSERT INTO series (series_uid, study_uid, {', '.join(cols)})"
+        f" VALUES (?, ?, {', '.join('?' for _ in cols)}) ON CONFLICT(series_uid) DO NOTHING",
+        (rec.series_uid, rec.study_uid, *[rec.series[c] for c in cols]),
+    )
+    if cur.rowcount:
+        modality = rec.series.get("modality", "")
+        row = conn.execute(
+            "SELECT modalities FROM studies WHERE study_uid = ?", (rec.study_uid,)
+        ).fetchone()
+        mods = [m for m in row["modalities"].split("\\") if m]
+        if modality and modality not in mods:
+            mods.append(modality)
+        conn.execute(
+            "UPDATE studies SET num_series = num_series + 1, modalities = ? WHERE study_uid = ?",
+            ("\\".join(mods), rec.study_uid),
+        )
+
+
+def counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """Studies, series and instances stored, and their bytes."""
+    row = conn.execute(
+        "SELECT COUNT(*) AS studies, COALESCE(SUM(num_instances), 0) AS instances,"
+        " COALESCE(SUM(size_bytes), 0) AS bytes FROM studies"
+    ).fetchone()
+    return {"studies": row["studies"], "instances": row["instances"], "bytes": row["bytes"]}

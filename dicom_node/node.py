@@ -1,0 +1,210 @@
+"""The DICOM application entity: who may associate, and one thin handler per service.
+
+Handlers follow pynetdicom's style: they read the event, call the study store
+or the query engine, and return a status.  They never raise into the
+association; an unexpected error becomes a failure status with a comment.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+
+from dicom_node.study_store import INVALID, NO_SPACE, StudyStore
+
+log = logging.getLogger("dicom_node")
+
+# Every transfer syntax we accept on storage contexts: stored as received, never transcoded.
+STORAGE_TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Process 14
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, Process 14 SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+]
+
+# DIMSE statuses (PS3.4 Annex B / C).
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+REFUSED_NOT_AUTHORIZED = 0x0124  # PS3.7 "Refused: Not Authorized"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A remote AE this node knows (from the site configuration)."""
+
+    name: str
+    host: str = ""
+    port: int = 104
+    query: bool = False
+    move_destination: bool = False
+
+
+@dataclass
+class NodeSettings:
+    ae_title: str
+    port: int
+    bind: str = "0.0.0.0"
+    store_from: str = "any"  # "any" or "known"
+    max_associations: int = 16
+    # Called on every association so edits to the site's known AEs apply at once.
+    peers: Callable[[], list[Peer]] = field(default=lambda: [])
+
+
+def peer_named(settings: NodeSettings, ae_title: str) -> Peer | None:
+    name = ae_title.strip()
+    for peer in settings.peers():
+        if peer.name == name:
+            return peer
+    return None
+
+
+def peer_allowed(peer: Peer | None, address: str) -> bool:
+    """A known peer matches when it has no host or its host is the caller's address."""
+    if peer is None:
+        return False
+    if not peer.host:
+        return True
+    try:
+        return address in {peer.host, socket.gethostbyname(peer.host)}
+    except OSError:
+        return address == peer.host
+
+
+class DicomNode:
+    """Builds the AE, binds handlers, runs the server."""
+
+    def __init__(self, settings: NodeSettings, store: StudyStore,
+                 extra_handlers: list[tuple] | None = None,
+                 on_reject: Callable[[str, str, str], None] | None = None):
+        self.settings = settings
+        self.store = store
+        self.on_reject = on_reject or (lambda ae, addr, reason: None)
+        self.ae = self._build_ae()
+        self.handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            *(extra_handlers or []),
+        ]
+        self.server = None
+        self._stopped = threading.Event()
+
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.maximum_associations = self.settings.max_associations
+        ae.network_timeout = 60
+        ae.dimse_timeout = 60
+        ae.acse_timeout = 30
+        ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs from the sender
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        for cx in AllStoragePresentationContexts:
+            # scu_role/scp_role so a C-GET requestor may propose SCP role selection.
+            ae.add_supported_context(cx.abstract_syntax, STORAGE_TRANSFER_SYNTAXES,
+                                     scu_role=True, scp_role=True)
+        return ae
+
+    # -- association-level events ----------------------------------------------
+    def _on_conn_open(self, event) -> None:
+        # Nagle's algorithm costs 40 ms per small PDU exchange; DIMSE is request/response.
+        try:
+            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (AttributeError, OSError):
+            pass
+
+    def _on_requested(self, event) -> None:
+        assoc = event.assoc
+        # requestor.ae_title is filled in only after this event; read the request itself.
+        calling = str(assoc.requestor.primitive.calling_ae_title or "").strip()
+        address = assoc.requestor.address
+        log.info("association requested", extra={"calling_ae": calling, "address": address})
+        if self.settings.store_from == "known":
+            peer = peer_named(self.settings, calling)
+            if not peer_allowed(peer, address):
+                reason = f"calling AE {calling!r} from {address} is not a known AE"
+                log.warning("association rejected: %s", reason)
+                self.on_reject(calling, address, reason)
+                # 0x01 rejected-permanent, source 0x01 service-user, reason 0x03 calling AE not recognized
+                assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    # -- services ----------------------------------------------------------------
+    def handle_echo(self, event) -> int:
+        log.info("C-ECHO", extra={"calling_ae": event.assoc.requestor.ae_title.strip(),
+                                  "address": event.assoc.requestor.address})
+        return SUCCESS
+
+    def handle_store(self, event):
+        """C-STORE: store the bytes exactly as received; Success only once durable."""
+        calling = event.assoc.requestor.ae_title.strip()
+        address = event.assoc.requestor.address
+        try:
+            if not self.store.has_space():
+                log.error("C-STORE refused: disk below low-water mark")
+                return _status(OUT_OF_RESOURCES, "Out of resources: free disk below low-water mark")
+            data = event.encoded_dataset(include_meta=True)
+            result = self.store.store(
+                data, calling_ae=calling, remote_addr=address,
+                expected_sop_uid=str(event.request.AffectedSOPInstanceUID or ""),
+            )
+        except Exception as e:  # never raise into the association
+            log.exception("C-STORE handler error")
+            return _status(0xA701, f"Out of resources: {e}"[:64])
+        if result.success:
+            return SUCCESS
+        log.warning("C-STORE failed: %s (%s)", result.outcome, result.comment,
+                    extra={"calling_ae": calling, "address": address})
+        if result.outcome == NO_SPACE:
+            return _status(OUT_OF_RESOURCES, result.comment)
+        if result.outcome == INVALID:
+            code = DATASET_MISMATCH if "missing" in result.comment or "differs" in result.comment \
+                else CANNOT_UNDERSTAND
+            return _status(code, result.comment)
+        return _status(0xA701, result.comment)
+
+    # -- running -------------------------------------------------------------------
+    def start(self, block: bool = False):
+        """Start listening; with ``block`` serve until :meth:`stop`."""
+        self.server = self.ae.start_server(
+            (self.settings.bind, self.settings.port), block=False, evt_handlers=self.handlers,
+        )
+        log.info("DICOM node listening", extra={"ae_title": self.settings.ae_title,
+                                                "port": self.settings.port})
+        if block:
+            self._stopped.wait()
+        return self.server
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+        self._stopped.set()
+
+
+def _status(code: int, comment: str):
+    """A status dataset carrying an Error Comment (max 64 chars, LO)."""
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds

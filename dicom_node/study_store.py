@@ -1,0 +1,271 @@
+"""The study store: DICOM files as received, written durably, and their index.
+
+Both the C-STORE handler and STOW-RS go through :meth:`StudyStore.store`, so
+"acknowledged means durable" has one implementation: the caller may report
+success only once ``store`` has returned an ``OK`` or ``DUPLICATE`` result,
+which happens after the file is fsynced, renamed, its directory fsynced, and
+the index row committed with ``synchronous=FULL``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from dicom_node import durable
+from dicom_node import index as idx
+
+log = logging.getLogger("dicom_node.store")
+
+# Outcomes, mapped to DIMSE statuses by the handler and to PS3.18 codes by STOW-RS.
+OK = "ok"
+DUPLICATE = "duplicate"  # same bytes already stored: success, stored once
+REPLACED = "replaced"  # same SOP Instance UID, different bytes: newer kept
+INVALID = "invalid"  # cannot parse, or a UID is missing
+NO_SPACE = "no_space"  # free disk below the low-water mark
+FAILED = "failed"  # an I/O or database error: nothing acknowledged
+
+SUCCESS_OUTCOMES = (OK, DUPLICATE, REPLACED)
+
+
+@dataclass
+class StoreResult:
+    outcome: str
+    comment: str = ""
+    record: idx.InstanceRecord | None = None
+
+    @property
+    def success(self) -> bool:
+        return self.outcome in SUCCESS_OUTCOMES
+
+
+def _safe_component(uid: str) -> str:
+    """A path component for a UID; anything not a plain UID is hashed, never trusted."""
+    if idx.UID_RE.match(uid) and len(uid) <= 64:
+        return uid
+    return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+class StudyStore:
+    """Durable storage of DICOM files plus their index rows.
+
+    ``on_event(kind, detail)`` is the caller's hook (the appliance audits
+    through it); ``on_stored(record)`` tells the caller a study changed.
+    Neither may raise into the store.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        db_path: str | os.PathLike,
+        low_water_mb: float = 0,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        on_stored: Callable[[idx.InstanceRecord, str], None] | None = None,
+        connect: Callable[[str], sqlite3.Connection] | None = None,
+    ):
+        self.root = Path(root)
+        self.db_path = str(db_path)
+        self.low_water_mb = low_water_mb
+        self.on_event = on_event or (lambda kind, detail: None)
+        self.on_stored = on_stored or (lambda record, outcome: None)
+        self._connect = connect or _default_connect
+        self._local = threading.local()
+        self._sop_locks: dict[str, threading.Lock] = {}
+        self._sop_locks_guard = threading.Lock()
+        durable.ensure_dir(self.root)
+
+    # -- connections (one per thread; opened lazily, after any fork) ------------
+    @property
+    def conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect(self.db_path)
+            self._local.conn = conn
+        return conn
+
+    def _lock_for(self, sop_uid: str) -> threading.Lock:
+        with self._sop_locks_guard:
+            lock = self._sop_locks.get(sop_uid)
+            if lock is None:
+                if len(self._sop_locks) > 10_000:
+                    self._sop_locks = {k: v for k, v in self._sop_locks.items() if v.locked()}
+                lock = self._sop_locks[sop_uid] = threading.Lock()
+            return lock
+
+    # -- the write path --------------------------------------------------------
+    def has_space(self) -> bool:
+        return durable.free_mb(self.root) >= self.low_water_mb
+
+    def store(
+        self, data: bytes, calling_ae: str = "", remote_addr: str = "",
+        expected_sop_uid: str | None = None,
+    ) -> StoreResult:
+        """Store one Part 10 file (preamble + meta + dataset) given as bytes."""
+        if not self.has_space():
+            return StoreResult(NO_SPACE, f"free disk below the low-water mark ({self.low_water_mb} MiB)")
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        except (InvalidDicomError, Exception) as e:  # pydicom raises many kinds
+            return StoreResult(INVALID, f"cannot parse dataset: {_short(e)}")
+        uids = {k: _uid(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+        missing = [k for k, v in uids.items() if not v]
+        if missing:
+            return StoreResult(INVALID, f"missing {', '.join(missing)}")
+        sop_uid = uids["SOPInstanceUID"]
+        if expected_sop_uid and expected_sop_uid.strip("\0 ") != sop_uid:
+            return StoreResult(INVALID, "SOP Instance UID in dataset differs from the request")
+        try:
+            study, series, instance = idx.attributes(ds)
+        except Exception as e:
+            return StoreResult(INVALID, f"unreadable attributes: {_short(e)}")
+        meta = getattr(ds, "file_meta", None)
+        rec = idx.InstanceRecord(
+            study_uid=uids["StudyInstanceUID"], series_uid=uids["SeriesInstanceUID"], sop_uid=sop_uid,
+            sop_class_uid=_uid(ds, "SOPClassUID") or (_uid(meta, "MediaStorageSOPClassUID") if meta else ""),
+            transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta else "",
+            path="", size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+            received_at=time.time(), calling_ae=calling_ae, remote_addr=remote_addr,
+            study=study, series=series, instance=instance,
+        )
+        with self._lock_for(sop_uid):
+            try:
+                return self._write_and_index(data, rec)
+            except Exception as e:
+                log.exception("store failed for %s", sop_uid)
+                return StoreResult(FAILED, f"storage error: {_short(e)}")
+
+    def _write_and_index(self, data: bytes, rec: idx.InstanceRecord) -> StoreResult:
+        old = idx.lookup(self.conn, rec.sop_uid)
+        if old is not None and old["sha256"] == rec.sha256:
+            return StoreResult(DUPLICATE, "identical instance already stored", rec)
+        rel = self.relative_path(rec, version=rec.sha256[:12] if old is not None else None)
+        durable.atomic_write(self.root / rel, data)
+        rec.path = rel
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = idx.lookup(conn, rec.sop_uid)
+            if current is None:
+                idx.insert(conn, rec)
+                outcome = OK
+            else:
+                idx.replace(conn, current, rec)
+                outcome = REPLACED
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if outcome == REPLACED:
+            self._emit("instance.replaced", {
+                "sop_uid": rec.sop_uid, "study_uid": rec.study_uid, "old_sha256": current["sha256"],
+                "new_sha256": rec.sha256, "old_path": current["path"], "calling_ae": rec.calling_ae,
+            })
+        self._notify(rec, outcome)
+        return StoreResult(outcome, "", rec)
+
+    def relative_path(self, rec: idx.InstanceRecord, version: str | None = None) -> str:
+        name = _safe_component(rec.sop_uid) + (f".{version}" if version else "") + ".dcm"
+        return f"{_safe_component(rec.study_uid)}/{_safe_component(rec.series_uid)}/{name}"
+
+    def path_of(self, relative: str) -> Path:
+        return self.root / relative
+
+    def _emit(self, kind: str, detail: dict[str, Any]) -> None:
+        try:
+            self.on_event(kind, detail)
+        except Exception:
+            log.exception("on_event hook failed for %s", kind)
+
+    def _notify(self, rec: idx.InstanceRecord, outcome: str) -> None:
+        try:
+            self.on_stored(rec, outcome)
+        except Exception:
+            log.exception("on_stored hook failed for %s", rec.sop_uid)
+
+    # -- start-up recovery ------------------------------------------------------
+    def recover(self) -> dict[str, int]:
+        """Remove temp files a crash left; index any stored file the index lacks.
+
+        A file can be on disk without its row when the process died between
+        the rename and the commit: that C-STORE was never acknowledged, but the
+        bytes are whole, so we keep them rather than make the modality resend.
+        """
+        removed = durable.remove_temp_files(self.root)
+        known = {r[0] for r in self.conn.execute(
+            "SELECT path FROM instances UNION SELECT path FROM instance_versions")}
+        reindexed = 0
+        for path in sorted(self.root.rglob("*.dcm")):
+            rel = path.relative_to(self.root).as_posix()
+            if rel in known:
+                continue
+            if self._reindex(path, rel):
+                reindexed += 1
+        if removed or reindexed:
+            self._emit("store.recovered", {"temp_files_removed": removed, "reindexed": reindexed})
+        return {"temp_files_removed": removed, "reindexed": reindexed}
+
+    def _reindex(self, path: Path, rel: str) -> bool:
+        data = path.read_bytes()
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        except Exception:
+            log.warning("unreadable file left in store: %s", rel)
+            return False
+        study, series, instance = idx.attributes(ds)
+        meta = getattr(ds, "file_meta", None)
+        rec = idx.InstanceRecord(
+            study_uid=_uid(ds, "StudyInstanceUID"), series_uid=_uid(ds, "SeriesInstanceUID"),
+            sop_uid=_uid(ds, "SOPInstanceUID"), sop_class_uid=_uid(ds, "SOPClassUID"),
+            transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta else "",
+            path=rel, size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+            received_at=path.stat().st_mtime, study=study, series=series, instance=instance,
+        )
+        if not (rec.study_uid and rec.series_uid and rec.sop_uid):
+            return False
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = idx.lookup(conn, rec.sop_uid)
+            if current is None:
+                idx.insert(conn, rec)
+            elif current["sha256"] != rec.sha256:
+                idx.replace(conn, current, rec)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._notify(rec, OK)
+        return True
+
+
+def _uid(ds: Any, keyword: str) -> str:
+    if ds is None:
+        return ""
+    value = ds.get(keyword)
+    return str(value).strip("\0 ") if value else ""
+
+
+def _short(e: Exception) -> str:
+    text = str(e) or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+def _default_connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=10, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn

@@ -1,0 +1,17 @@
+#!/bin/sh
+# Install the real peers the tests drive (dcmtk, Orthanc) from Debian's packages
+# when they are missing and we are root. Without root we only report; the tests
+# themselves fail under CI=true when a tool is absent.
+set -eu
+need=""
+command -v storescu >/dev/null 2>&1 || need="$need dcmtk"
+[ -x /usr/sbin/Orthanc ] || need="$need orthanc"
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need="$need orthanc-dicomweb"
+[ -z "$need" ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing test tools:$need"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need >/dev/null
+else
+  echo "warning: missing test tools:$need (not root: cannot apt-get install them)" >&2
+fi
