@@ -19,6 +19,8 @@ from dicom_node import index as dicom_index
 BUSY_TIMEOUT_MS = 10_000
 
 # (number, description, SQL). Append only; never edit a landed migration.
+# Numbers reserved per area: 5 read queue (workflows), 6 auth (sessions, tokens),
+# 7 sync outbox, 8 DICOMweb metadata, 9 reports, 10 health time series.
 # dicom_node owns its index tables (dicom_node/index.py) but they are migrated here,
 # so one place decides the order of every schema change.
 MIGRATIONS: list[tuple[int, str, str]] = [
@@ -92,7 +94,7 @@ def migrate(conn: sqlite3.Connection, log: Callable[[str], None] | None = None) 
     crash leaves the database at a whole version.
     """
     current = schema_version(conn)
-    for number, description, sql in MIGRATIONS:
+    for number, description, sql in sorted(MIGRATIONS, key=lambda m: m[0]):
         if number <= current:
             continue
         conn.execute("BEGIN IMMEDIATE")

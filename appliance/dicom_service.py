@@ -90,17 +90,21 @@ def build_node(cfg: config.Config) -> DicomNode:
         on_event("association.rejected", {"calling_ae": calling, "address": address,
                                           "reason": reason})
 
-    return DicomNode(settings, store, extra_handlers=_query_handlers(settings, store),
-                     on_reject=on_reject)
+    node = DicomNode(settings, store, on_reject=on_reject)
+    _add_query_services(node, on_event)
+    return node
 
 
-def _query_handlers(settings: NodeSettings, store: StudyStore) -> list[tuple]:
-    """C-FIND / C-MOVE / C-GET handlers, when the query module is present."""
+def _add_query_services(node: DicomNode, on_event) -> None:
+    """C-FIND / C-MOVE / C-GET: contexts and handlers from dicom_node.retrieve."""
     try:
         from dicom_node import retrieve
-    except ImportError:
-        return []
-    return retrieve.handlers(settings, store)
+    except ModuleNotFoundError as e:
+        if e.name != "dicom_node.retrieve":
+            raise
+        return
+    retrieve.add_contexts(node.ae)
+    node.handlers.extend(retrieve.handlers(node.settings, node.store, on_event))
 
 
 def run(cfg: config.Config) -> int:

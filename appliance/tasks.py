@@ -9,6 +9,7 @@ Every task here must be safe to run twice or to die at any line.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections.abc import Callable
@@ -20,8 +21,26 @@ from appliance import components, config, db
 
 log = logging.getLogger("appliance.worker")
 
-# Steps the sweep runs, in order; other modules append theirs (SLA, sync…).
-SWEEP_STEPS: list[Callable[[config.Config], None]] = []
+# Modules whose ``sweep(cfg)`` the periodic sweep runs, in order. A module not
+# written yet is skipped. Each sweep must be idempotent and bounded in time.
+SWEEP_MODULES = (
+    "appliance.read_queue",  # study completion, read items, claims, SLA escalations
+    "appliance.report_delivery",  # signed reports back to the site
+    "appliance.sync",  # bundles and cloud sync
+)
+
+
+def sweep_steps() -> list[Callable[[config.Config], None]]:
+    steps = []
+    for name in SWEEP_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        steps.append(module.sweep)
+    return steps
 
 
 def make_huey(queue_path: Path) -> SqliteHuey:
@@ -36,13 +55,14 @@ class Tasks:
         self.huey = make_huey(cfg.queue_path)
         self.huey.immediate = immediate
         self.started_at = time.time()
+        self.steps = sweep_steps()
         self.sweep = self.huey.task(name="sweep")(self._sweep)
 
     def _sweep(self) -> None:
         """Run every sweep step; beat only when the sweep ran, so /readyz sees a stuck worker."""
         conn = db.connect(self.cfg.db_path)
         try:
-            for step in SWEEP_STEPS:
+            for step in self.steps:
                 try:
                     step(self.cfg)
                 except Exception:

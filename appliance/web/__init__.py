@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sqlite3
 from typing import Any
 
@@ -9,6 +10,19 @@ from flask import Flask, g
 
 from appliance import config as site_config
 from appliance import db
+
+# One blueprint per area; each module exposes ``bp``. A module not written yet is skipped.
+BLUEPRINT_MODULES = (
+    "appliance.web.health",  # /livez /readyz /healthz
+    "appliance.web.status_page",  # /status, /metrics
+    "appliance.web.auth_views",  # /login /logout, TOTP
+    "appliance.web.admin",  # users, audit trail
+    "appliance.web.api",  # /api/v1 JSON: worklist, metrics
+    "appliance.web.ui",  # worklist, reports, dashboards (HTML)
+    "appliance.web.dicomweb",  # /dicom-web
+    "appliance.web.viewer",  # /viewer (OHIF)
+    "appliance.web.consults",  # consult signaling
+)
 
 
 def create_app(cfg: site_config.Config, overrides: dict[str, Any] | None = None) -> Flask:
@@ -24,9 +38,14 @@ def create_app(cfg: site_config.Config, overrides: dict[str, Any] | None = None)
     if overrides:
         app.config.update(overrides)
 
-    from appliance.web import health
-
-    app.register_blueprint(health.bp)
+    for name in BLUEPRINT_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue  # an area not written yet
+        app.register_blueprint(module.bp)
 
     @app.teardown_appcontext
     def close_db(_exc: BaseException | None) -> None:
