@@ -8,6 +8,7 @@ add`` takes effect without a restart.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -98,7 +99,7 @@ def build_node(cfg: config.Config) -> DicomNode:
 def _add_query_services(node: DicomNode, on_event) -> None:
     """C-FIND / C-MOVE / C-GET: contexts and handlers from dicom_node.retrieve."""
     try:
-        from dicom_node import retrieve
+        retrieve = importlib.import_module("dicom_node.retrieve")
     except ModuleNotFoundError as e:
         if e.name != "dicom_node.retrieve":
             raise

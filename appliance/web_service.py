@@ -47,6 +47,7 @@ def run(cfg: config.Config) -> int:
         "errorlog": "-",
         "loglevel": cfg["logging"]["level"],
         "proc_name": "appliance-web",
+        "control_socket_disable": True,  # one fixed path per user: two sites would collide
         "preload_app": False,  # open SQLite after fork, never before
     }
     try:
