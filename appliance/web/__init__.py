@@ -18,7 +18,8 @@ BLUEPRINT_MODULES = (
     "appliance.web.auth_views",  # /login /logout, TOTP
     "appliance.web.admin",  # users, audit trail
     "appliance.web.api",  # /api/v1 JSON: worklist, metrics
-    "appliance.web.ui",  # worklist, reports, dashboards (HTML)
+    "appliance.web.ui",  # worklist, turnaround dashboard (HTML)
+    "appliance.web.reports",  # report editor, critical findings, printable reports
     "appliance.web.dicomweb",  # /dicom-web
     "appliance.web.viewer",  # /viewer (OHIF)
     "appliance.web.consults",  # consult signaling
