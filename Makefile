@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.test-installed
 PIP    := $(BIN)/pip --disable-pip-version-check -q
 
-.PHONY: run test test-slow lint bench clean-demo
+.PHONY: run test test-slow lint bench clean-demo viewer
 
 $(BIN)/python:
 	@sh provisioning/ensure-venv.sh "$(PYTHON)" "$(VENV)"
@@ -20,13 +20,19 @@ $(TEST_STAMP): pyproject.toml $(STAMP)
 	$(PIP) install -e '.[test]'
 	@touch $@
 
+## make viewer: fetch the pinned OHIF viewer once (provisioning/fetch-viewer.sh)
+VIEWER_INDEX := appliance/web/static/viewer/index.html
+viewer: $(VIEWER_INDEX)
+$(VIEWER_INDEX): provisioning/fetch-viewer.sh
+	sh provisioning/fetch-viewer.sh
+
 ## make run: install, provision a demo site in ./var/demo once, run everything in the foreground
-run: $(STAMP)
+run: $(STAMP) viewer
 	@[ -f "$(DATA)/appliance.yaml" ] || $(BIN)/appliance init --data-dir "$(DATA)" --site-name "Demo site"
 	exec $(BIN)/appliance up --data-dir "$(DATA)"
 
 ## make test: install test tools (dcmtk, orthanc … via apt when root), lint, run the suite
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) viewer
 	@sh provisioning/install-test-tools.sh
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow"
