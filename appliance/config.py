@@ -95,7 +95,19 @@ SCHEMA: dict[str, Any] = {
     "logging": {
         "level": Leaf(str, "info", _choice("debug", "info", "warning", "error")),
     },
+    "reports": {
+        "deliver_to": Leaf(str, "", None, "AE title from dicom.known_aes that receives reports"),
+        "formats": Leaf((list,), ["sr"], lambda v: _report_formats(v)),
+        "critical_ack_minutes": Leaf((int, float), 15, _positive),
+        "retry_max_backoff_s": Leaf((int, float), 300, _positive),
+    },
 }
+
+
+def _report_formats(v: list) -> str | None:
+    """reports.formats: any of sr (Basic Text SR), pdf (Encapsulated PDF), print (paper page)."""
+    bad = [f for f in v if f not in ("sr", "pdf", "print")]
+    return f"unknown format(s) {bad}: use sr, pdf, print" if bad else None
 
 KNOWN_AE_KEYS: dict[str, Leaf] = {
     "name": Leaf(str, None, _ae),
@@ -380,4 +392,18 @@ worker:
 logging:
   # debug, info, warning or error. Logs are JSON lines under logs/.
   level: info
+
+reports:
+  # The site PACS that signed reports are sent back to: an AE title listed in
+  # dicom.known_aes (appliance ae add SITEPACS --host H --port P). Empty: no
+  # PACS delivery; staff print reports from the report page.
+  deliver_to: ""
+  # What is sent: sr (DICOM Basic Text SR), pdf (DICOM Encapsulated PDF),
+  # print (a printable page written under reports/print/ in the data directory).
+  formats: [sr]
+  # Minutes a critical finding may stay unacknowledged by site staff before
+  # it is escalated through the workflow's ladder (and again after as long).
+  critical_ack_minutes: 15
+  # Failed deliveries are retried with doubling delays, at most this many seconds apart.
+  retry_max_backoff_s: 300
 """
