@@ -66,3 +66,4 @@ def setup(component: str, logs_dir: Path | None, level: str = "info") -> None:
         fh.setFormatter(JsonFormatter(component))
         root.addHandler(fh)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("huey").setLevel(logging.WARNING)  # one line per sweep otherwise
