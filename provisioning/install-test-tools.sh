@@ -7,6 +7,11 @@ need=""
 command -v storescu >/dev/null 2>&1 || need="$need dcmtk"
 [ -x /usr/sbin/Orthanc ] || need="$need orthanc"
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need="$need orthanc-dicomweb"
+# provisioning checks (tests/test_provisioning*.py, tests/test_offline_install.py)
+command -v systemd-analyze >/dev/null 2>&1 || need="$need systemd"
+command -v vagrant >/dev/null 2>&1 || need="$need vagrant"
+command -v cloud-init >/dev/null 2>&1 || need="$need cloud-init"
+command -v debootstrap >/dev/null 2>&1 || need="$need debootstrap"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing test tools:$need"
