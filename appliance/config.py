@@ -101,6 +101,17 @@ SCHEMA: dict[str, Any] = {
         "critical_ack_minutes": Leaf((int, float), 15, _positive),
         "retry_max_backoff_s": Leaf((int, float), 300, _positive),
     },
+    "auth": {
+        "idle_timeout_min": Leaf((int, float), 15, _positive),
+        "session_max_hours": Leaf((int, float), 12, _positive),
+        "totp_required_for_readers": Leaf(bool, True),
+        "lockout_after_failures": Leaf(int, 5, _positive),
+        "lockout_min": Leaf((int, float), 15, _positive),
+        "attempts_per_account": Leaf(int, 10, _positive),
+        "attempts_per_address": Leaf(int, 30, _positive),
+        "attempt_window_min": Leaf((int, float), 10, _positive),
+        "break_glass_hours": Leaf((int, float), 8, _positive),
+    },
 }
 
 
@@ -406,4 +417,26 @@ reports:
   critical_ack_minutes: 15
   # Failed deliveries are retried with doubling delays, at most this many seconds apart.
   retry_max_backoff_s: 300
+
+auth:
+  # Signed-in browsers are logged off after this many idle minutes
+  # (background refreshes such as the worklist's do not count as activity).
+  idle_timeout_min: 15
+  # A session ends this many hours after sign-in, however active.
+  session_max_hours: 12
+  # Radiologists and neurologists must confirm sign-in with a TOTP code
+  # (authenticator app); they enrol at their first sign-in.
+  totp_required_for_readers: true
+  # An account is locked after this many failed sign-ins in a row, until
+  # lockout_min minutes have passed (appliance user reset-password unlocks).
+  lockout_after_failures: 5
+  lockout_min: 15
+  # Sign-in attempts allowed per account, and failed attempts per address,
+  # within attempt_window_min minutes; beyond that: "too many attempts".
+  attempts_per_account: 10
+  attempts_per_address: 30
+  attempt_window_min: 10
+  # A break-glass opening (a study outside the reader's pool or site, with a
+  # typed reason) stays open for the reader this many hours.
+  break_glass_hours: 8
 """

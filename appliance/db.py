@@ -44,6 +44,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     ),
     (3, "hash-chained audit trail", audit.SCHEMA),
     (4, "user accounts", accounts.SCHEMA),
+    (6, "auth: sessions, login attempts, API tokens, break-glass", accounts.AUTH_SCHEMA),
 ]
 
 
