@@ -1,0 +1,343 @@
+"""C-FIND, C-MOVE and C-GET service providers of the DICOM node.
+
+Thin pynetdicom handlers over :mod:`dicom_node.query` and the study store:
+
+* only AEs the site added with ``--query`` (from their host, when one is
+  given) are answered; everyone else gets a refusal with a reason, which is
+  logged and handed to ``on_event`` (the appliance audits it);
+* every answered request is handed to ``on_event`` *before* any patient data
+  leaves (who, from where, level, keys, counts); if that record cannot be
+  made, nothing is disclosed;
+* C-MOVE sends only to ``--move-destination`` AEs, over its own association
+  to the destination's host:port, proposing for each file exactly the
+  transfer syntax it was stored in (no transcoding); C-GET returns the files
+  over the requester's association;
+* each file is checked against the SHA-256 the index holds before it is sent:
+  a damaged or missing file is a failed sub-operation, reported, not hidden;
+* handlers never raise into the association.
+
+pynetdicom fixes the shape of a C-MOVE reply: its first answer is the
+destination, so a refused or unknown destination can only be reported as
+0xA801 (the reason is in the log and the audit trail).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import sqlite3
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom import AE, build_context, evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from dicom_node import query
+from dicom_node.node import NodeSettings, peer_allowed, peer_named
+from dicom_node.study_store import StudyStore
+
+log = logging.getLogger("dicom_node.retrieve")
+
+MODELS = {
+    PatientRootQueryRetrieveInformationModelFind: query.PATIENT_ROOT,
+    PatientRootQueryRetrieveInformationModelMove: query.PATIENT_ROOT,
+    PatientRootQueryRetrieveInformationModelGet: query.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelFind: query.STUDY_ROOT,
+    StudyRootQueryRetrieveInformationModelMove: query.STUDY_ROOT,
+    StudyRootQueryRetrieveInformationModelGet: query.STUDY_ROOT,
+}
+
+PENDING = 0xFF00
+CANCEL = 0xFE00
+NOT_AUTHORIZED = 0x0124  # PS3.7 C.5: Refused: Not Authorized
+UNABLE_TO_PROCESS = 0xC001
+MAX_CONTEXTS = 128  # presentation contexts one association may propose
+AUDIT_LIST_LIMIT = 1000  # study UIDs / patient IDs named in one audit row
+
+
+def add_contexts(ae: AE) -> None:
+    """Accept the Patient Root and Study Root FIND, MOVE and GET models as SCP."""
+    for uid in MODELS:
+        ae.add_supported_context(uid)
+
+
+def handlers(settings: NodeSettings, store: StudyStore,
+             on_event: Callable[[str, dict[str, Any]], None]) -> list[tuple]:
+    """The (event, handler) pairs the node binds for query/retrieve."""
+    service = QueryRetrieve(settings, store, on_event)
+    return [(evt.EVT_C_FIND, service.handle_find), (evt.EVT_C_MOVE, service.handle_move),
+            (evt.EVT_C_GET, service.handle_get)]
+
+
+@dataclass
+class Caller:
+    ae_title: str
+    address: str
+
+    def detail(self, **more: Any) -> dict[str, Any]:
+        return {"calling_ae": self.ae_title, "address": self.address, **more}
+
+
+class AuditUnavailable(Exception):
+    """The access could not be recorded, so it is not granted."""
+
+
+def _caller(event) -> Caller:
+    return Caller(str(event.assoc.requestor.ae_title or "").strip(), event.assoc.requestor.address)
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
+class QueryRetrieve:
+    """The three handlers, sharing the authorization rule and the audit hook."""
+
+    def __init__(self, settings: NodeSettings, store: StudyStore,
+                 on_event: Callable[[str, dict[str, Any]], None]):
+        self.settings = settings
+        self.store = store
+        self.on_event = on_event
+
+    # -- shared rules -------------------------------------------------------------
+    def refusal(self, caller: Caller) -> str | None:
+        """Why this caller may not query or retrieve, or None when it may."""
+        peer = peer_named(self.settings, caller.ae_title)
+        if peer is None:
+            return f"AE {caller.ae_title!r} is not a known AE"
+        if not peer.query:
+            return f"AE {caller.ae_title!r} is not allowed to query (no --query)"
+        if not peer_allowed(peer, caller.address):
+            return f"AE {caller.ae_title!r} is allowed only from {peer.host}"
+        return None
+
+    def _emit(self, kind: str, detail: dict[str, Any]) -> None:
+        """Record an event; a failure to record a disclosure stops the disclosure."""
+        try:
+            self.on_event(kind, detail)
+        except Exception as e:
+            log.exception("audit hook failed for %s", kind)
+            raise AuditUnavailable(str(e)) from e
+
+    def _refused(self, service: str, caller: Caller, reason: str, **more: Any) -> None:
+        log.warning("%s refused: %s", service, reason,
+                    extra={"calling_ae": caller.ae_title, "address": caller.address})
+        try:
+            self._emit(f"dicom.{service.lower().replace('-', '_')}.refused",
+                       caller.detail(reason=reason, **more))
+        except AuditUnavailable:
+            pass  # refusing anyway; the log line above remains
+
+    @staticmethod
+    def _model(event) -> str:
+        return MODELS.get(str(event.request.AffectedSOPClassUID), query.STUDY_ROOT)
+
+    # -- C-FIND ---------------------------------------------------------------------
+    def handle_find(self, event) -> Iterator[tuple[Any, Dataset | None]]:
+        caller = _caller(event)
+        try:
+            yield from self._find(event, caller)
+        except Exception as e:  # never raise into the association
+            log.exception("C-FIND handler error")
+            yield _status(UNABLE_TO_PROCESS, f"Unable to process: {e}"), None
+
+    def _find(self, event, caller: Caller) -> Iterator[tuple[Any, Dataset | None]]:
+        reason = self.refusal(caller)
+        if reason:
+            self._refused("C-FIND", caller, reason)
+            yield _status(NOT_AUTHORIZED, f"Refused: {reason}"), None
+            return
+        try:
+            q = query.parse(event.identifier, self._model(event))
+        except query.QueryError as e:
+            self._refused("C-FIND", caller, e.comment)
+            yield _status(e.status, e.comment), None
+            return
+        matches = query.rows(self.store.conn, q)
+        try:
+            self._emit("dicom.find", caller.detail(
+                model=q.model, level=q.level, keys=q.matched_keys, matches=len(matches),
+                **(_disclosed(matches, "_patient", "patient_ids") if q.level == query.PATIENT
+                   else _disclosed(matches, "_study", "study_uids"))))
+        except AuditUnavailable:
+            yield _status(UNABLE_TO_PROCESS, "Unable to process: audit trail unavailable"), None
+            return
+        log.info("C-FIND", extra=caller.detail(level=q.level, matches=len(matches)))
+        for ds in query.responses(q, matches, self.settings.ae_title):
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            yield PENDING, ds
+
+    # -- C-GET ------------------------------------------------------------------------
+    def handle_get(self, event) -> Iterator[Any]:
+        caller = _caller(event)
+        started = False
+        try:
+            for item in self._get(event, caller):
+                started = True
+                yield item
+        except Exception as e:
+            log.exception("C-GET handler error")
+            # Before the count, ending the generator makes pynetdicom answer 0xC413.
+            if started:
+                yield _status(UNABLE_TO_PROCESS, f"Unable to process: {e}"), None
+
+    def _get(self, event, caller: Caller) -> Iterator[Any]:
+        instances, failure = self._resolve("C-GET", event, caller)
+        if failure is not None:
+            # pynetdicom wants a sub-operation count first; the failure then ends it.
+            yield 1
+            yield failure, None
+            return
+        yield len(instances)
+        yield from self._send(event, instances)
+
+    # -- C-MOVE -----------------------------------------------------------------------
+    def handle_move(self, event) -> Iterator[Any]:
+        caller = _caller(event)
+        answered = 0  # yields so far: destination, count, then statuses
+        try:
+            for item in self._move(event, caller):
+                answered += 1
+                yield item
+        except Exception as e:
+            log.exception("C-MOVE handler error")
+            # Before the count, ending the generator makes pynetdicom answer 0xC513/0xC514.
+            if answered >= 2:
+                yield _status(UNABLE_TO_PROCESS, f"Unable to process: {e}"), None
+
+    def _move(self, event, caller: Caller) -> Iterator[Any]:
+        reason = self.refusal(caller)
+        destination = str(event.move_destination or "").strip()
+        if reason is None:
+            reason = self._destination_refusal(destination)
+        if reason:
+            self._refused("C-MOVE", caller, reason, destination=destination)
+            yield None, None  # pynetdicom answers 0xA801 Move Destination Unknown
+            return
+        peer = peer_named(self.settings, destination)
+        instances, failure = self._resolve("C-MOVE", event, caller, destination=destination)
+        if failure is not None:
+            # The first answer must be a destination; a bare Verification context
+            # keeps that association empty while the failure status goes back.
+            yield peer.host, peer.port, {"contexts": [build_context("1.2.840.10008.1.1")]}
+            yield 1
+            yield failure, None
+            return
+        yield peer.host, peer.port, {"contexts": _contexts_for(instances)}
+        yield len(instances)
+        yield from self._send(event, instances)
+
+    def _destination_refusal(self, destination: str) -> str | None:
+        peer = peer_named(self.settings, destination)
+        if peer is None:
+            return f"move destination {destination!r} is unknown"
+        if not peer.move_destination:
+            return f"AE {destination!r} is not a move destination"
+        if not peer.host:
+            return f"move destination {destination!r} has no host"
+        return None
+
+    # -- shared by MOVE and GET ----------------------------------------------------------
+    def _resolve(self, service: str, event, caller: Caller,
+                 **more: Any) -> tuple[list[sqlite3.Row], Dataset | None]:
+        """The instances to send, or the failure status to answer with instead."""
+        reason = self.refusal(caller)
+        if reason:
+            self._refused(service, caller, reason, **more)
+            return [], _status(NOT_AUTHORIZED, f"Refused: {reason}")
+        model = self._model(event)
+        try:
+            identifier = event.identifier
+            instances = query.retrieve_instances(self.store.conn, identifier, model)
+        except query.QueryError as e:
+            self._refused(service, caller, e.comment, **more)
+            return [], _status(e.status, e.comment)
+        level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+        try:
+            self._emit(f"dicom.{service.lower().replace('-', '_')}", caller.detail(
+                model=model, level=level, keys=_retrieve_keys(identifier), instances=len(instances),
+                bytes=sum(r["size"] for r in instances), **more,
+                **_disclosed(instances, "study_uid", "study_uids")))
+        except AuditUnavailable:
+            return [], _status(UNABLE_TO_PROCESS, "Unable to process: audit trail unavailable")
+        log.info(service, extra=caller.detail(level=level, instances=len(instances), **more))
+        return instances, None
+
+    def _send(self, event, instances: list[sqlite3.Row]) -> Iterator[tuple[Any, Dataset | None]]:
+        """Yield each stored file as read from disk; a bad file becomes a failed sub-operation."""
+        for row in instances:
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            yield PENDING, self._load(row)
+
+    def _load(self, row: sqlite3.Row) -> Dataset:
+        try:
+            data = self.store.path_of(row["path"]).read_bytes()
+            if hashlib.sha256(data).hexdigest() != row["sha256"]:
+                raise ValueError("content does not match its index checksum")
+            return pydicom.dcmread(io.BytesIO(data))
+        except Exception as e:
+            log.error("cannot send %s: %s", row["sop_uid"], e)
+            self._emit_quietly("dicom.retrieve.file_error", {"sop_uid": row["sop_uid"],
+                                                             "path": row["path"], "error": str(e)})
+            return _unsendable(row)
+
+    def _emit_quietly(self, kind: str, detail: dict[str, Any]) -> None:
+        try:
+            self.on_event(kind, detail)
+        except Exception:
+            log.exception("audit hook failed for %s", kind)
+
+
+def _unsendable(row: sqlite3.Row) -> Dataset:
+    """A stand-in pynetdicom cannot send (no transfer syntax): counted failed, UID listed."""
+    ds = Dataset()
+    ds.SOPClassUID = row["sop_class_uid"]
+    ds.SOPInstanceUID = row["sop_uid"]
+    return ds
+
+
+def _contexts_for(instances: list[sqlite3.Row]) -> list:
+    """One context per stored (SOP class, transfer syntax) pair: the files go as stored."""
+    pairs = list(dict.fromkeys((r["sop_class_uid"], r["transfer_syntax"] or ImplicitVRLittleEndian)
+                               for r in instances))
+    if len(pairs) > MAX_CONTEXTS:
+        log.warning("C-MOVE needs %d presentation contexts; only %d can be proposed",
+                    len(pairs), MAX_CONTEXTS)
+    return [build_context(sop_class, [ts]) for sop_class, ts in pairs[:MAX_CONTEXTS]] or \
+        [build_context("1.2.840.10008.1.1")]
+
+
+def _retrieve_keys(identifier: Dataset) -> dict[str, str]:
+    keys = {}
+    for keyword in query.UNIQUE_KEY.values():
+        if keyword in identifier:
+            keys[keyword] = query._value_of(identifier[keyword])[:2000]
+    return keys
+
+
+def _disclosed(rows: list[sqlite3.Row], column: str, name: str) -> dict[str, Any]:
+    """Which patients or studies a response reveals, for the audit row (capped)."""
+    values = list(dict.fromkeys(r[column] for r in rows))
+    out: dict[str, Any] = {name: values[:AUDIT_LIST_LIMIT]}
+    if len(values) > AUDIT_LIST_LIMIT:
+        out[f"{name}_total"] = len(values)
+    return out
