@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from appliance import accounts, audit
+from appliance import accounts, audit, report_schema
 from dicom_node import index as dicom_index
 
 BUSY_TIMEOUT_MS = 10_000
@@ -45,6 +45,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     (3, "hash-chained audit trail", audit.SCHEMA),
     (4, "user accounts", accounts.SCHEMA),
     (6, "auth: sessions, login attempts, API tokens, break-glass", accounts.AUTH_SCHEMA),
+    (9, "reports, signed versions, critical findings, delivery outbox", report_schema.SCHEMA),
 ]
 
 

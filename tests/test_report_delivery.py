@@ -1,0 +1,180 @@
+"""Signed reports reach a real site PACS (Debian's Orthanc) as SR and PDF, with retries.
+
+The clock is driven by passing ``now`` to the delivery sweep: no test sleeps
+through a backoff.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pydicom
+import pytest
+from conftest import require_tool
+from orthanc import orthanc  # noqa: F401  (fixture)
+from pydicom.uid import BasicTextSRStorage, EncapsulatedPDFStorage
+from reporting_site import add_users, ingest_study, set_reports_config
+
+from appliance import audit, db, report_delivery, reports
+
+T0 = 1_900_000_000.0
+
+
+def _setup(site, pacs, formats: str = "[sr, pdf, print]"):
+    site.cli("ae", "add", "SITEPACS", "--host", "127.0.0.1", "--port", str(pacs.dicom_port),
+             check=True)
+    cfg = set_reports_config(site, deliver_to="SITEPACS", formats=formats)
+    add_users(site)
+    study_uid = ingest_study(site, 3, patient_id="PAT-77", patient_name="NGOZI^ADA",
+                             accession="ACC-77", study_description="CT HEAD STROKE")
+    return cfg, study_uid
+
+
+def _signed_final(conn, cfg, study_uid: str, now: float = T0) -> int:
+    templates = reports.load_templates()
+    rid = reports.create(conn, study_uid=study_uid, author="dr.ray", template_id="ct-head-stroke",
+                         templates=templates, now=now)
+    reports.autosave(conn, rid, actor="dr.ray", templates=templates, base_revision=0,
+                     fields={"haemorrhage": "absent", "side": "left", "aspects": ["M2", "I"]},
+                     findings="Loss of grey-white differentiation in the left insula.",
+                     impression="Early left MCA infarct, ASPECTS 8. No haemorrhage.", now=now)
+    report_delivery.sign(conn, cfg, rid, actor="dr.ray", level="final", templates=templates,
+                         now=now)
+    return rid
+
+
+def _texts(item) -> list[str]:
+    """Every TextValue in an SR content tree (Orthanc simplified tags)."""
+    out = []
+    if isinstance(item, dict):
+        for key, value in item.items():
+            if key == "TextValue":
+                out.append(value)
+            else:
+                out += _texts(value)
+    elif isinstance(item, list):
+        for v in item:
+            out += _texts(v)
+    return out
+
+
+def test_signed_report_arrives_in_orthanc_as_sr_and_pdf(site, orthanc):  # noqa: F811
+    cfg, study_uid = _setup(site, orthanc)
+    conn = db.connect(site.data_dir / "appliance.db")
+    rid = _signed_final(conn, cfg, study_uid)
+    assert orthanc.instances() == []  # nothing is sent until the sweep runs
+
+    report_delivery.sweep(cfg, now=T0 + 1)
+
+    rows = report_delivery.for_report(conn, rid)
+    assert [(r["format"], r["state"]) for r in rows] == [
+        ("sr", "delivered"), ("pdf", "delivered"), ("print", "delivered")]
+    ids = orthanc.instances()
+    assert len(ids) == 2
+    tags = {orthanc.simplified_tags(i)["SOPClassUID"]: orthanc.simplified_tags(i) for i in ids}
+    sr = tags[BasicTextSRStorage]
+    assert sr["StudyInstanceUID"] == study_uid  # lands on the same study and patient
+    assert sr["PatientID"] == "PAT-77" and sr["AccessionNumber"] == "ACC-77"
+    assert sr["PatientName"] == "NGOZI^ADA"
+    assert sr["Modality"] == "SR" and sr["VerificationFlag"] == "VERIFIED"
+    assert sr["CompletionFlag"] == "COMPLETE"
+    assert sr["VerifyingObserverSequence"][0]["VerifyingObserverName"] == "Dr Ray Osei"
+    texts = _texts(sr["ContentSequence"])
+    assert "Early left MCA infarct, ASPECTS 8. No haemorrhage." in texts
+    assert any(t.startswith("ASPECTS: 8/10") for t in texts)
+    assert sr["SOPInstanceUID"] == rows[0]["sop_uid"]
+    ct_series = {r[0] for r in conn.execute("SELECT series_uid FROM series")}
+    assert sr["SeriesInstanceUID"] not in ct_series  # a new series of the same study
+
+    pdf = tags[EncapsulatedPDFStorage]
+    assert pdf["StudyInstanceUID"] == study_uid and pdf["MIMETypeOfEncapsulatedDocument"] == (
+        "application/pdf")
+    pdf_id = next(i for i in ids if orthanc.simplified_tags(i)["SOPClassUID"] ==
+                  EncapsulatedPDFStorage)
+    assert orthanc.pdf(pdf_id).startswith(b"%PDF-")
+    printed = list((site.data_dir / "reports" / "print").glob("*.pdf"))
+    assert [p.name for p in printed] == [f"ACC-77-report{rid}-final.pdf"]
+    assert printed[0].read_bytes().startswith(b"%PDF-")
+
+    # The SR is valid structured reporting as DCMTK reads it (a real, independent parser).
+    sr_id = next(i for i in ids if i != pdf_id)
+    path = site.data_dir / "sr.dcm"
+    path.write_bytes(orthanc.file(sr_id))
+    dsrdump = require_tool("dsrdump")
+    out = subprocess.run([dsrdump, str(path)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "Basic Text SR" in out.stdout and "Early left MCA infarct" in out.stdout
+    assert "Verified" in out.stdout or "VERIFIED" in out.stdout
+    ds = pydicom.dcmread(path)
+    assert len(ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+               .ReferencedSOPSequence) == 3  # the three CT images read
+
+
+def test_delivery_retries_with_backoff_until_the_pacs_is_back(site, orthanc):  # noqa: F811
+    cfg, study_uid = _setup(site, orthanc, formats="[sr]")
+    orthanc.stop()
+    conn = db.connect(site.data_dir / "appliance.db")
+    rid = _signed_final(conn, cfg, study_uid)
+
+    assert report_delivery.run_due(cfg, now=T0) == {"delivered": 0, "failed": 1}
+    row = report_delivery.for_report(conn, rid)[0]
+    assert row["state"] == "pending" and row["attempts"] == 1
+    assert row["next_attempt_at"] == T0 + 5
+    assert "SITEPACS at 127.0.0.1" in row["last_error"]
+
+    assert report_delivery.run_due(cfg, now=T0 + 4) == {"delivered": 0, "failed": 0}  # not due
+    assert report_delivery.run_due(cfg, now=T0 + 5) == {"delivered": 0, "failed": 1}
+    assert report_delivery.for_report(conn, rid)[0]["next_attempt_at"] == T0 + 5 + 10
+    t, gaps = T0 + 15, []
+    for _ in range(8):  # the delay doubles, then stays at the cap (retry_max_backoff_s)
+        report_delivery.run_due(cfg, now=t)
+        next_at = report_delivery.for_report(conn, rid)[0]["next_attempt_at"]
+        gaps.append(next_at - t)
+        t = next_at
+    assert gaps == [20, 40, 80, 160, 300, 300, 300, 300]
+    assert report_delivery.for_report(conn, rid)[0]["attempts"] == 10
+
+    orthanc.start()
+    assert report_delivery.run_due(cfg, now=t) == {"delivered": 1, "failed": 0}
+    assert report_delivery.run_due(cfg, now=t + 3600) == {"delivered": 0, "failed": 0}
+    row = report_delivery.for_report(conn, rid)[0]
+    assert row["state"] == "delivered" and row["attempts"] == 11 and row["last_error"] == ""
+    ids = orthanc.instances()
+    assert len(ids) == 1  # exactly once
+    assert orthanc.simplified_tags(ids[0])["SOPInstanceUID"] == row["sop_uid"]
+    outcomes = [(r["outcome"]) for r in audit.rows(conn) if r["action"] == "report.deliver"]
+    assert outcomes == ["failed"] * 10 + ["ok"]
+
+
+def test_a_worker_killed_after_sending_resends_the_same_instance(site, orthanc):  # noqa: F811
+    """Sent, then died before recording it: the lease runs out, the resend keeps one copy."""
+    cfg, study_uid = _setup(site, orthanc, formats="[sr]")
+    conn = db.connect(site.data_dir / "appliance.db")
+    rid = _signed_final(conn, cfg, study_uid)
+    leased = report_delivery._lease(conn, T0, "dead-worker", 10)
+    assert len(leased) == 1
+    row = report_delivery.for_report(conn, rid)[0]
+    report_delivery.BACKENDS["sr"].send(report_delivery._job(conn, cfg, row))  # then "kill -9"
+    assert len(orthanc.instances()) == 1
+
+    assert report_delivery.run_due(cfg, now=T0 + 60) == {"delivered": 0, "failed": 0}  # leased
+    assert report_delivery.run_due(cfg, now=T0 + report_delivery.LEASE_S) == {
+        "delivered": 1, "failed": 0}
+    assert len(orthanc.instances()) == 1
+    assert report_delivery.for_report(conn, rid)[0]["state"] == "delivered"
+
+
+def test_unknown_destination_is_a_clear_error_and_keeps_retrying(site):
+    cfg = set_reports_config(site, deliver_to="NOSUCHPACS", formats="[sr]")
+    add_users(site)
+    study_uid = ingest_study(site, 1)
+    conn = db.connect(site.data_dir / "appliance.db")
+    rid = _signed_final(conn, cfg, study_uid)
+    assert report_delivery.run_due(cfg, now=T0)["failed"] == 1
+    row = report_delivery.for_report(conn, rid)[0]
+    assert "NOSUCHPACS is not a known AE" in row["last_error"] and row["state"] == "pending"
+
+
+@pytest.mark.parametrize("attempts,expected", [(1, 5), (2, 10), (3, 20), (7, 300), (50, 300)])
+def test_backoff_doubles_up_to_the_cap(attempts, expected):
+    assert report_delivery.backoff_s(attempts, 300) == expected
