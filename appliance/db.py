@@ -44,6 +44,21 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     ),
     (3, "hash-chained audit trail", audit.SCHEMA),
     (4, "user accounts", accounts.SCHEMA),
+    (
+        8,
+        "DICOMweb metadata cache (appliance/dicomweb_metadata.py)",
+        """
+        CREATE TABLE dicomweb_metadata (
+            sop_uid TEXT PRIMARY KEY,
+            series_uid TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            json TEXT NOT NULL,
+            pixel TEXT NOT NULL DEFAULT '',
+            made_at REAL NOT NULL
+        );
+        CREATE INDEX dicomweb_metadata_series ON dicomweb_metadata(series_uid);
+        """,
+    ),
     (6, "auth: sessions, login attempts, API tokens, break-glass", accounts.AUTH_SCHEMA),
     (9, "reports, signed versions, critical findings, delivery outbox", report_schema.SCHEMA),
 ]

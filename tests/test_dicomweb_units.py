@@ -1,0 +1,215 @@
+"""DICOMweb building blocks against a real index and real files (no web server, no mocks)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from dicom_data import make_instance
+from PIL import Image
+from pydicom.encaps import generate_frames
+from pydicom.uid import RLELossless, generate_uid
+
+from appliance import db
+from appliance import dicomweb_frames as fr
+from appliance import dicomweb_metadata as md
+from appliance import dicomweb_query as qido
+from dicom_node.study_store import StudyStore
+
+
+class Store:
+    def __init__(self, root: Path):
+        self.studies = root / "studies"
+        self.db_path = root / "appliance.db"
+        db.open_db(self.db_path).close()
+        self.store = StudyStore(self.studies, self.db_path, connect=db.connect)
+        self.conn = db.connect(self.db_path)
+
+    def put(self, ds: pydicom.Dataset) -> None:
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        assert self.store.store(buf.getvalue(), calling_ae="TEST").success
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path)
+
+
+def _series(store: Store, n: int, **kw) -> tuple[str, str, list[pydicom.Dataset]]:
+    st, se = kw.pop("study_uid", None) or generate_uid(), generate_uid()
+    out = []
+    for i in range(n):
+        ds = make_instance(st, se, i, **kw)
+        store.put(ds)
+        out.append(ds)
+    return st, se, out
+
+
+def _q(store: Store, level: str, args: dict | list, sites=None, **kw) -> list[dict]:
+    items = list(args.items()) if isinstance(args, dict) else args
+    return qido.run(store.conn, qido.parse(level, items, **kw), "https://x/dicom-web", sites)
+
+
+def test_qido_matching_by_keyword_tag_wildcard_and_range(store: Store) -> None:
+    a, _, _ = _series(store, 2, patient_id="PAT-A", patient_name="SMITH^ANNA",
+                      study_date="20240105", institution="North")
+    b, _, _ = _series(store, 1, patient_id="PAT-B", patient_name="JONES^BOB",
+                      study_date="20240210", modality="MR", institution="South")
+    uids = lambda rs: {r["0020000D"]["Value"][0] for r in rs}  # noqa: E731
+    assert uids(_q(store, "study", {"PatientID": "PAT-A"})) == {a}
+    assert uids(_q(store, "study", {"00100020": "PAT-B"})) == {b}  # OHIF's priors lookup
+    assert uids(_q(store, "study", {"PatientName": "smi*"})) == {a}  # PN: case-insensitive
+    assert uids(_q(store, "study", {"PatientName": "bob", "fuzzymatching": "true"})) == {b}
+    assert uids(_q(store, "study", {"StudyDate": "20240201-"})) == {b}
+    assert uids(_q(store, "study", {"StudyDate": "-20240131"})) == {a}
+    assert uids(_q(store, "study", {"ModalitiesInStudy": "MR"})) == {b}
+    assert uids(_q(store, "study", {"PatientID": "PAT-?"})) == {a, b}
+    assert uids(_q(store, "study", {"PatientID": ""})) == {a, b}  # empty = universal
+    assert uids(_q(store, "study", {"StudyInstanceUID": f"{a},{b}"})) == {a, b}
+    assert uids(_q(store, "study", {}, sites=["north"])) == {a}
+    assert _q(store, "study", {}, sites=[]) == []
+    rows = _q(store, "study", {"limit": "1", "offset": "1"})
+    assert len(rows) == 1 and uids(rows) == {a}  # newest first: b, then a
+    study = _q(store, "study", {"PatientID": "PAT-A"})[0]
+    assert study["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "SMITH^ANNA"}]}
+    assert study["00201208"] == {"vr": "IS", "Value": [2]}
+    assert study["00081190"]["Value"][0] == f"https://x/dicom-web/studies/{a}"
+
+
+def test_qido_levels_and_includefield(store: Store) -> None:
+    st, se, dss = _series(store, 3)
+    series = _q(store, "series", {}, study_uid=st)
+    assert [s["0020000E"]["Value"][0] for s in series] == [se]
+    assert "00100020" not in series[0]  # patient attributes only with includefield
+    series = _q(store, "series", {"includefield": "00100020,StudyDescription"}, study_uid=st)
+    assert series[0]["00100020"]["Value"] == ["PAT001"]
+    assert series[0]["00081030"]["Value"] == ["CT HEAD W/O CONTRAST"]
+    everything = _q(store, "instance", {"includefield": "all"})
+    assert len(everything) == 3 and "00100010" in everything[0]
+    inst = _q(store, "instance", {"InstanceNumber": "2"}, study_uid=st, series_uid=se)
+    assert [i["00080018"]["Value"][0] for i in inst] == [dss[1].SOPInstanceUID]
+
+
+@pytest.mark.parametrize("args, reason", [
+    ({"limit": "ten"}, "limit must be a whole number"),
+    ({"offset": "-1"}, "must not be negative"),
+    ({"NoSuchKeyword": "x"}, "unknown query parameter"),
+    ({"99999999": "x"}, "not a tag"),
+    ({"StudyDate": "2024-01-01"}, "is not a value or a range"),
+    ({"StudyDate": "202401"}, "is not a date"),
+    ({"StudyInstanceUID": "1.2.abc"}, "not a valid UID"),
+    ({"SOPInstanceUID": "1.2.3"}, "instance-level attribute"),
+    ({"fuzzymatching": "maybe"}, "true or false"),
+])
+def test_qido_bad_parameters_say_why(args: dict, reason: str) -> None:
+    with pytest.raises(qido.QueryError, match=reason):
+        qido.parse("study", list(args.items()))
+
+
+def test_qido_unsupported_attribute_is_ignored_with_warning() -> None:
+    q = qido.parse("study", [("OtherPatientIDs", "X")])
+    assert not q.where and "OtherPatientIDs" in q.warnings[0]
+
+
+def test_metadata_cache_bulkdata_and_staleness(store: Store) -> None:
+    st, se, dss = _series(store, 3, rows=32, cols=32)
+    rows = md.instances(store.conn, store.studies, "i.series_uid = ?", (se,))
+    body = json.loads(md.render(rows, "https://h/dicom-web"))
+    assert len(body) == 3
+    first = body[0]
+    assert first["00100010"]["Value"][0]["Alphabetic"] == "DOE^JANE"
+    assert first["7FE00010"]["BulkDataURI"] == (
+        f"https://h/dicom-web/studies/{st}/series/{se}/instances/{dss[0].SOPInstanceUID}"
+        "/bulkdata/7FE00010")
+    assert "InlineBinary" not in json.dumps(first)
+    cached = store.conn.execute("SELECT COUNT(*) FROM dicomweb_metadata").fetchone()[0]
+    assert cached == 3
+    # A replaced instance (same SOP UID, other bytes) gets fresh metadata, never stale.
+    newer = make_instance(st, se, 0, rows=32, cols=32, sop_uid=dss[0].SOPInstanceUID,
+                          series_description="REPLACED")
+    store.put(newer)
+    rows = md.instances(store.conn, store.studies, "i.sop_uid = ?", (dss[0].SOPInstanceUID,))
+    assert json.loads(md.render(rows, ""))[0]["0008103E"]["Value"] == ["REPLACED"]
+
+
+def test_frames_native_and_encapsulated_by_offset(store: Store) -> None:
+    st, se = generate_uid(), generate_uid()
+    native = make_instance(st, se, 0, rows=40, cols=30)
+    rle = make_instance(st, se, 1, rows=40, cols=30)
+    rle.compress(RLELossless)
+    multi = make_instance(st, se, 2, rows=8, cols=8)
+    frames = np.arange(3 * 64, dtype=np.uint16).reshape(3, 8, 8)
+    multi.NumberOfFrames, multi.PixelData = 3, frames.tobytes()
+    for ds in (native, rle, multi):
+        store.put(ds)
+    rows = {r["sop_uid"]: r for r in md.instances(store.conn, store.studies, "i.series_uid = ?",
+                                                   (se,))}
+
+    def frame(ds, n):
+        r = rows[ds.SOPInstanceUID]
+        return fr.read_frame(store.studies / r["path"], fr.pixel_info(r["pixel"]), n)
+
+    assert frame(native, 1) == native.PixelData
+    assert frame(rle, 1) == next(generate_frames(rle.PixelData, number_of_frames=1))
+    assert [frame(multi, n) for n in (1, 2, 3)] == [f.tobytes() for f in frames]
+    info = fr.pixel_info(rows[rle.SOPInstanceUID]["pixel"])
+    assert info["enc"] and info["ts"] == RLELossless
+    decoded = fr.decoded_frame(store.studies / rows[rle.SOPInstanceUID]["path"], 1)
+    assert decoded == native.PixelData.__class__(rle.pixel_array.astype("<u2").tobytes())
+
+
+def test_frame_negotiation() -> None:
+    ohif = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+    plan = fr.plan_frames(ohif, RLELossless)
+    assert (plan.transfer_syntax, plan.part_media, plan.decode) == (RLELossless,
+                                                                    "application/octet-stream",
+                                                                    False)
+    plan = fr.plan_frames('multipart/related; type="application/octet-stream"', RLELossless)
+    assert plan.transfer_syntax == fr.EXPLICIT_LE and plan.decode
+    plan = fr.plan_frames(None, fr.EXPLICIT_LE)
+    assert plan.multipart and not plan.decode
+    with pytest.raises(fr.NotAcceptable, match="cannot transcode"):
+        fr.plan_frames('multipart/related; type="image/jls"', fr.EXPLICIT_LE)
+    with pytest.raises(fr.NotAcceptable, match="not a frame media type"):
+        fr.plan_frames("text/html", fr.EXPLICIT_LE)
+    assert fr.plan_rendered("image/png", "image/jpeg") == "image/png"  # the parameter wins
+    assert fr.plan_rendered(None, "image/png,*/*;q=0.1") == "image/png"
+    with pytest.raises(fr.NotAcceptable):
+        fr.plan_rendered("image/gif", None)
+    with pytest.raises(fr.BadRequest):
+        fr.parse_frame_list("1,x", 3)
+    with pytest.raises(LookupError):
+        fr.parse_frame_list("4", 3)
+
+
+def test_rendered_applies_window_and_viewport(tmp_path: Path) -> None:
+    ds = make_instance(generate_uid(), generate_uid(), 0, rows=20, cols=40)
+    values = np.zeros((20, 40), dtype=np.uint16)
+    values[:, 20:] = 1024 + 80  # HU 80 after the -1024 intercept: top of a 40/80 window
+    values[:, 10:20] = 1024 + 40  # HU 40: the centre
+    ds.PixelData = values.tobytes()
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    png = fr.render(path, 1, "image/png", fr.RenderParams((40, 80), None, 90))
+    img = np.asarray(Image.open(io.BytesIO(png)))
+    assert img.shape == (20, 40)
+    assert img[0, 0] == 0 and img[0, 35] == 255 and 120 <= img[0, 15] <= 135
+    jpg = fr.render(path, 1, "image/jpeg", fr.RenderParams(None, (20, 20), 80))
+    assert Image.open(io.BytesIO(jpg)).size == (20, 10)
+
+
+def test_multipart_parser_streams_parts_and_rejects_truncation() -> None:
+    body = (b"preamble\r\n--B\r\nContent-Type: application/dicom\r\n\r\nAAA\r\n--B\r\n"
+            b"Content-Type: text/plain\r\n\r\nB\r\n--B\r\n\r\nC\r\n--B--\r\n")
+    stream = io.BytesIO(body)
+    parts = list(fr.iter_parts(lambda n: stream.read(7), b"B"))  # tiny reads: boundaries straddle
+    assert [(h.get("content-type"), b) for h, b in parts] == [
+        ("application/dicom", b"AAA"), ("text/plain", b"B"), (None, b"C")]
+    truncated = io.BytesIO(b"--B\r\nContent-Type: application/dicom\r\n\r\nAAAA")
+    with pytest.raises(ValueError, match="ends inside a part"):
+        list(fr.iter_parts(truncated.read, b"B"))
