@@ -322,12 +322,18 @@ def parse(text: str, path: str | Path, roles: Iterable[str] = DEFAULT_ROLES) -> 
     on_call = _on_call(c, doc)
     rules = _rules(c, doc, pools, on_call)
     if c.problems:
-        raise WorkflowError(c.problems)
+        raise WorkflowError(sorted(c.problems, key=_position))
     return Workflow(
         name=name, path=path, order=int(order if order is not None else 100), rules=tuple(rules),
         pools=pools, on_call=on_call, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
         text=text, description=description,
     )
+
+
+def _position(problem: str) -> tuple[int, int]:
+    """(line, column) of a ``file:line:column: …`` problem, for reporting in file order."""
+    m = re.search(r":(\d+):(\d+): ", problem)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def load(path: str | Path, roles: Iterable[str] = DEFAULT_ROLES) -> Workflow:
