@@ -81,6 +81,8 @@ SCHEMA: dict[str, Any] = {
         "max_associations": Leaf(int, 16, _positive),
         "low_water_mb": Leaf(int, 500, _non_negative),
         "known_aes": Leaf((list,), []),
+        "allowed_modalities": Leaf((list,), [], lambda v: None if all(
+            isinstance(m, str) and m.isalnum() for m in v) else "must be modality codes such as CT, MR"),
     },
     "web": {
         "port": Leaf(int, 8443, _port),
@@ -384,6 +386,9 @@ dicom:
   # for AEs with query: true; C-MOVE sends only to move_destination: true.
   # Manage with: appliance ae add NAME --host H --port P [--query] [--move-destination]
   known_aes: []
+  # Modalities this site is expected to send (e.g. [CT, MR, CR]; [] = any).
+  # A study of another modality is still stored, and the status page raises an alert.
+  allowed_modalities: []
 
 web:
   # HTTPS port of the web app (worklist, viewer, health at /livez /readyz).
