@@ -68,6 +68,30 @@ def _non_negative(v: float) -> str | None:
     return None if v >= 0 else "must not be negative"
 
 
+def _age_recipients(v: list) -> str | None:
+    bad = [r for r in v if not (isinstance(r, str) and r.startswith("age1") and len(r) == 62)]
+    return f"not age X25519 public keys (age1…, 62 characters): {bad}" if bad else None
+
+
+_HHMM = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def _timetable(v: list) -> str | None:
+    """Each window: {days: [mon…sun] (optional), from: "HH:MM", to: "HH:MM", kbit_s: N}."""
+    for i, w in enumerate(v):
+        if not isinstance(w, dict) or set(w) - {"days", "from", "to", "kbit_s"}:
+            return f"entry {i}: expected keys days, from, to, kbit_s"
+        if not all(_HHMM.match(str(w.get(k, ""))) for k in ("from", "to")):
+            return f"entry {i}: from and to must be HH:MM (24 h)"
+        if not isinstance(w.get("kbit_s"), int) or isinstance(w.get("kbit_s"), bool) \
+                or w["kbit_s"] < 0:
+            return f"entry {i}: kbit_s must be an integer >= 0 (0 means unlimited)"
+        if any(d not in _DAYS for d in w.get("days", [])):
+            return f"entry {i}: days must be among {', '.join(_DAYS)}"
+    return None
+
+
 SCHEMA: dict[str, Any] = {
     "site": {
         "name": Leaf(str, "Field site", None, "shown on every page and report"),
@@ -96,6 +120,24 @@ SCHEMA: dict[str, Any] = {
     },
     "logging": {
         "level": Leaf(str, "info", _choice("debug", "info", "warning", "error")),
+    },
+    "sync": {
+        "target": Leaf(str, "none", _choice("none", "s3", "folder")),
+        "url": Leaf(str, ""),
+        "region": Leaf(str, "us-east-1"),
+        "bucket": Leaf(str, ""),
+        "prefix": Leaf(str, ""),
+        "folder": Leaf(str, ""),
+        "credentials_file": Leaf(str, ""),
+        "recipients": Leaf((list,), [], _age_recipients),
+        "stat_keywords": Leaf((list,), ["STAT", "STROKE"]),
+        "bandwidth_kbit_s": Leaf(int, 0, _non_negative),
+        "timetable": Leaf((list,), [], _timetable),
+        "audit_interval_s": Leaf((int, float), 3600, _positive),
+        "part_size_mb": Leaf(int, 8, lambda v: None if 5 <= v <= 512 else "must be 5..512"),
+        "parallel_parts": Leaf(int, 1, lambda v: None if 1 <= v <= 16 else "must be 1..16"),
+        "lease_s": Leaf((int, float), 120, _positive),
+        "timeout_s": Leaf((int, float), 20, _positive),
     },
     "reports": {
         "deliver_to": Leaf(str, "", None, "AE title from dicom.known_aes that receives reports"),
@@ -408,6 +450,43 @@ worker:
 logging:
   # debug, info, warning or error. Logs are JSON lines under logs/.
   level: info
+
+sync:
+  # Encrypted, signed bundles of studies, reports and the audit trail go to
+  # cloud object storage whenever a link is up (appliance sync status|now).
+  # target: none (keep everything local), s3 (any S3-compatible store:
+  # AWS S3, MinIO, Ceph RGW) or folder (e.g. a USB disk to carry out by hand).
+  target: none
+  # S3: endpoint URL ("" = AWS), region, bucket and a key prefix.
+  url: ""
+  region: us-east-1
+  bucket: ""
+  prefix: ""
+  # folder target: an absolute path (a mounted USB disk).
+  folder: ""
+  # S3 credentials are read from this file (relative to the data directory,
+  # mode 0600), never written here: two lines "access_key_id = …" and
+  # "secret_access_key = …" (the AWS credentials file format).
+  credentials_file: ""
+  # age public keys (age1…) every bundle is encrypted to: the cloud key and
+  # an offline escrow key at least. Nothing is built until one is set.
+  recipients: []
+  # Studies whose description contains one of these words go first.
+  stat_keywords: [STAT, STROKE]
+  # Upload bandwidth cap in kbit/s (0 = unlimited), so sync never starves
+  # the readers; the timetable overrides it in its windows, e.g.
+  #   timetable: [{{days: [mon, tue, wed, thu, fri], from: "08:00", to: "18:00", kbit_s: 2000}}]
+  bandwidth_kbit_s: 0
+  timetable: []
+  # The audit trail is shipped in slices this many seconds apart.
+  audit_interval_s: 3600
+  # Multipart upload: part size (MiB) and parts sent at the same time.
+  part_size_mb: 8
+  parallel_parts: 1
+  # A worker holds a bundle this long between heartbeats (a killed worker's
+  # bundle is taken over after it), and a request to the target times out.
+  lease_s: 120
+  timeout_s: 20
 
 reports:
   # The site PACS that signed reports are sent back to: an AE title listed in

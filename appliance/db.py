@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from appliance import accounts, audit, report_schema
+from appliance import accounts, audit, report_schema, sync_schema
 from dicom_node import index as dicom_index
 
 BUSY_TIMEOUT_MS = 10_000
@@ -44,6 +44,8 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     ),
     (3, "hash-chained audit trail", audit.SCHEMA),
     (4, "user accounts", accounts.SCHEMA),
+    (7, "sync: bundle outbox, items, upload parts, sequence, received ledger",
+     sync_schema.SCHEMA),
     (
         8,
         "DICOMweb metadata cache (appliance/dicomweb_metadata.py)",
