@@ -130,3 +130,58 @@ CREATE INDEX break_glass_ts ON break_glass(ts);
 ALTER TABLE users ADD COLUMN totp_last_step INTEGER;
 ALTER TABLE users ADD COLUMN last_login_at REAL;
 """
+
+
+# -- account administration (CLI and admin pages) ------------------------------------------
+def get_user(conn: sqlite3.Connection, username: str) -> sqlite3.Row:
+    row = conn.execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
+    if row is None:
+        raise AccountError(f"no user named {username!r}")
+    return row
+
+
+def list_users(conn: sqlite3.Connection) -> list[dict]:
+    """Every account without its secrets (hash and TOTP key are left out)."""
+    return [dict(r) for r in conn.execute(
+        "SELECT id, username, display_name, role, tags, disabled, must_change_password,"
+        " totp_secret IS NOT NULL AS totp_enrolled, created_at, password_changed_at,"
+        " last_login_at FROM users ORDER BY username"
+    )]
+
+
+def end_sessions(conn: sqlite3.Connection, user_id: int, reason: str,
+                 at: float | None = None) -> int:
+    """End every open browser session of a user (disabled, password reset)."""
+    return conn.execute(
+        "UPDATE sessions SET ended_at = ?, end_reason = ? WHERE user_id = ? AND ended_at IS NULL",
+        (time.time() if at is None else at, reason, user_id),
+    ).rowcount
+
+
+def set_disabled(conn: sqlite3.Connection, username: str, disabled: bool) -> None:
+    """Disable (sessions end at once, tokens stop working) or re-enable an account."""
+    row = get_user(conn, username)
+    conn.execute("UPDATE users SET disabled = ? WHERE id = ?", (int(disabled), row["id"]))
+    if disabled:
+        end_sessions(conn, row["id"], "disabled")
+
+
+def reset_password(conn: sqlite3.Connection, username: str, password: str,
+                   must_change: bool = True, reset_totp: bool = False) -> None:
+    """Set a new password, end the user's sessions and lift a lockout.
+
+    The lockout counts failures since the last successful attempt, so a
+    success row marked ``reset`` lifts it.
+    """
+    if len(password) < 10:
+        raise AccountError("password must be at least 10 characters")
+    row = get_user(conn, username)
+    now = time.time()
+    conn.execute(
+        "UPDATE users SET password_hash = ?, must_change_password = ?, password_changed_at = ?"
+        + (", totp_secret = NULL, totp_last_step = NULL" if reset_totp else "") + " WHERE id = ?",
+        (hash_password(password), int(must_change), now, row["id"]),
+    )
+    end_sessions(conn, row["id"], "password reset", now)
+    conn.execute("INSERT INTO login_attempts (ts, username, address, ok, reason)"
+                 " VALUES (?, ?, 'cli', 1, 'reset')", (now, username))

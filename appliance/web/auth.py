@@ -45,7 +45,7 @@ from flask import (
     session,
 )
 
-from appliance import audit, tokens
+from appliance import accounts, audit, tokens
 from appliance.web import get_db
 
 READER_ROLES = ("radiologist", "neurologist")
@@ -142,11 +142,7 @@ def end_session(reason: str) -> None:
 def end_user_sessions(conn: sqlite3.Connection, user_id: int, reason: str,
                       at: float | None = None) -> int:
     """End every open session of a user (disabled, password reset)."""
-    cur = conn.execute(
-        "UPDATE sessions SET ended_at = ?, end_reason = ? WHERE user_id = ? AND ended_at IS NULL",
-        (time.time() if at is None else at, reason, user_id),
-    )
-    return cur.rowcount
+    return accounts.end_sessions(conn, user_id, reason, at)
 
 
 def pending_session() -> sqlite3.Row | None:
