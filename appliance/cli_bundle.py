@@ -158,6 +158,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="age public key to encrypt to (repeat; default: sync.recipients)")
     p.set_defaults(func=cmd_build)
     p = bs.add_parser("verify", help="check a bundle's signature and structure (no key needed)")
+    _data_dir_arg(p)
     p.add_argument("file")
     p.add_argument("--trust", action="append", metavar="KEY_ID",
                    help="accept only bundles signed by this appliance key id (repeat)")
