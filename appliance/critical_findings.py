@@ -21,6 +21,7 @@ one); a committed level is never repeated.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from typing import Any
@@ -42,9 +43,9 @@ def _users(conn: sqlite3.Connection, roles: tuple[str, ...]) -> list[str]:
         roles)]
 
 
-def notify_users(conn: sqlite3.Connection, usernames: list[str], title: str, body: str,
-                 link: str, now: float) -> int:
-    """Put a message in each user's in-app inbox (``appliance.notifications``); return how many.
+def notify_users(conn: sqlite3.Connection, usernames: list[str], subject: str, body: str,
+                 item_id: int | None, now: float) -> list[str]:
+    """Put a message in each user's in-app inbox (``appliance.notifications``); return who.
 
     Without the inbox module (an appliance built without the read queue) the
     site page and the audit trail still show the finding.
@@ -54,12 +55,9 @@ def notify_users(conn: sqlite3.Connection, usernames: list[str], title: str, bod
     except ModuleNotFoundError as e:
         if e.name != "appliance.notifications":
             raise
-        return 0
-    sent = 0
-    for user in dict.fromkeys(usernames):
-        notifications.notify(conn, user, title, body=body, link=link, kind="critical", now=now)
-        sent += 1
-    return sent
+        return []
+    return notifications.notify(conn, list(dict.fromkeys(usernames)), "critical", subject,
+                                body, item_id=item_id, now=now)
 
 
 def flag(conn: sqlite3.Connection, report_id: int, *, actor: str, description: str,
@@ -83,11 +81,11 @@ def flag(conn: sqlite3.Connection, report_id: int, *, actor: str, description: s
              t + ack_minutes * 60.0))
         finding_id = cur.lastrowid
         staff = _users(conn, ("site_staff",))
-        notify_users(conn, staff, "Critical finding: acknowledge now", description,
-                     f"/critical#finding-{finding_id}", t)
+        notified = notify_users(conn, staff, "Critical finding: acknowledge now on /critical",
+                                description, report["read_item_id"], t)
         audit.record(conn, actor, "critical.flag", f"critical:{finding_id}", source=source,
                      detail={"report_id": report_id, "study_uid": report["study_uid"],
-                             "notified": staff}, ts=t)
+                             "notified": notified}, ts=t)
     return finding_id
 
 
@@ -105,8 +103,8 @@ def acknowledge(conn: sqlite3.Connection, finding_id: int, *, actor: str, note: 
         audit.record(conn, actor, "critical.acknowledge", f"critical:{finding_id}",
                      source=source, detail={"study_uid": row["study_uid"],
                                             "after_s": round(t - row["flagged_at"], 1)}, ts=t)
-        notify_users(conn, [row["flagged_by"]], "Critical finding acknowledged",
-                     f"{actor}: {row['description']}", f"/critical#finding-{finding_id}", t)
+        notify_users(conn, [row["flagged_by"]], f"Critical finding acknowledged by {actor}",
+                     row["description"], row["read_item_id"], t)
 
 
 def get(conn: sqlite3.Connection, finding_id: int) -> dict[str, Any]:
@@ -131,21 +129,24 @@ def for_report(conn: sqlite3.Connection, report_id: int) -> list[dict[str, Any]]
         "SELECT * FROM critical_findings WHERE report_id = ? ORDER BY id", (report_id,))]
 
 
-def on_call_people(conn: sqlite3.Connection, cfg: Any, read_item_id: int | None) -> list[str]:
-    """The on-call names of the workflow that routed this item (empty when unknown).
+def on_call_people(conn: sqlite3.Connection, read_item_id: int | None) -> list[str]:
+    """The on-call people of the ladder the workflow gave this item (notify_on_call steps).
 
-    Asks the read queue, which knows which workflow and rule made the item.
+    Read from the item's ``escalation_steps`` (the read queue's table), so the
+    people a responder named in the workflow file are the ones called.
     """
     if read_item_id is None:
         return []
     try:
-        from appliance import read_queue
-    except ModuleNotFoundError as e:
-        if e.name != "appliance.read_queue":
-            raise
+        rows = conn.execute("SELECT target FROM escalation_steps WHERE item_id = ?"
+                            " AND action = 'notify_on_call' ORDER BY step_index",
+                            (read_item_id,)).fetchall()
+    except sqlite3.OperationalError:  # no read queue tables in this build
         return []
-    finder = getattr(read_queue, "on_call_for_item", None)
-    return list(finder(conn, cfg, read_item_id)) if finder else []
+    people: list[str] = []
+    for r in rows:
+        people += [u for u in json.loads(r[0] or "{}").get("users", []) if u not in people]
+    return people
 
 
 def escalate_due(conn: sqlite3.Connection, cfg: Any, now: float | None = None) -> int:
@@ -163,14 +164,15 @@ def escalate_due(conn: sqlite3.Connection, cfg: Any, now: float | None = None) -
                 continue  # acknowledged or escalated by another sweep meanwhile
             level = row["escalation_level"] + 1
             people = (_users(conn, ("site_staff",)) + _users(conn, ESCALATE_ROLES)
-                      + on_call_people(conn, cfg, row["read_item_id"]))
+                      + on_call_people(conn, row["read_item_id"]))
             minutes = round((t - row["flagged_at"]) / 60)
-            notify_users(conn, people, f"UNACKNOWLEDGED critical finding ({minutes} min)",
-                         row["description"], f"/critical#finding-{finding_id}", t)
+            notified = notify_users(conn, people, f"UNACKNOWLEDGED critical finding ({minutes}"
+                                    " min): acknowledge on /critical", row["description"],
+                                    row["read_item_id"], t)
             conn.execute("UPDATE critical_findings SET escalation_level=?, last_escalated_at=?,"
                          " next_escalation_at=? WHERE id=?", (level, t, t + ack_s, finding_id))
             audit.record(conn, "system", "critical.escalate", f"critical:{finding_id}",
-                         detail={"level": level, "notified": sorted(set(people)),
+                         detail={"level": level, "notified": notified,
                                  "study_uid": row["study_uid"]}, ts=t)
         done += 1
     return done

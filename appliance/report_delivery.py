@@ -45,6 +45,7 @@ LEASE_S = 120.0  # longer than the worst C-STORE: 10 s association + 30 s DIMSE 
 BATCH = 20
 DICOM_TIMEOUT_S = 10.0
 PRINT_DESTINATION = "print"
+SYSTEM_ACTOR = "system:report-delivery"
 
 
 class DeliveryFailed(Exception):
@@ -273,7 +274,7 @@ def _failed(conn: sqlite3.Connection, cfg: Any, row: dict[str, Any], owner: str,
             " lease_until=NULL WHERE id=? AND lease_owner=? AND state='pending'",
             (attempts, next_at, error[:500], row["id"], owner))
         if cur.rowcount:
-            audit.record(conn, "system", "report.deliver", f"delivery:{row['id']}",
+            audit.record(conn, SYSTEM_ACTOR, "report.deliver", f"delivery:{row['id']}",
                          outcome="failed", ts=now,
                          detail={"report_id": row["report_id"], "format": row["format"],
                                  "destination": row["destination"], "attempt": attempts,
@@ -291,7 +292,7 @@ def _delivered(conn: sqlite3.Connection, row: dict[str, Any], owner: str, note: 
             (now, row["id"]))
         if not cur.rowcount:
             return
-        audit.record(conn, "system", "report.deliver", f"delivery:{row['id']}", ts=now,
+        audit.record(conn, SYSTEM_ACTOR, "report.deliver", f"delivery:{row['id']}", ts=now,
                      detail={"report_id": row["report_id"], "format": row["format"],
                              "destination": row["destination"], "sop_uid": row["sop_uid"],
                              "note": note})
@@ -308,22 +309,34 @@ def _item_delivered(conn: sqlite3.Connection, row: dict[str, Any], now: float) -
                            " AND state != 'delivered'", (row["version_id"],)).fetchone()[0]
     if waiting:
         return
-    item_transition(conn, row["read_item_id"], "delivered", "system", now)
+    try:
+        item_transition(conn, row["read_item_id"], "delivered", SYSTEM_ACTOR, now)
+    except reports.ReportError as e:  # e.g. the item was cancelled meanwhile: keep the delivery
+        log.warning("read item %s not marked delivered: %s", row["read_item_id"], e)
 
 
 def item_transition(conn: sqlite3.Connection, item_id: int, state: str, actor: str,
                     now: float) -> bool:
-    """Move a read item on the worklist (``appliance.worklist``); False when there is none."""
+    """Move a read item on the worklist (``appliance.worklist``); False when there is none.
+
+    A refusal (the item is not claimed by the signer, it was cancelled)
+    becomes a ReportError with the worklist's HTTP status, so the signature
+    it was part of is rolled back with it.
+    """
     try:
         from appliance import worklist
     except ModuleNotFoundError as e:
         if e.name != "appliance.worklist":
             raise
         return False
-    item = worklist.get_item(conn, item_id)
-    if item is None or item["state"] == state:
+    try:
+        if worklist.get_item(conn, item_id)["state"] == state:
+            return False
+        worklist.transition(conn, item_id, state, actor, now)
+    except worklist.NotFound:
         return False
-    worklist.transition(conn, item_id, state, actor, now)
+    except worklist.WorklistError as e:
+        raise reports.ReportError(str(e), e.status) from None
     return True
 
 
