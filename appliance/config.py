@@ -117,6 +117,7 @@ SCHEMA: dict[str, Any] = {
     "worker": {
         "quiet_period_s": Leaf((int, float), 30, _positive),
         "sweep_interval_s": Leaf((int, float), 5, _positive),
+        "claim_lease_s": Leaf((int, float), 1200, _positive),
     },
     "logging": {
         "level": Leaf(str, "info", _choice("debug", "info", "warning", "error")),
@@ -446,6 +447,9 @@ worker:
   quiet_period_s: 30
   # How often the worker sweeps for due work (SLA escalations, leases).
   sweep_interval_s: 5
+  # A reader's claim on a study lapses after this many seconds unless renewed
+  # (the viewer renews it while open); the study then returns to the queue.
+  claim_lease_s: 1200
 
 logging:
   # debug, info, warning or error. Logs are JSON lines under logs/.

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from appliance import accounts, audit, report_schema, sync_schema
+from appliance import accounts, audit, read_queue_schema, report_schema, sync_schema
 from dicom_node import index as dicom_index
 
 BUSY_TIMEOUT_MS = 10_000
@@ -44,6 +44,8 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     ),
     (3, "hash-chained audit trail", audit.SCHEMA),
     (4, "user accounts", accounts.SCHEMA),
+    (5, "read queue: read items, history, escalation steps, pending completions, workflow"
+        " versions, notification inbox", read_queue_schema.SCHEMA),
     (7, "sync: bundle outbox, items, upload parts, sequence, received ledger",
      sync_schema.SCHEMA),
     (
@@ -92,23 +94,7 @@ def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
 
 @contextmanager
 def transaction(conn: sqlite3.Connection, immediate: bool = True) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception.
-
-    Inside a transaction already open on ``conn`` it nests as a SAVEPOINT, so a
-    domain function that opens its own transaction (a worklist transition) can
-    also run as part of a larger one (signing a report) and commit with it.
-    """
-    if conn.in_transaction:
-        # Same-named savepoints nest: ROLLBACK TO / RELEASE act on the innermost.
-        conn.execute("SAVEPOINT nested_tx")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK TO nested_tx")
-            conn.execute("RELEASE nested_tx")
-            raise
-        conn.execute("RELEASE nested_tx")
-        return
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
     conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
     try:
         yield conn

@@ -6,7 +6,8 @@ the loaded workflows, and returns a :class:`Decision` with a trace that
 file name; inside a file, rules in the order written.  The first match wins
 unless it says ``continue: true``: then later matching rules may override the
 priority, SLA, pool and ladder they set and add their actions.  When nothing
-matches, the first default rule catches the study, and when no workflow is
+matches, the default rule of the file tried last (the highest ``order``: the
+site's base file) catches the study, and when no workflow is
 loaded at all the built-in fallback does, so no study is ever left unrouted.
 """
 
@@ -180,8 +181,9 @@ def decide(workflows: Sequence[Workflow], facts: StudyFacts) -> Decision:
                 applied.append((wf, rule))
                 stopped = not rule.cont
     if not stopped:
-        default = next(((wf, wf.default_rule) for wf in ordered(workflows) if wf.default_rule),
-                       (None, FALLBACK_RULE))
+        # The catch-all belongs to the file tried last (the site's base file, highest order).
+        default = next(((wf, wf.default_rule) for wf in reversed(ordered(workflows))
+                        if wf.default_rule), (None, FALLBACK_RULE))
         wf, rule = default
         trace.append(RuleTrace(wf.name if wf else "(built in)", rule.name, rule.line, True,
                                ["default rule: no earlier rule stopped the search"],

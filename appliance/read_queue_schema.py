@@ -1,0 +1,128 @@
+"""Tables of the read queue (migration 5): read items, their history, escalation steps,
+pending completions, loaded workflow versions, and the notification inbox.
+
+Kept apart from the modules that use them so that ``appliance.db`` can import
+the DDL without importing the worklist (which itself needs ``appliance.db``).
+"""
+
+SCHEMA = """
+CREATE TABLE read_items (
+    id INTEGER PRIMARY KEY,
+    study_uid TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL DEFAULT 'queued' CHECK (state IN
+        ('queued', 'claimed', 'preliminary', 'final', 'delivered', 'cancelled')),
+    priority TEXT NOT NULL,
+    priority_rank INTEGER NOT NULL,
+    sla_minutes REAL NOT NULL,
+    first_received REAL NOT NULL,
+    due_at REAL NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    pool TEXT NOT NULL,
+    pool_roles TEXT NOT NULL,
+    pool_tags TEXT NOT NULL DEFAULT '',
+    workflow TEXT NOT NULL DEFAULT '',
+    rule TEXT NOT NULL DEFAULT '',
+    workflow_sha TEXT NOT NULL DEFAULT '',
+    actions TEXT NOT NULL DEFAULT '[]',
+    hold INTEGER NOT NULL DEFAULT 0,
+    modalities TEXT NOT NULL DEFAULT '',
+    instances_seen INTEGER NOT NULL DEFAULT 0,
+    late_instances INTEGER NOT NULL DEFAULT 0,
+    late_at REAL,
+    breached INTEGER NOT NULL DEFAULT 0,
+    breached_at REAL,
+    claimed_by TEXT,
+    claimed_at REAL,
+    claim_expires_at REAL,
+    read_at REAL,
+    final_at REAL
+);
+CREATE INDEX read_items_due ON read_items(due_at);
+CREATE INDEX read_items_state_due ON read_items(state, due_at);
+CREATE INDEX read_items_claims ON read_items(claim_expires_at) WHERE state = 'claimed';
+CREATE INDEX read_items_read_at ON read_items(read_at) WHERE read_at IS NOT NULL;
+
+CREATE TABLE read_item_history (
+    id INTEGER PRIMARY KEY,
+    item_id INTEGER NOT NULL REFERENCES read_items(id),
+    ts REAL NOT NULL,
+    actor TEXT NOT NULL,
+    event TEXT NOT NULL,
+    from_state TEXT,
+    to_state TEXT,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX read_item_history_item ON read_item_history(item_id, id);
+
+-- Each rung of an item's escalation ladder, timed when the item is created.
+-- fired_at is set in the same transaction as the step's notifications, so a
+-- step fires exactly once; skipped_at when the item was read before it was due.
+CREATE TABLE escalation_steps (
+    id INTEGER PRIMARY KEY,
+    item_id INTEGER NOT NULL REFERENCES read_items(id),
+    step_index INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL DEFAULT '{}',
+    description TEXT NOT NULL DEFAULT '',
+    fire_at REAL NOT NULL,
+    fired_at REAL,
+    skipped_at REAL,
+    UNIQUE (item_id, step_index)
+);
+CREATE INDEX escalation_steps_due ON escalation_steps(fire_at)
+    WHERE fired_at IS NULL AND skipped_at IS NULL;
+
+-- Studies that received an instance since the sweep last looked at them.
+-- Filled by triggers on the index, in the study store's own transaction, so
+-- a completion cannot be lost between the C-STORE and the worker.
+CREATE TABLE pending_completions (
+    study_uid TEXT PRIMARY KEY,
+    touched_at REAL NOT NULL
+);
+CREATE TRIGGER pending_on_new_study AFTER INSERT ON studies
+BEGIN
+    INSERT INTO pending_completions (study_uid, touched_at) VALUES (NEW.study_uid, NEW.last_received)
+    ON CONFLICT(study_uid) DO UPDATE SET touched_at = excluded.touched_at;
+END;
+CREATE TRIGGER pending_on_study_update AFTER UPDATE OF last_received, num_instances ON studies
+BEGIN
+    INSERT INTO pending_completions (study_uid, touched_at) VALUES (NEW.study_uid, NEW.last_received)
+    ON CONFLICT(study_uid) DO UPDATE SET touched_at = excluded.touched_at;
+END;
+INSERT INTO pending_completions (study_uid, touched_at)
+    SELECT study_uid, last_received FROM studies;
+
+-- Workflow files as loaded: the text of every good version (so a worker that
+-- restarts on a broken file still has the last good one) and what is in force.
+CREATE TABLE workflow_versions (
+    id INTEGER PRIMARY KEY,
+    filename TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    content TEXT NOT NULL,
+    loaded_at REAL NOT NULL,
+    UNIQUE (filename, sha256)
+);
+CREATE TABLE workflow_files (
+    filename TEXT PRIMARY KEY,
+    active_sha TEXT,
+    active_since REAL,
+    last_error TEXT,
+    last_error_at REAL,
+    checked_at REAL NOT NULL
+);
+
+CREATE TABLE notifications (
+    id INTEGER PRIMARY KEY,
+    username TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    body TEXT NOT NULL DEFAULT '',
+    item_id INTEGER,
+    step_id INTEGER,
+    created_at REAL NOT NULL,
+    read_at REAL
+);
+CREATE INDEX notifications_user ON notifications(username, id);
+CREATE INDEX notifications_item ON notifications(item_id);
+"""
