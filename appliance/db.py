@@ -94,7 +94,23 @@ def connect(path: str | Path, readonly: bool = False) -> sqlite3.Connection:
 
 @contextmanager
 def transaction(conn: sqlite3.Connection, immediate: bool = True) -> Iterator[sqlite3.Connection]:
-    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception."""
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception.
+
+    Inside a transaction already open on ``conn`` it nests as a SAVEPOINT, so a
+    domain function that opens its own transaction (a worklist transition) can
+    also run as part of a larger one (signing a report) and commit with it.
+    """
+    if conn.in_transaction:
+        # Same-named savepoints nest: ROLLBACK TO / RELEASE act on the innermost.
+        conn.execute("SAVEPOINT nested_tx")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK TO nested_tx")
+            conn.execute("RELEASE nested_tx")
+            raise
+        conn.execute("RELEASE nested_tx")
+        return
     conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
     try:
         yield conn
