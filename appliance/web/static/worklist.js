@@ -78,7 +78,7 @@
       if (it.mine && it.state === "claimed") act.appendChild(button("release", "Release"));
       else if (it.state === "queued" && it.eligible && !it.hold) act.appendChild(button("claim", "Claim"));
       const a = document.createElement("a");
-      a.href = it.open_url; a.textContent = it.eligible ? " Open" : " Open (break-glass)";
+      a.href = it.open_url; a.textContent = it.eligible ? "Open" : "Open (break-glass)";
       act.appendChild(a);
       fresh.appendChild(tr);
     }
