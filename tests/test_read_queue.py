@@ -20,6 +20,26 @@ QUIET = 30.0
 LIBRARY = ROOT / "workflows" / "library"
 
 
+def index_study(conn, study_uid: str | None = None, n: int = 3, at: float = T0,
+                step: float = 1.0, **kw) -> str:
+    """Index ``n`` instances as the study store would, received at fake times."""
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    calling_ae = kw.pop("calling_ae", "CT1")
+    for i in range(n):
+        ds = make_instance(study_uid, series_uid, i, rows=8, cols=8, **kw)
+        st, se, inst = idx.attributes(ds)
+        rec = idx.InstanceRecord(
+            study_uid=study_uid, series_uid=series_uid, sop_uid=ds.SOPInstanceUID,
+            sop_class_uid=ds.SOPClassUID, transfer_syntax=ds.file_meta.TransferSyntaxUID,
+            path=f"x/{ds.SOPInstanceUID}.dcm", size=100, sha256="0" * 64,
+            received_at=at + i * step, calling_ae=calling_ae, study=st, series=se,
+            instance=inst)
+        with db.transaction(conn):
+            idx.insert(conn, rec)
+    return study_uid
+
+
 class QueueSite:
     """A data directory with config, database, workflows and readers; no processes."""
 
@@ -44,21 +64,7 @@ class QueueSite:
 
     def store(self, study_uid: str | None = None, n: int = 3, at: float = T0, step: float = 1.0,
               **kw) -> str:
-        """Index ``n`` instances as the study store would, received at fake times."""
-        study_uid = study_uid or generate_uid()
-        series_uid = generate_uid()
-        for i in range(n):
-            ds = make_instance(study_uid, series_uid, i, rows=8, cols=8, **kw)
-            st, se, inst = idx.attributes(ds)
-            rec = idx.InstanceRecord(
-                study_uid=study_uid, series_uid=series_uid, sop_uid=ds.SOPInstanceUID,
-                sop_class_uid=ds.SOPClassUID, transfer_syntax=ds.file_meta.TransferSyntaxUID,
-                path=f"x/{ds.SOPInstanceUID}.dcm", size=100, sha256="0" * 64,
-                received_at=at + i * step, calling_ae=kw.get("calling_ae", "CT1"),
-                study=st, series=se, instance=inst)
-            with db.transaction(self.conn):
-                idx.insert(self.conn, rec)
-        return study_uid
+        return index_study(self.conn, study_uid, n, at, step, **kw)
 
     def sweep(self, now: float) -> dict:
         return read_queue.sweep(self.cfg, now=now)
