@@ -128,6 +128,8 @@ def plan_frames(accept: str | None, stored_ts: str) -> FramePlan:
             reasons.append(f"{m.media} is not a frame media type")
             continue
         wanted = m.transfer_syntax or MEDIA_DEFAULT_TS.get(part, "")
+        if part in ("*/*", "application/*", "image/*"):  # the server's choice: as stored
+            part, wanted = "application/octet-stream", "*"
         if wanted == "*" or wanted == stored_ts or (wanted in NATIVE and stored_ts in NATIVE):
             ts = stored_ts if wanted == "*" else wanted
             media = "application/octet-stream" if part == "application/octet-stream" or \

@@ -55,6 +55,10 @@ for f in "$dist"/*.css; do
   sed -i "s#url(/#url($PREFIX#g" "$f"
 done
 echo "$VERSION" > "$dist/OHIF_VERSION"
+# gzip twins of the large text/wasm files: served as is when the browser accepts gzip,
+# so a reader on a thin link downloads ~5 MB instead of ~25 MB, with no CPU per request.
+find "$dist" -type f \( -name '*.js' -o -name '*.css' -o -name '*.wasm' -o -name '*.json' \) \
+  -size +8k -exec gzip -9 -k -n {} +
 
 # Swap in atomically enough for a static folder: build beside, then rename.
 mkdir -p "$(dirname "$DEST")"

@@ -1,0 +1,148 @@
+"""The diagnostic viewer at ``/viewer``: the prebuilt OHIF v3 over our own ``/dicom-web``.
+
+``provisioning/fetch-viewer.sh`` puts the pinned build in ``static/viewer/``
+(git-ignored), re-based to ``/viewer/`` and with ``.gz`` twins of its large
+files. This blueprint serves it to signed-in readers with our own
+``app-config.js`` (same-origin DICOMweb, no study list, no splash or tour).
+OHIF's route for a study is ``/viewer?StudyInstanceUIDs=<uid>``, which is
+also what the worklist links to.
+
+Caching: files whose names carry a content hash are immutable for a year, so
+a reader on a thin link downloads the 5 MB app once; ``index.html`` and the
+config are revalidated every time.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from flask import Blueprint, Response, abort, request, send_file
+
+from appliance.web import auth
+
+bp = Blueprint("viewer", __name__)
+
+ROLES = ("admin", "radiologist", "neurologist")
+VIEWER_DIR = Path(__file__).resolve().parent / "static" / "viewer"
+HASHED = re.compile(r"\.[0-9a-f]{16,}\.|^[0-9a-f]{16,}\.")  # webpack content-hashed names
+IMMUTABLE = "public, max-age=31536000, immutable"
+
+APP_CONFIG = """/* OHIF configuration written by the appliance (appliance/web/viewer.py). */
+window.config = {
+  name: 'appliance',
+  routerBasename: '/',
+  showStudyList: false,
+  extensions: [],
+  modes: [],
+  // No splash ("investigational use") dialog and no onboarding tour.
+  investigationalUseDialog: { option: 'never' },
+  customizationService: { 'ohif.tours': { $set: [] } },
+  showWarningMessageForCrossOrigin: false,
+  showCPUFallbackMessage: true,
+  showLoadingIndicator: true,
+  strictZSpacingForVolumeViewport: true,
+  maxNumberOfWebWorkers: 3,
+  // HTTP/1.1 with keep-alive: a few connections fetch frames in parallel.
+  maxNumRequests: { interaction: 100, thumbnail: 5, prefetch: 10 },
+  // Load the whole stack after the first image (a CT head is read by scrolling).
+  studyPrefetcher: { enabled: true, displaySetsCount: 1, maxNumPrefetchRequests: 10,
+                     order: 'closest' },
+  defaultDataSourceName: 'appliance',
+  dataSources: [
+    {
+      namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
+      sourceName: 'appliance',
+      configuration: {
+        friendlyName: 'This appliance',
+        name: 'appliance',
+        wadoUriRoot: window.location.origin + '/dicom-web',
+        qidoRoot: window.location.origin + '/dicom-web',
+        wadoRoot: window.location.origin + '/dicom-web',
+        qidoSupportsIncludeField: true,
+        supportsReject: false,
+        imageRendering: 'wadors',
+        thumbnailRendering: 'wadors',
+        enableStudyLazyLoad: true,
+        supportsFuzzyMatching: true,
+        supportsWildcard: true,
+        staticWado: false,
+        singlepart: 'bulkdata,video',
+        bulkDataURI: { enabled: true },
+        omitQuotationForMultipartRequest: true,
+      },
+    },
+  ],
+  httpErrorHandler: error => {
+    if (error && error.status === 401) {
+      window.location.assign('/login?next=' + encodeURIComponent(
+        window.location.pathname + window.location.search));
+    }
+  },
+};
+"""
+
+
+def installed() -> bool:
+    return (VIEWER_DIR / "index.html").is_file()
+
+
+def _missing() -> Response:
+    return Response("The viewer is not installed on this appliance: run "
+                    "provisioning/fetch-viewer.sh (make viewer).\n", status=503,
+                    mimetype="text/plain")
+
+
+def _index() -> Response:
+    if not installed():
+        return _missing()
+    resp = send_file(VIEWER_DIR / "index.html", mimetype="text/html", conditional=True)
+    resp.headers["Cache-Control"] = "no-cache"
+    return resp
+
+
+@bp.get("/viewer")
+@auth.require(*ROLES)
+def viewer_index():
+    return _index()
+
+
+@bp.get("/viewer/app-config.js")
+@auth.require(*ROLES)
+def viewer_config():
+    return Response(APP_CONFIG, mimetype="application/javascript",
+                    headers={"Cache-Control": "no-cache"})
+
+
+@bp.get("/viewer/<path:name>")
+@auth.require(*ROLES)
+def viewer_file(name: str):
+    """A file of the build (gzip twin when accepted), or the app itself for OHIF's routes."""
+    if not installed():
+        return _missing()
+    path = (VIEWER_DIR / name).resolve()
+    if not path.is_relative_to(VIEWER_DIR):
+        abort(404)
+    if not path.is_file():
+        if "." in name.rsplit("/", 1)[-1]:
+            abort(404)
+        return _index()  # a client-side route such as /viewer/viewer/ohif
+    gz = path.with_name(path.name + ".gz")
+    use_gz = gz.is_file() and "gzip" in request.headers.get("Accept-Encoding", "")
+    resp = send_file(gz if use_gz else path, conditional=True,
+                     mimetype=_mimetype(path.name))
+    if use_gz:
+        resp.headers["Content-Encoding"] = "gzip"
+    resp.headers["Vary"] = "Accept-Encoding"
+    resp.headers["Cache-Control"] = IMMUTABLE if HASHED.search(path.name) else "no-cache"
+    return resp
+
+
+def _mimetype(name: str) -> str | None:
+    import mimetypes
+
+    if name.endswith(".wasm"):
+        return "application/wasm"
+    if name.endswith(".js") or name.endswith(".mjs"):
+        return "application/javascript"
+    return mimetypes.guess_type(name)[0]
