@@ -9,12 +9,14 @@ start-up cleanup removes.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import threading
 from pathlib import Path
 
 TMP_SUFFIX = ".part"
+_counter = itertools.count()
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -64,6 +66,48 @@ def atomic_write(path: str | os.PathLike, data: bytes | memoryview, mode: int = 
         _unlink_quietly(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def write_temp(directory: str | os.PathLike, data: bytes | memoryview) -> Path:
+    """Write ``data`` to a new temp file in ``directory`` and fsync it; return its path.
+
+    The first half of :func:`atomic_write`, split out so a caller can overlap
+    the fsync with other work (parsing, hashing) and choose the final name
+    later with :func:`move_into_place`.  ``directory`` must be on the same
+    filesystem as the final name; the start-up cleanup removes a leftover.
+    """
+    directory = Path(directory)
+    tmp = directory / f".{os.getpid()}.{threading.get_ident():x}.{next(_counter)}{TMP_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        raise
+    os.close(fd)
+    return tmp
+
+
+def move_into_place(tmp: Path, path: str | os.PathLike) -> None:
+    """Rename a fsynced temp file to ``path`` and fsync the directory that now names it."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def discard(tmp: Path) -> None:
+    """Remove a temp file that will not be kept (invalid or duplicate input)."""
+    _unlink_quietly(tmp)
 
 
 def _unlink_quietly(path: Path) -> None:

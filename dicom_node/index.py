@@ -178,10 +178,13 @@ def lookup(conn: sqlite3.Connection, sop_uid: str) -> sqlite3.Row | None:
 def insert(conn: sqlite3.Connection, rec: InstanceRecord) -> None:
     """Index a new instance and update its study and series counters.
 
-    Must run inside a transaction.
+    Must run inside a transaction.  Three statements in the common case (a
+    further instance of a known series): it runs once per C-STORE inside the
+    write lock, so it is kept lean; sqlite3 caches the prepared statements.
     """
     _upsert_study(conn, rec)
-    _upsert_series(conn, rec)
+    if _upsert_series(conn, rec):
+        _count_new_series(conn, rec)
     conn.execute(
         "INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class_uid, instance_number,"
         " transfer_syntax, rows, columns, number_of_frames, path, size, sha256, received_at,"
@@ -192,15 +195,6 @@ def insert(conn: sqlite3.Connection, rec: InstanceRecord) -> None:
             rec.instance.get("columns"), rec.instance.get("number_of_frames"), rec.path,
             rec.size, rec.sha256, rec.received_at, rec.calling_ae, rec.remote_addr,
         ),
-    )
-    conn.execute(
-        "UPDATE series SET num_instances = num_instances + 1 WHERE series_uid = ?",
-        (rec.series_uid,),
-    )
-    conn.execute(
-        "UPDATE studies SET num_instances = num_instances + 1, size_bytes = size_bytes + ?,"
-        " last_received = max(last_received, ?) WHERE study_uid = ?",
-        (rec.size, rec.received_at, rec.study_uid),
     )
 
 
@@ -225,42 +219,60 @@ def replace(conn: sqlite3.Connection, old: sqlite3.Row, rec: InstanceRecord) -> 
     )
 
 
+STUDY_COLUMNS = ("patient_id", "issuer_of_patient_id", "patient_name", "patient_birth_date",
+                 "patient_sex", "patient_age", "study_date", "study_time", "accession_number",
+                 "study_id", "study_description", "referring_physician", "institution_name")
+
+# One statement inserts the study or counts one more instance into it; attributes the
+# first instance left empty (e.g. an SR without a description) are filled from later ones.
+_UPSERT_STUDY = (
+    f"INSERT INTO studies (study_uid, {', '.join(STUDY_COLUMNS)}, num_instances, size_bytes,"
+    f" first_received, last_received, calling_ae)"
+    f" VALUES (?, {', '.join('?' for _ in STUDY_COLUMNS)}, 1, ?, ?, ?, ?)"
+    " ON CONFLICT(study_uid) DO UPDATE SET num_instances = num_instances + 1,"
+    " size_bytes = size_bytes + excluded.size_bytes,"
+    " last_received = max(last_received, excluded.last_received), "
+    + ", ".join(f"{c} = CASE WHEN {c} = '' THEN excluded.{c} ELSE {c} END" for c in STUDY_COLUMNS)
+)
+
+SERIES_COLUMNS = ("modality", "series_number", "series_description", "body_part", "series_date",
+                  "series_time")
+
+_UPSERT_SERIES = (
+    f"INSERT INTO series (series_uid, study_uid, {', '.join(SERIES_COLUMNS)}, num_instances)"
+    f" VALUES (?, ?, {', '.join('?' for _ in SERIES_COLUMNS)}, 1)"
+    " ON CONFLICT(series_uid) DO UPDATE SET num_instances = num_instances + 1"
+    " RETURNING num_instances"
+)
+
+
 def _upsert_study(conn: sqlite3.Connection, rec: InstanceRecord) -> None:
-    cols = list(rec.study)
-    conn.execute(
-        f"INSERT INTO studies (study_uid, {', '.join(cols)}, first_received, last_received,"
-        f" calling_ae) VALUES (?, {', '.join('?' for _ in cols)}, ?, ?, ?)"
-        " ON CONFLICT(study_uid) DO NOTHING",
-        (rec.study_uid, *[rec.study[c] for c in cols], rec.received_at, rec.received_at,
-         rec.calling_ae),
-    )
-    # Fill attributes the first instance left empty (e.g. an SR without a description).
-    sets = ", ".join(f"{c} = CASE WHEN {c} = '' THEN ? ELSE {c} END" for c in cols)
-    conn.execute(
-        f"UPDATE studies SET {sets} WHERE study_uid = ?",
-        (*[rec.study[c] for c in cols], rec.study_uid),
-    )
+    conn.execute(_UPSERT_STUDY, (
+        rec.study_uid, *[rec.study.get(c, "") for c in STUDY_COLUMNS], rec.size,
+        rec.received_at, rec.received_at, rec.calling_ae,
+    ))
 
 
-def _upsert_series(conn: sqlite3.Connection, rec: InstanceRecord) -> None:
-    cols = list(rec.series)
-    cur = conn.execute(
-        f"INSERT INTO series (series_uid, study_uid, {', '.join(cols)})"
-        f" VALUES (?, ?, {', '.join('?' for _ in cols)}) ON CONFLICT(series_uid) DO NOTHING",
-        (rec.series_uid, rec.study_uid, *[rec.series[c] for c in cols]),
+def _upsert_series(conn: sqlite3.Connection, rec: InstanceRecord) -> bool:
+    """Insert the series or count one more instance; True when the series is new."""
+    rows = conn.execute(_UPSERT_SERIES, (
+        rec.series_uid, rec.study_uid, *[rec.series.get(c, "") for c in SERIES_COLUMNS],
+    )).fetchall()  # fetchall: the statement must be finished before COMMIT
+    return rows[0][0] == 1
+
+
+def _count_new_series(conn: sqlite3.Connection, rec: InstanceRecord) -> None:
+    modality = rec.series.get("modality", "")
+    row = conn.execute(
+        "SELECT modalities FROM studies WHERE study_uid = ?", (rec.study_uid,)
+    ).fetchone()
+    mods = [m for m in row[0].split("\\") if m]
+    if modality and modality not in mods:
+        mods.append(modality)
+    conn.execute(
+        "UPDATE studies SET num_series = num_series + 1, modalities = ? WHERE study_uid = ?",
+        ("\\".join(mods), rec.study_uid),
     )
-    if cur.rowcount:
-        modality = rec.series.get("modality", "")
-        row = conn.execute(
-            "SELECT modalities FROM studies WHERE study_uid = ?", (rec.study_uid,)
-        ).fetchone()
-        mods = [m for m in row["modalities"].split("\\") if m]
-        if modality and modality not in mods:
-            mods.append(modality)
-        conn.execute(
-            "UPDATE studies SET num_series = num_series + 1, modalities = ? WHERE study_uid = ?",
-            ("\\".join(mods), rec.study_uid),
-        )
 
 
 def counts(conn: sqlite3.Connection) -> dict[str, int]:

@@ -9,6 +9,7 @@ the index row committed with ``synchronous=FULL``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import logging
@@ -17,12 +18,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.errors import InvalidDicomError
+from pydicom.dataset import Dataset
 
 from dicom_node import durable
 from dicom_node import index as idx
@@ -38,6 +40,7 @@ NO_SPACE = "no_space"  # free disk below the low-water mark
 FAILED = "failed"  # an I/O or database error: nothing acknowledged
 
 SUCCESS_OUTCOMES = (OK, DUPLICATE, REPLACED)
+INCOMING = ".incoming"  # temp files being written; never served, cleaned on start
 
 
 @dataclass
@@ -84,7 +87,11 @@ class StudyStore:
         self._local = threading.local()
         self._sop_locks: dict[str, threading.Lock] = {}
         self._sop_locks_guard = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
         durable.ensure_dir(self.root)
+        # Temp files are written here, on the same filesystem, then renamed into place.
+        self.incoming = self.root / INCOMING
+        durable.ensure_dir(self.incoming)
 
     # -- connections (one per thread; opened lazily, after any fork) ------------
     @property
@@ -108,55 +115,72 @@ class StudyStore:
     def has_space(self) -> bool:
         return durable.free_mb(self.root) >= self.low_water_mb
 
+    def _io(self) -> ThreadPoolExecutor:
+        # Created on first use, so after any fork (dicom.processes > 1).
+        if self._pool is None:
+            with self._sop_locks_guard:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="store-io")
+        return self._pool
+
     def store(
         self, data: bytes, calling_ae: str = "", remote_addr: str = "",
         expected_sop_uid: str | None = None,
     ) -> StoreResult:
-        """Store one Part 10 file (preamble + meta + dataset) given as bytes."""
+        """Store one Part 10 file (preamble + meta + dataset) given as bytes.
+
+        The bytes go to a temp file and are fsynced in an I/O thread while this
+        thread parses, validates and hashes them (fsync releases the GIL), so
+        the durable write costs little more than the parse.  Nothing is written
+        when the disk is below the low-water mark; a temp file whose content
+        turns out invalid or a duplicate is removed before we answer.
+        """
         if not self.has_space():
             return StoreResult(NO_SPACE, f"free disk below the low-water mark ({self.low_water_mb} MiB)")
+        pending = self._io().submit(durable.write_temp, self.incoming, data)
+        described = _describe(data, calling_ae, remote_addr, expected_sop_uid)
         try:
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        except (InvalidDicomError, Exception) as e:  # pydicom raises many kinds
-            return StoreResult(INVALID, f"cannot parse dataset: {_short(e)}")
-        uids = {k: _uid(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
-        missing = [k for k, v in uids.items() if not v]
-        if missing:
-            return StoreResult(INVALID, f"missing {', '.join(missing)}")
-        sop_uid = uids["SOPInstanceUID"]
-        if expected_sop_uid and expected_sop_uid.strip("\0 ") != sop_uid:
-            return StoreResult(INVALID, "SOP Instance UID in dataset differs from the request")
-        try:
-            study, series, instance = idx.attributes(ds)
-        except Exception as e:
-            return StoreResult(INVALID, f"unreadable attributes: {_short(e)}")
-        meta = getattr(ds, "file_meta", None)
-        rec = idx.InstanceRecord(
-            study_uid=uids["StudyInstanceUID"], series_uid=uids["SeriesInstanceUID"], sop_uid=sop_uid,
-            sop_class_uid=_uid(ds, "SOPClassUID") or (_uid(meta, "MediaStorageSOPClassUID") if meta else ""),
-            transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta else "",
-            path="", size=len(data), sha256=hashlib.sha256(data).hexdigest(),
-            received_at=time.time(), calling_ae=calling_ae, remote_addr=remote_addr,
-            study=study, series=series, instance=instance,
-        )
-        with self._lock_for(sop_uid):
+            tmp = pending.result()
+        except OSError as e:
+            if _disk_full(e):
+                return StoreResult(NO_SPACE, "disk full: nothing stored")
+            log.exception("temp write failed")
+            return StoreResult(FAILED, f"storage error: {_short(e)}")
+        if isinstance(described, StoreResult):
+            durable.discard(tmp)
+            return described
+        with self._lock_for(described.sop_uid):
             try:
-                return self._write_and_index(data, rec)
+                return self._write_and_index(tmp, described)
             except Exception as e:
-                log.exception("store failed for %s", sop_uid)
+                durable.discard(tmp)
+                log.exception("store failed for %s", described.sop_uid)
+                if _disk_full(e):
+                    return StoreResult(NO_SPACE, "disk full: nothing stored")
                 return StoreResult(FAILED, f"storage error: {_short(e)}")
 
-    def _write_and_index(self, data: bytes, rec: idx.InstanceRecord) -> StoreResult:
-        old = idx.lookup(self.conn, rec.sop_uid)
-        if old is not None and old["sha256"] == rec.sha256:
-            return StoreResult(DUPLICATE, "identical instance already stored", rec)
-        rel = self.relative_path(rec, version=rec.sha256[:12] if old is not None else None)
-        durable.atomic_write(self.root / rel, data)
-        rec.path = rel
+    def _write_and_index(self, tmp: Path, rec: idx.InstanceRecord) -> StoreResult:
+        """Rename into place and index in one write transaction.
+
+        The rename happens while we hold SQLite's write lock, so two node
+        processes given the same SOP Instance UID at once cannot both pick the
+        unversioned name; one transaction per instance, committed with
+        synchronous=FULL before the caller may answer Success.
+        """
         conn = self.conn
+        placed_new = False
         conn.execute("BEGIN IMMEDIATE")
         try:
             current = idx.lookup(conn, rec.sop_uid)
+            if current is not None and current["sha256"] == rec.sha256:
+                conn.execute("ROLLBACK")
+                durable.discard(tmp)
+                rec.path = current["path"]
+                return StoreResult(DUPLICATE, "identical instance already stored", rec)
+            rec.path = self.relative_path(rec, version=rec.sha256[:12] if current else None)
+            final = self.root / rec.path
+            placed_new = not final.exists()
+            durable.move_into_place(tmp, final)
             if current is None:
                 idx.insert(conn, rec)
                 outcome = OK
@@ -165,12 +189,17 @@ class StudyStore:
                 outcome = REPLACED
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if placed_new and not tmp.exists():
+                # Not acknowledged (e.g. SQLite full): leave nothing behind.
+                durable.discard(final)
             raise
         if outcome == REPLACED:
             self._emit("instance.replaced", {
                 "sop_uid": rec.sop_uid, "study_uid": rec.study_uid, "old_sha256": current["sha256"],
-                "new_sha256": rec.sha256, "old_path": current["path"], "calling_ae": rec.calling_ae,
+                "new_sha256": rec.sha256, "old_path": current["path"], "new_path": rec.path,
+                "calling_ae": rec.calling_ae,
             })
         self._notify(rec, outcome)
         return StoreResult(outcome, "", rec)
@@ -248,6 +277,93 @@ class StudyStore:
             raise
         self._notify(rec, OK)
         return True
+
+
+def _describe(data: bytes, calling_ae: str, remote_addr: str,
+              expected_sop_uid: str | None) -> idx.InstanceRecord | StoreResult:
+    """Parse and check one Part 10 file; its index record, or an INVALID result saying why."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        problem = structure_problem(ds)
+    except Exception as e:  # pydicom raises many kinds on malformed input
+        return StoreResult(INVALID, f"cannot parse dataset: {_short(e)}")
+    if problem:
+        return StoreResult(INVALID, problem)
+    uids = {k: _uid(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+    missing = [k for k, v in uids.items() if not v]
+    if missing:
+        return StoreResult(INVALID, f"missing {', '.join(missing)}")
+    sop_uid = uids["SOPInstanceUID"]
+    if expected_sop_uid and expected_sop_uid.strip("\0 ") != sop_uid:
+        return StoreResult(INVALID, "SOP Instance UID in dataset differs from the request")
+    try:
+        study, series, instance = idx.attributes(ds)
+    except Exception as e:
+        return StoreResult(INVALID, f"unreadable attributes: {_short(e)}")
+    meta = getattr(ds, "file_meta", None)
+    return idx.InstanceRecord(
+        study_uid=uids["StudyInstanceUID"], series_uid=uids["SeriesInstanceUID"], sop_uid=sop_uid,
+        sop_class_uid=_uid(ds, "SOPClassUID") or (_uid(meta, "MediaStorageSOPClassUID") if meta else ""),
+        transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta else "",
+        path="", size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+        received_at=time.time(), calling_ae=calling_ae, remote_addr=remote_addr,
+        study=study, series=series, instance=instance,
+    )
+
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+_PIXEL_LAYOUT = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames")
+
+
+def structure_problem(ds: Dataset) -> str | None:
+    """Why a parsed dataset cannot be kept as an image, or None.
+
+    pydicom is lenient: an element cut short by a truncated transfer reads as
+    fewer bytes than its declared length, and a dataset encoded differently
+    from its transfer syntax reads as one huge bogus element.  Both show up
+    here as a length mismatch.  The attributes that lay out the pixel data
+    must be numbers (pydicom's ``badVR`` has NumberOfFrames '1A'), and native
+    pixel data must hold the bytes they promise; a viewer could not show it
+    otherwise.  Other odd values are kept as received.
+    """
+    for tag in ds.keys():
+        raw = ds.get_item(tag)
+        length = getattr(raw, "length", None)
+        value = getattr(raw, "value", None)
+        if length is None or length == UNDEFINED_LENGTH or not isinstance(value, bytes):
+            continue
+        if len(value) != length:
+            return (f"truncated: element {tag} declares {length} bytes, "
+                    f"{len(value)} received")
+    if "PixelData" not in ds:
+        return None
+    layout = {}
+    for keyword in _PIXEL_LAYOUT:
+        if keyword not in ds:
+            continue
+        value = ds[keyword].value
+        try:
+            layout[keyword] = int(value)
+        except (TypeError, ValueError):
+            return f"{keyword} {value!r} is not a number: pixel data cannot be read"
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta else None
+    if syntax is not None and getattr(syntax, "is_encapsulated", False):
+        return None
+    bits = layout.get("BitsAllocated", 0)
+    if bits < 8:
+        return None
+    expected = (layout.get("Rows", 0) * layout.get("Columns", 0) * layout.get("SamplesPerPixel", 1)
+                * (bits // 8) * max(1, layout.get("NumberOfFrames", 1)))
+    if len(ds.get_item("PixelData").value or b"") < expected:
+        return f"pixel data holds fewer bytes than Rows x Columns x frames need ({expected})"
+    return None
+
+
+def _disk_full(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(e, sqlite3.OperationalError) and "full" in str(e)
 
 
 def _uid(ds: Any, keyword: str) -> str:
