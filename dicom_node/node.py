@@ -149,6 +149,9 @@ class DicomNode:
                 self.on_reject(calling, address, reason)
                 # 0x01 rejected-permanent, source 0x01 service-user, reason 0x03 calling AE not recognized
                 assoc.acse.send_reject(0x01, 0x01, 0x03)
+                # As pynetdicom does after its own rejections: wait until the RJ PDU has
+                # left, or the socket closes first and the caller sees an abort instead.
+                assoc.kill()
 
     # -- services ----------------------------------------------------------------
     def handle_echo(self, event) -> int:

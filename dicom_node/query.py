@@ -19,8 +19,10 @@ unique keys of PS3.4 C.4.2.2.1) to the stored files.
 
 from __future__ import annotations
 
+import io
 import re
 import sqlite3
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +30,7 @@ from typing import Any
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 
 PATIENT, STUDY, SERIES, IMAGE = "PATIENT", "STUDY", "SERIES", "IMAGE"
@@ -182,13 +185,13 @@ def parse(identifier: Dataset, model: str) -> Query:
     level = query_level(identifier, model)
     query = Query(model=model, level=level)
     requested: set[str] = set()
-    for elem in identifier:
+    for elem in _elements(identifier):
         tag = int(elem.tag)
         if tag in (_QR_LEVEL_TAG, _CHARSET_TAG):
             query.charset_requested |= tag == _CHARSET_TAG
             continue
-        if elem.tag.is_private or elem.tag.element == 0:
-            continue  # private tags and group lengths: nothing we hold
+        if elem.tag.is_private or elem.tag.element == 0 or elem.tag.group < 0x0008:
+            continue  # private tags, group lengths, command/meta groups: nothing we hold
         keyword = elem.keyword
         key = KEYS.get(keyword)
         in_scope = key is not None and _LEVEL_RANK[key.level] <= _LEVEL_RANK[level]
@@ -209,7 +212,20 @@ def parse(identifier: Dataset, model: str) -> Query:
         if keyword not in requested:
             tag = tag_for_keyword(keyword)
             query.returns.append(ReturnKey(tag, keyword, dictionary_VR(tag), KEYS[keyword]))
+    query.returns.append(ReturnKey(int(_QR_LEVEL_TAG), "QueryRetrieveLevel", "CS",
+                                   Key("QueryRetrieveLevel", level, "", "level")))
+    query.returns.sort(key=lambda r: r.tag)  # responses are encoded in tag order
     return query
+
+
+def _elements(identifier: Dataset) -> Iterator[DataElement]:
+    """The identifier's elements; one whose value cannot be decoded is a clear failure."""
+    for tag in list(identifier.keys()):
+        try:
+            yield identifier[tag]
+        except Exception as e:
+            raise QueryError(IDENTIFIER_MISMATCH, f"{Tag(tag)} has an unreadable value: {e}") \
+                from None
 
 
 def _vr(elem: DataElement) -> str:
@@ -327,7 +343,7 @@ def sql(query: Query) -> tuple[str, list[Any]]:
 
 
 def _column(query: Query, key: Key | None) -> str:
-    if key is None or key.kind == "const":
+    if key is None or key.kind in ("const", "level"):
         return "NULL"
     if query.level == PATIENT:
         return key.grouped or "NULL"
@@ -341,9 +357,14 @@ def rows(conn: sqlite3.Connection, query: Query) -> list[sqlite3.Row]:
 
 
 def responses(query: Query, matches: list[sqlite3.Row], ae_title: str = "") -> Iterator[Dataset]:
-    """One response identifier per matching row, every requested key present."""
+    """One response identifier per matching row as a pydicom Dataset.
+
+    The node sends :func:`encode_response` bytes directly; this decodes the
+    very same bytes, so both paths always answer alike.
+    """
     for row in matches:
-        yield _response(query, row, ae_title)
+        data = encode_response(query, row, ae_title, explicit=False)
+        yield read_dataset(io.BytesIO(data), is_implicit_VR=True, is_little_endian=True)
 
 
 def find(conn: sqlite3.Connection, query: Query, ae_title: str = "") -> Iterator[Dataset]:
@@ -351,30 +372,67 @@ def find(conn: sqlite3.Connection, query: Query, ae_title: str = "") -> Iterator
     yield from responses(query, rows(conn, query), ae_title)
 
 
-def _response(query: Query, row: sqlite3.Row, ae_title: str) -> Dataset:
-    ds = Dataset()
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT",
+                       "UV"})
+_BINARY = {"US": "<H", "SS": "<h", "UL": "<I", "SL": "<i", "FL": "<f", "FD": "<d"}
+_CHARSET_ELEMENT = {False: b"\x08\x00\x05\x00\x0a\x00\x00\x00ISO_IR 192",
+                    True: b"\x08\x00\x05\x00CS\x0a\x00ISO_IR 192"}
+
+
+def encode_response(query: Query, row: sqlite3.Row, ae_title: str, explicit: bool) -> bytes:
+    """One response identifier, encoded little endian (implicit or explicit VR).
+
+    Encoding the few value types the index holds by hand is ~10x faster than
+    building and writing a pydicom Dataset, which is what lets a 500-study
+    C-FIND keep pace with Orthanc.  Values are UTF-8 (ISO_IR 192) as pydicom
+    decoded them on the way in.
+    """
+    values = []
     non_ascii = False
-    elements: list[DataElement] = [DataElement(_QR_LEVEL_TAG, "CS", query.level)]
     for i, ret in enumerate(query.returns):
-        value = _CONSTANTS.get(ret.keyword) if ret.key and ret.key.kind == "const" else row[i]
-        if ret.keyword == "RetrieveAETitle" and ae_title:
-            value = ae_title
-        if ret.vr == "SQ":
-            elements.append(DataElement(ret.tag, "SQ", []))
-            continue
-        if isinstance(value, str):
-            if not value.isascii():
-                non_ascii = True
-            if ret.vr in ("UI", "DA", "TM", "CS", "AE", "IS", "DS") and "\\" in value:
-                value = value.split("\\")
-        elif value is not None and ret.vr not in ("US", "SS", "UL", "SL", "FL", "FD", "IS"):
-            value = str(value)
-        elements.append(DataElement(ret.tag, ret.vr, value if value != "" else None))
-    if non_ascii or query.charset_requested:
-        elements.append(DataElement(_CHARSET_TAG, "CS", "ISO_IR 192"))
-    for elem in elements:
-        ds[elem.tag] = elem
-    return ds
+        value = _value_for(query, ret, row[i], ae_title)
+        if isinstance(value, str) and not value.isascii():
+            non_ascii = True
+        values.append(value)
+    charset = non_ascii or query.charset_requested
+    encoding = "utf-8" if charset else "ascii"
+    parts = [_CHARSET_ELEMENT[explicit]] if charset else []
+    for ret, value in zip(query.returns, values, strict=True):
+        parts.append(_element(ret.tag, ret.vr, value, explicit, encoding))
+    return b"".join(parts)
+
+
+def _value_for(query: Query, ret: ReturnKey, value: Any, ae_title: str) -> Any:
+    if ret.key is not None and ret.key.kind == "level":
+        return query.level
+    if ret.key is not None and ret.key.kind == "const":
+        return _CONSTANTS.get(ret.keyword)
+    if ret.keyword == "RetrieveAETitle" and ae_title:
+        return ae_title
+    return value
+
+
+def _element(tag: int, vr: str, value: Any, explicit: bool, encoding: str) -> bytes:
+    if " or " in vr:
+        vr = vr.split(" or ")[0]  # an ambiguous VR from the dictionary: pick the first
+    data = b""
+    if value is not None and value != "" and vr != "SQ":
+        if vr in _BINARY:
+            try:
+                data = b"".join(struct.pack(_BINARY[vr], int(v) if vr[0] != "F" else float(v))
+                                for v in str(value).split("\\"))
+            except (ValueError, struct.error):
+                data = b""  # a stored value that does not fit the requested VR: empty
+        else:
+            data = str(value).encode(encoding, "replace")
+            if len(data) % 2:
+                data += b"\0" if vr == "UI" else b" "
+    group, element = tag >> 16, tag & 0xFFFF
+    if not explicit:
+        return struct.pack("<HHI", group, element, len(data)) + data
+    if vr in _LONG_VRS:
+        return struct.pack("<HH2s2xI", group, element, vr.encode(), len(data)) + data
+    return struct.pack("<HH2sH", group, element, vr.encode(), min(len(data), 0xFFFF)) + data
 
 
 # -- retrieve (C-MOVE / C-GET) ----------------------------------------------------------

@@ -27,13 +27,14 @@ import hashlib
 import io
 import logging
 import sqlite3
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context, evt
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -178,11 +179,47 @@ class QueryRetrieve:
             yield _status(UNABLE_TO_PROCESS, "Unable to process: audit trail unavailable"), None
             return
         log.info("C-FIND", extra=caller.detail(level=q.level, matches=len(matches)))
+        explicit = _STREAMABLE.get(str(event.context.transfer_syntax))
+        if explicit is not None and getattr(event.assoc.dul, "socket", None) is not None:
+            # Pending responses go straight to the socket; pynetdicom sends the final one.
+            if self._stream_find(event, q, matches, explicit):
+                yield CANCEL, None
+            return
         for ds in query.responses(q, matches, self.settings.ae_title):
             if event.is_cancelled:
                 yield CANCEL, None
                 return
             yield PENDING, ds
+
+    def _stream_find(self, event, q: query.Query, matches: list[sqlite3.Row],
+                     explicit: bool) -> bool:
+        """Write the Pending C-FIND responses as P-DATA PDUs, in batches.
+
+        pynetdicom builds, encodes and queues every DIMSE message through its
+        state machine (~1 ms each here: 500 studies took ~0.6-0.9 s against
+        Orthanc's ~0.23 s).  A Pending response is a fixed command set plus an
+        identifier, so we frame it ourselves and write it on the association's
+        socket from this thread, which is the only one sending while the
+        handler runs.  Returns True when the requester cancelled.
+        """
+        assoc = event.assoc
+        max_length = assoc.requestor.maximum_length or 0
+        context_id = event.context.context_id
+        command = _pdata(context_id, True, _find_pending_command(
+            str(event.request.AffectedSOPClassUID), event.request.MessageID), max_length)
+        batch, size = [], 0
+        for i, row in enumerate(matches):
+            data = query.encode_response(q, row, self.settings.ae_title, explicit)
+            batch.append(command + _pdata(context_id, False, data, max_length))
+            size += len(batch[-1])
+            if size >= STREAM_BATCH_BYTES or i == len(matches) - 1:
+                assoc.dul.socket.send(b"".join(batch))
+                batch, size = [], 0
+                if event.is_cancelled:
+                    return True
+                if not assoc.is_established:
+                    return False
+        return False
 
     # -- C-GET ------------------------------------------------------------------------
     def handle_get(self, event) -> Iterator[Any]:
@@ -305,6 +342,40 @@ class QueryRetrieve:
             self.on_event(kind, detail)
         except Exception:
             log.exception("audit hook failed for %s", kind)
+
+
+# Identifier encodings we write ourselves (value: explicit VR); others go through pydicom.
+_STREAMABLE = {ImplicitVRLittleEndian: False, ExplicitVRLittleEndian: True}
+STREAM_BATCH_BYTES = 64 * 1024
+_C_FIND_RSP = 0x8020
+_DATASET_PRESENT = 0x0001
+
+
+def _find_pending_command(sop_class_uid: str, message_id: int) -> bytes:
+    """The command set of a Pending C-FIND-RSP (PS3.7 9.3.2.2), implicit VR little endian."""
+    uid = sop_class_uid.encode("ascii")
+    if len(uid) % 2:
+        uid += b"\0"
+    body = b"".join([
+        struct.pack("<HHI", 0x0000, 0x0002, len(uid)) + uid,
+        struct.pack("<HHIH", 0x0000, 0x0100, 2, _C_FIND_RSP),
+        struct.pack("<HHIH", 0x0000, 0x0120, 2, message_id),
+        struct.pack("<HHIH", 0x0000, 0x0800, 2, _DATASET_PRESENT),
+        struct.pack("<HHIH", 0x0000, 0x0900, 2, PENDING),
+    ])
+    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
+
+
+def _pdata(context_id: int, is_command: bool, payload: bytes, max_length: int) -> bytes:
+    """P-DATA-TF PDUs (PS3.8 9.3.5) carrying one message part, split to the peer's maximum."""
+    step = max(max_length - 6, 2) if max_length else max(len(payload), 1)
+    pdus = []
+    for start in range(0, max(len(payload), 1), step):
+        chunk = payload[start:start + step]
+        header = (0x01 if is_command else 0x00) | (0x02 if start + step >= len(payload) else 0)
+        pdus.append(struct.pack(">BBIIBB", 0x04, 0x00, len(chunk) + 6, len(chunk) + 2,
+                                context_id, header) + chunk)
+    return b"".join(pdus)
 
 
 def _unsendable(row: sqlite3.Row) -> Dataset:
