@@ -66,6 +66,7 @@
     timer = setTimeout(save, 1200);
   }
 
+  form.addEventListener("submit", function (ev) { ev.preventDefault(); save(); });  // Enter key
   form.addEventListener("input", changed);
   form.addEventListener("change", function (ev) {
     if (ev.target.name === "template_id") {  // a new template: save, then show its fields
@@ -83,6 +84,13 @@
   });
   setInterval(function () { if (dirty) save(); }, 10000);
   window.addEventListener("beforeunload", function (ev) { if (dirty) { save(); ev.preventDefault(); } });
+  // Another form on the page (flag a critical finding): save the text first, then submit.
+  document.addEventListener("submit", function (ev) {
+    if (!dirty || ev.target === form) return;
+    ev.preventDefault();
+    const other = ev.target;
+    save().then((ok) => { if (ok) other.submit(); });
+  });
 
   for (const button of form.querySelectorAll("[data-sign]")) {
     button.addEventListener("click", async function () {
