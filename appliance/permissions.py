@@ -31,6 +31,8 @@ PUBLIC_ENDPOINTS: dict[str, str] = {
 NAV: list[tuple[str, str, tuple[str, ...]]] = [
     ("/worklist", "Worklist", READERS),
     ("/dashboard", "Turnaround", DASHBOARD),
+    ("/reports", "Reports", (*READERS, "site_staff")),
+    ("/critical", "Critical findings", ("site_staff", "admin", "responder", *READERS)),
     ("/status", "Status", OPERATORS),
     ("/admin/users", "Users", ADMINS),
     ("/admin/audit", "Audit trail", ADMINS),

@@ -122,6 +122,10 @@ def test_report_journey_through_the_pages(web):
     assert r.status_code == 409
     assert kim.get("/critical/open", headers=JSON).get_json() == {"open": []}
 
+    results = kim.get("/reports", headers=HTML).get_data(as_text=True)
+    assert results.count('data-testid="report-row"') == 1 and "⚠ acknowledged" in results
+    assert 'href="/critical"' in results and 'href="/reports"' in results  # in the navigation
+
     # Paper: a printable page with print CSS, and a PDF.
     printed = kim.get(f"/reports/{rid}/print", headers=HTML).get_data(as_text=True)
     assert "@media print" in printed and "Subtle hypodensity" in printed

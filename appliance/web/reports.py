@@ -216,6 +216,26 @@ def flag_critical(rid: int):
     return redirect(f"/reports/{rid}")
 
 
+@bp.get("/reports")
+@auth.require(*VIEWERS)
+def results():
+    """Signed reports, newest first: what the site staff come for ("is the CT read?")."""
+    rows = [dict(r) for r in get_db().execute(
+        "SELECT r.id, r.status, r.kind, r.parent_id, r.author, r.updated_at, r.study_uid,"
+        " s.patient_id, s.patient_name, s.accession_number, s.study_description, s.modalities,"
+        " (SELECT COUNT(*) FROM critical_findings c WHERE c.report_id = r.id) AS critical,"
+        " (SELECT COUNT(*) FROM critical_findings c WHERE c.report_id = r.id"
+        "  AND c.acknowledged_at IS NULL) AS critical_open,"
+        " (SELECT group_concat(d.format || ' ' || d.state, ', ') FROM deliveries d"
+        "  WHERE d.report_id = r.id) AS delivery"
+        " FROM reports r LEFT JOIN studies s ON s.study_uid = r.study_uid"
+        " WHERE r.status != 'draft' ORDER BY r.updated_at DESC LIMIT 200")]
+    for r in rows:
+        r["patient_name"] = (r["patient_name"] or "").replace("^", " ").strip()
+    auth.audit_event("report.list", "", detail={"rows": len(rows)})
+    return render_template("reports/list.html", rows=rows, fmt_time=fmt_time)
+
+
 # -- critical findings for the site ---------------------------------------------------------------
 def _findings_view(open_only: bool = False) -> list[dict[str, Any]]:
     rows = critical_findings.listing(get_db(), open_only=open_only)
