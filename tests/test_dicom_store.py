@@ -25,10 +25,13 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, generate_uid
 from pynetdicom import AE, _config
 
-# pynetdicom's SCU sends a file's bytes as they are (no decode/re-encode) in this mode.
-_config.STORE_SEND_CHUNKED_DATASET = True
-
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+@pytest.fixture(autouse=True)
+def send_files_verbatim(monkeypatch):
+    """pynetdicom's SCU sends a file's bytes as they are (no decode/re-encode) in this mode."""
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
 
 
 # -- helpers ----------------------------------------------------------------------------
