@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_data import write_series
 
 from appliance import accounts, config, db
+from appliance import site as site_init
 from dicom_node.study_store import StudyStore
 
 PASSWORD = "correct-horse-battery"
@@ -53,3 +55,25 @@ def set_reports_config(site, **values) -> config.Config:
         text = "\n".join(lines) + "\n"
     path.write_text(text)
     return config.load(site.data_dir)
+
+
+@dataclass
+class LocalSite:
+    """A data directory made in-process (no subprocess, no running components): fast set-up."""
+
+    data_dir: Path
+
+
+def local_site(base: Path) -> LocalSite:
+    result = site_init.init_data_dir(base / "site", site_name="Report Test Site")
+    path = result.data_dir / config.CONFIG_NAME
+    path.write_text(path.read_text().replace("low_water_mb: 500", "low_water_mb: 0"))
+    return LocalSite(result.data_dir)
+
+
+def add_known_ae(site, name: str, host: str, port: int) -> None:
+    """What ``appliance ae add NAME --host H --port P`` does, in-process."""
+    from ruamel.yaml.comments import CommentedMap
+
+    config.edit_known_aes(site.data_dir, lambda items: items.append(
+        CommentedMap({"name": name, "host": host, "port": port})))

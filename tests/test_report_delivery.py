@@ -13,16 +13,20 @@ import pytest
 from conftest import require_tool
 from orthanc import orthanc  # noqa: F401  (fixture)
 from pydicom.uid import BasicTextSRStorage, EncapsulatedPDFStorage
-from reporting_site import add_users, ingest_study, set_reports_config
+from reporting_site import add_known_ae, add_users, ingest_study, local_site, set_reports_config
 
 from appliance import audit, db, report_delivery, reports
 
 T0 = 1_900_000_000.0
 
 
+@pytest.fixture
+def site(tmp_path):
+    return local_site(tmp_path)
+
+
 def _setup(site, pacs, formats: str = "[sr, pdf, print]"):
-    site.cli("ae", "add", "SITEPACS", "--host", "127.0.0.1", "--port", str(pacs.dicom_port),
-             check=True)
+    add_known_ae(site, "SITEPACS", "127.0.0.1", pacs.dicom_port)
     cfg = set_reports_config(site, deliver_to="SITEPACS", formats=formats)
     add_users(site)
     study_uid = ingest_study(site, 3, patient_id="PAT-77", patient_name="NGOZI^ADA",

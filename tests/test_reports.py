@@ -9,7 +9,13 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from reporting_site import add_users, ingest_study, set_reports_config, site_config
+from reporting_site import (
+    add_users,
+    ingest_study,
+    local_site,
+    set_reports_config,
+    site_config,
+)
 
 from appliance import audit, critical_findings, db, read_queue, report_delivery, reports, worklist
 from appliance.reports import ReportError
@@ -19,7 +25,8 @@ TEMPLATES = reports.load_templates()
 
 
 @pytest.fixture
-def setup(site):
+def setup(tmp_path):
+    site = local_site(tmp_path)
     add_users(site)
     study_uid = ingest_study(site, 2, study_description="CT HEAD STROKE")
     conn = db.connect(site.data_dir / "appliance.db")
