@@ -16,6 +16,10 @@ Thin pynetdicom handlers over :mod:`dicom_node.query` and the study store:
   a damaged or missing file is a failed sub-operation, reported, not hidden;
 * handlers never raise into the association.
 
+Events handed to ``on_event``: ``dicom.c_find``, ``dicom.c_move``, ``dicom.c_get``
+(answered: keys, counts, study UIDs disclosed), the same with ``.refused``
+(reason), and ``dicom.retrieve.file_error`` (a stored file failed its checksum).
+
 pynetdicom fixes the shape of a C-MOVE reply: its first answer is the
 destination, so a refused or unknown destination can only be reported as
 0xA801 (the reason is in the log and the audit trail).
@@ -171,7 +175,7 @@ class QueryRetrieve:
             return
         matches = query.rows(self.store.conn, q)
         try:
-            self._emit("dicom.find", caller.detail(
+            self._emit("dicom.c_find", caller.detail(
                 model=q.model, level=q.level, keys=q.matched_keys, matches=len(matches),
                 **(_disclosed(matches, "_patient", "patient_ids") if q.level == query.PATIENT
                    else _disclosed(matches, "_study", "study_uids"))))
