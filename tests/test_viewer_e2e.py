@@ -1,0 +1,164 @@
+"""End to end in Chromium: a radiologist opens a pushed 300-slice CT head from the worklist in OHIF.
+
+Debian's ``/usr/bin/chromium`` driven by Python playwright (never ``playwright
+install``) against ``appliance web`` over HTTPS. The CT's InstanceNumbers are
+a permutation of its slice positions, so "slice 150" is checked by position
+(what OHIF orders by), not by number. The Brain preset must set the
+viewport's VOI to W80/L40 (range 0..80), and a length measurement is drawn.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pyotp
+import pytest
+from conftest import require_tool
+from dicom_data import make_instance
+from pydicom.uid import generate_uid
+
+from appliance import accounts, config, read_queue
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--use-gl=swiftshader", "--enable-unsafe-swiftshader"]
+PASSWORD = "reader-password-viewer"
+SLICES, SIZE = 300, 256
+VIEWPORT_JS = ("() => { const e = window.cornerstone && window.cornerstone.getRenderingEngines()[0];"
+               " return e ? e.getViewports()[0] : null; }")
+
+
+def _head_ct(out: Path) -> tuple[str, list[Path]]:
+    """A 300-slice CT head phantom: skull ring, brain, a bar whose length encodes the slice."""
+    study, series = generate_uid(), generate_uid()
+    y, x = np.mgrid[-SIZE // 2:SIZE // 2, -SIZE // 2:SIZE // 2]
+    r = (x / (SIZE * 0.40)) ** 2 + (y / (SIZE * 0.46)) ** 2
+    base = np.where(r < 1, 1024 + 35, 0).astype(np.uint16)
+    base[(r >= 0.85) & (r < 1)] = 1024 + 1200
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(SLICES):
+        ds = make_instance(study, series, i, rows=SIZE, cols=SIZE, patient_name="VIEWER^E2E",
+                           study_description="CT HEAD STROKE VIEWER", body_part="HEAD")
+        ds.InstanceNumber = (i * 7) % SLICES + 1  # not the position order
+        ds.WindowCenter, ds.WindowWidth = 300, 1500  # so picking Brain visibly changes the VOI
+        img = base.copy()
+        img[SIZE // 2 - 3:SIZE // 2 + 3, 40:40 + (i * (SIZE - 80)) // SLICES] = 1024 + 70
+        ds.PixelData = img.tobytes()
+        path = out / f"ct{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return study, paths
+
+
+def _sign_in(page, base: str) -> None:
+    page.goto(base + "/worklist")
+    page.fill("input[name=username]", "drhouse")
+    page.fill("input[name=password]", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(r"/login/totp"))
+    secret = page.inner_text("[data-testid=totp-secret]").strip()
+    page.fill("input[name=code]", pyotp.TOTP(secret).now())
+    page.click("form[action='/login/totp'] button[type=submit]")
+    page.wait_for_url(re.compile(r"/worklist"))
+
+
+def _pick_brain_preset(page) -> None:
+    """The viewport's window/level menu → Modality Window Presets → Brain (80 / 40)."""
+    page.locator("[data-cy=windowLevelMenu-btn]").first.click()
+    page.get_by_text("Modality Window Presets").first.click()
+    page.get_by_text(re.compile(r"^Brain")).first.click()
+
+
+def _scroll_to(page, index: int) -> None:
+    """Mouse-wheel to ``index`` (one slice a notch), then arrow keys for any notch lost."""
+    current = page.evaluate(f"() => ({VIEWPORT_JS})().getCurrentImageIdIndex()")
+    for _ in range(index - current):
+        page.mouse.wheel(0, 100)
+    for _ in range(50):
+        current = page.evaluate(f"() => ({VIEWPORT_JS})().getCurrentImageIdIndex()")
+        if current == index:
+            return
+        page.keyboard.press("ArrowDown" if current < index else "ArrowUp")
+    raise AssertionError(f"could not scroll to slice {index + 1} (at {current + 1})")
+
+
+def test_reader_opens_ct_scrolls_to_slice_150_brain_window_and_measures(dicom_site, dcmtk,
+                                                                        artifacts, tmp_path):
+    chromium = require_tool("chromium", "/usr/bin/chromium")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from appliance.web import viewer
+
+    if not viewer.installed():
+        pytest.fail("OHIF is not installed: run provisioning/fetch-viewer.sh (make viewer)")
+    site = dicom_site
+    study_uid, paths = _head_ct(tmp_path / "ct")
+    push = subprocess.run([dcmtk["storescu"], "-aec", site.ae_title, "127.0.0.1",
+                           str(site.dicom_port), *map(str, paths)], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "TCP_NODELAY": "1"})
+    assert push.returncode == 0, push.stderr
+    cfg = config.load(site.data_dir)
+    read_queue.sweep(cfg, now=time.time() + cfg["worker"]["quiet_period_s"] + 1)
+    conn = site.db()
+    accounts.add_user(conn, "drhouse", "radiologist", PASSWORD)
+    conn.close()
+    site.start("web", wait_port=site.web_port)
+    base = f"https://127.0.0.1:{site.web_port}"
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(ignore_https_errors=True,
+                                       viewport={"width": 1400, "height": 900}).new_page()
+            _sign_in(page, base)
+            link = page.locator(f"a[href='/viewer?StudyInstanceUIDs={study_uid}']").first
+            link.click()
+            page.wait_for_url(re.compile(r"/viewer\?StudyInstanceUIDs="))
+            page.wait_for_function(  # the first image is on screen
+                f"() => {{ const v = ({VIEWPORT_JS})(); return v && v.getCurrentImageId"
+                "&& v.getCurrentImageId() && v.getImageIds().length === 300; }",
+                timeout=60_000)
+
+            # Scroll to the 150th slice by position with the mouse wheel over the image.
+            pane = page.locator("[data-cy=viewport-pane]").first
+            box = pane.bounding_box()
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            _scroll_to(page, 149)
+            zs = page.evaluate(
+                f"() => {{ const v = ({VIEWPORT_JS})(); const z = id => window.cornerstone"
+                ".metaData.get('imagePlaneModule', id).imagePositionPatient[2];"
+                " return [z(v.getImageIds()[0]), z(v.getCurrentImageId())]; }")
+            # The 150th position from either end (OHIF orders along the slice normal),
+            # which is not InstanceNumber 150.
+            assert zs[0] in (0.0, (SLICES - 1) * 0.5)
+            assert abs(zs[1] - zs[0]) == pytest.approx(149 * 0.5)
+            before = page.evaluate(f"() => ({VIEWPORT_JS})().getProperties().voiRange")
+            assert before["upper"] - before["lower"] > 1000  # the file's own 1500-wide window
+
+            _pick_brain_preset(page)
+            page.wait_for_function(
+                f"() => {{ const r = ({VIEWPORT_JS})().getProperties().voiRange;"
+                " return r && r.upper - r.lower < 100; }", timeout=10_000)
+            voi = page.evaluate(f"() => ({VIEWPORT_JS})().getProperties().voiRange")
+            # W80/L40 with the DICOM linear function: 40 - 0.5 -/+ (80 - 1) / 2 = 0 .. 79.
+            assert voi["lower"] == pytest.approx(0) and voi["upper"] in (79, 80)
+
+            page.locator("[data-cy=Length-btn], [data-cy=Length]").first.click()
+            page.mouse.move(box["x"] + box["width"] * 0.35, box["y"] + box["height"] * 0.5)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.65, box["y"] + box["height"] * 0.5,
+                            steps=8)
+            page.mouse.up()
+            page.wait_for_function(
+                "() => window.cornerstoneTools.annotation.state.getAllAnnotations()"
+                ".some(a => a.metadata.toolName === 'Length' && a.data.cachedStats"
+                " && Object.values(a.data.cachedStats).some(s => s.length > 0))",
+                timeout=10_000)
+            page.screenshot(path=str(artifacts / "viewer-ct-slice150-brain-length.png"))
+        finally:
+            browser.close()
