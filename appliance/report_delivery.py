@@ -240,7 +240,8 @@ def _job(conn: sqlite3.Connection, cfg: Any, row: dict[str, Any]) -> Job:
     doc = report_documents.SignedReport(
         version=version, report=report, study=_study(conn, report["study_uid"]),
         site_name=cfg["site"]["name"], series_uid=row["series_uid"], sop_uid=row["sop_uid"],
-        predecessor=_predecessor(conn, report), evidence=_evidence(conn, report["study_uid"]))
+        predecessor=_predecessor(conn, report), evidence=_evidence(conn, report["study_uid"]),
+        templates=reports.load_templates(Path(cfg.data_dir) / "report_templates", []))
     return Job(row=row, doc=doc, cfg=cfg)
 
 

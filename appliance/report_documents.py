@@ -46,6 +46,7 @@ class SignedReport:
     sop_uid: str
     predecessor: tuple[str, str, str] | None = None  # (series, sop class, sop) of the original SR
     evidence: list[tuple[str, str, str]] | None = None  # (series, sop class, sop) read
+    templates: dict[str, reports.Template] | None = None  # the site's, for field labels
 
     @property
     def signed_at(self) -> dt.datetime:
@@ -116,7 +117,7 @@ def _container(concept: Dataset, children: list[Dataset], relationship: str = ""
 def _sr_content(doc: SignedReport) -> list[Dataset]:
     """Findings and impression sections (TID 2000 shape) from the signed text."""
     v = doc.version
-    templates = reports.load_templates()
+    templates = doc.templates or reports.load_templates()
     template = templates.get(v["template_id"]) or templates["generic"]
     fields = v["fields"] if isinstance(v["fields"], dict) else {}
     finding = _code("121071", "DCM", "Finding")

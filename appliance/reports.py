@@ -130,14 +130,26 @@ def parse_template(text: str, source: str) -> Template:
     )
 
 
-def load_templates(site_dir: Path | None = None) -> dict[str, Template]:
-    """The shipped templates, then the site's own (same id replaces the shipped one)."""
+def load_templates(site_dir: Path | None = None,
+                   problems: list[str] | None = None) -> dict[str, Template]:
+    """The shipped templates, then the site's own (same id replaces the shipped one).
+
+    A broken site file must not stop reporting: with ``problems`` given, its
+    error is appended there and the file is skipped (the shipped template of
+    that id stays in use); without it, the ReportError is raised.
+    """
     out: dict[str, Template] = {}
     for folder in (PACKAGE_TEMPLATES, site_dir):
         if folder is None or not Path(folder).is_dir():
             continue
         for path in sorted(Path(folder).glob("*.yaml")):
-            t = parse_template(path.read_text(encoding="utf-8"), str(path))
+            try:
+                t = parse_template(path.read_text(encoding="utf-8"), str(path))
+            except (ReportError, UnicodeDecodeError, OSError) as e:
+                if problems is None or folder == PACKAGE_TEMPLATES:
+                    raise
+                problems.append(str(e) if isinstance(e, ReportError) else f"{path}: {e}")
+                continue
             out[t.id] = t
     if "generic" not in out:
         out["generic"] = Template(id="generic", title="Free text report")
@@ -336,6 +348,28 @@ def create(conn: sqlite3.Connection, *, study_uid: str, author: str, template_id
                      detail={"study_uid": study_uid, "template": template_id,
                              "read_item_id": read_item_id}, ts=t)
     return cur.lastrowid
+
+
+def take_over(conn: sqlite3.Connection, report_id: int, *, actor: str, source: str = "",
+              now: float | None = None) -> None:
+    """Give an unsigned draft to the reader who now holds the read item's claim.
+
+    A reader who started a draft and released the item (end of shift, lost
+    connection) must not block the next one; the earlier author is kept in
+    the audit trail.  A signed preliminary stays with its author.
+    """
+    t = now if now is not None else time.time()
+    with db.transaction(conn):
+        report = get_report(conn, report_id)
+        if report["author"] == actor:
+            return
+        if report["status"] != "draft":
+            raise ReportError(f"this report was signed preliminary by {report['author']}, who "
+                              "finalises it", 409)
+        conn.execute("UPDATE reports SET author=?, revision=revision+1, updated_at=? WHERE id=?",
+                     (actor, t, report_id))
+        audit.record(conn, actor, "report.take_over", f"report:{report_id}", source=source,
+                     detail={"from": report["author"], "study_uid": report["study_uid"]}, ts=t)
 
 
 def _editable(report: dict[str, Any], actor: str) -> None:

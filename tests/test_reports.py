@@ -70,6 +70,18 @@ def test_a_broken_template_names_the_file_and_the_problem(tmp_path):
         reports.load_templates(tmp_path)
 
 
+def test_site_templates_replace_shipped_ones_and_broken_ones_are_skipped_with_a_reason(
+        tmp_path):
+    (tmp_path / "cr.yaml").write_text(
+        "id: cr-chest\ntitle: Site CXR\nmatch: {modalities: [CR]}\n"
+        "fields: [{key: tb, label: TB signs, type: choice, options: [none, possible]}]\n")
+    (tmp_path / "zz.yaml").write_text("id: zz\nfields: [{key: a, type: aspects}]\n")
+    problems: list[str] = []
+    templates = reports.load_templates(tmp_path, problems)
+    assert templates["cr-chest"].title == "Site CXR" and "ct-head-stroke" in templates
+    assert "zz" not in templates and len(problems) == 1 and "exactly 10 regions" in problems[0]
+
+
 def test_aspects_score_in_the_signed_text():
     t = TEMPLATES["ct-head-stroke"]
     text = reports.render_text(t, {"haemorrhage": "absent", "aspects": ["C", "M3"]}, "", "x")

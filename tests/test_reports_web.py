@@ -3,6 +3,7 @@ critical findings acknowledged by site staff, printable page and PDF, who may do
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -182,3 +183,35 @@ def test_who_may_do_what_on_reports(web):
     conn = db.connect(a.data_dir / "appliance.db")
     assert conn.execute("SELECT revision FROM reports WHERE id = ?", (rid,)).fetchone()[0] == 0
     conn.close()
+
+
+def test_next_reader_takes_over_a_released_draft_and_broken_site_templates_are_named(web):
+    a, item_id, _study = web
+    (a.data_dir / "report_templates").mkdir()
+    (a.data_dir / "report_templates" / "broken.yaml").write_text("id: x\nfields: [{key: y}]\n")
+    ray = _client(a, "dr.ray")
+    token = _claim(a, ray, item_id)
+    rid = _open_report(a, ray, item_id)
+    r = ray.post(f"/reports/{rid}/autosave", json={"revision": 0, "findings": "Started."},
+                 headers={**JSON, "X-CSRF-Token": token})
+    assert r.status_code == 200
+    r = ray.post(f"/worklist/{item_id}/release", json={}, headers={**JSON, "X-CSRF-Token": token})
+    assert r.status_code == 200
+
+    lee = _client(a, "dr.lee")
+    ltoken = _claim(a, lee, item_id)
+    assert _open_report(a, lee, item_id) == rid
+    page = lee.get(f"/reports/{rid}", headers=HTML).get_data(as_text=True)
+    assert 'id="report-editor"' in page and "Started." in page
+    assert re.search(r'data-testid="template-problem">Site template skipped: .*broken.yaml', page)
+    r = lee.post(f"/reports/{rid}/autosave", json={"revision": 2, "findings": "Taken over."},
+                 headers={**JSON, "X-CSRF-Token": ltoken})
+    assert r.status_code == 200
+    r = ray.post(f"/reports/{rid}/autosave", json={"revision": 3, "findings": "mine"},
+                 headers={**JSON, "X-CSRF-Token": token})
+    assert r.status_code == 403
+    conn = a.db()
+    moves = [json.loads(r[0]) for r in conn.execute(
+        "SELECT detail FROM audit WHERE action = 'report.take_over'")]
+    conn.close()
+    assert moves == [{"from": "dr.ray", "study_uid": _study}]

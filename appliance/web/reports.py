@@ -24,6 +24,7 @@ from flask import (
     Response,
     abort,
     current_app,
+    g,
     jsonify,
     redirect,
     render_template,
@@ -43,8 +44,12 @@ ACKNOWLEDGERS = ("site_staff",)
 
 
 def _templates() -> dict[str, reports.Template]:
+    """Shipped and site templates; a broken site file is skipped and named on the page."""
     cfg = current_app.config["SITE"]
-    return reports.load_templates(cfg.data_dir / "report_templates")
+    problems: list[str] = []
+    templates = reports.load_templates(cfg.data_dir / "report_templates", problems)
+    g.template_problems = problems
+    return templates
 
 
 def _user() -> dict[str, Any]:
@@ -92,6 +97,10 @@ def for_item(item_id: int):
             return _fail(e)
     else:
         rid = report["id"]
+        if item["claimed_by"] == user["username"] and report["author"] != user["username"] \
+                and report["status"] == "draft":
+            reports.take_over(conn, rid, actor=user["username"], source=auth.client_address(),
+                              now=auth.now())
     return redirect(f"/reports/{rid}")
 
 
@@ -114,6 +123,7 @@ def _page_data(conn, report: dict[str, Any]) -> dict[str, Any]:
         "deliveries": report_delivery.for_report(conn, report["id"]), "item": item,
         "editable": report["status"] != "final" and report["author"] == _user()["username"],
         "is_reader": _user()["role"] in permissions.READERS,
+        "template_problems": g.get("template_problems", []),
     }
 
 
