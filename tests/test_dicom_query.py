@@ -301,6 +301,8 @@ def node(tmp_path_factory, dcmtk):
     for args in (["WS", "--query", "--host", "127.0.0.1"], ["SCANNER"],
                  ["FARWS", "--query", "--host", "10.254.254.254"],
                  ["DEST", "--host", "127.0.0.1", "--port", str(dest_port),
+                  "--move-destination"],
+                 ["DOWN", "--host", "127.0.0.1", "--port", str(free_port()),
                   "--move-destination"]):
         site.cli("ae", "add", *args, check=True)
     data = base / "in"
@@ -440,6 +442,16 @@ def test_move_to_unknown_or_non_destination_ae_fails(node, destination):
     reasons = [a["reason"] for a in node.audit("dicom.c_move.refused")]
     assert any("'NOSUCH' is unknown" in r for r in reasons)
     assert any("'SCANNER' is not a move destination" in r for r in reasons)
+
+
+def test_move_to_a_destination_that_is_down_fails_at_once(node):
+    started = time.monotonic()
+    result = node.run("movescu", "-S", "-aem", "DOWN", "-k", "QueryRetrieveLevel=STUDY",
+                      "-k", f"StudyInstanceUID={node.studies['cr']}")
+    # pynetdicom reports a destination it cannot reach as 0xA801 too.
+    assert result.returncode != 0 and "MoveDestinationUnknown" in result.stderr, result.stderr
+    assert time.monotonic() - started < 10
+    assert node.audit("dicom.c_move")[-1]["destination"] == "DOWN"
 
 
 def test_getscu_retrieves_a_series(node, tmp_path):
