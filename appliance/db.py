@@ -13,7 +13,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from appliance import accounts, audit, read_queue_schema, report_schema, sync_schema
+from appliance import (
+    accounts,
+    audit,
+    health_series,
+    read_queue_schema,
+    report_schema,
+    sync_schema,
+)
 from dicom_node import index as dicom_index
 
 BUSY_TIMEOUT_MS = 10_000
@@ -65,6 +72,8 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     ),
     (6, "auth: sessions, login attempts, API tokens, break-glass", accounts.AUTH_SCHEMA),
     (9, "reports, signed versions, critical findings, delivery outbox", report_schema.SCHEMA),
+    (10, "health time series: samples, SLO observations, component starts",
+     health_series.SCHEMA),
 ]
 
 

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from appliance import audit, components, config, db
+from appliance import audit, components, config, db, metrics
 from dicom_node import index as dicom_index
 from dicom_node.node import DicomNode, NodeSettings, Peer
 from dicom_node.study_store import StudyStore
@@ -80,6 +80,7 @@ def build_node(cfg: config.Config) -> DicomNode:
     on_event = _auditor(cfg.db_path)
     store = StudyStore(cfg.studies_dir, cfg.db_path, low_water_mb=cfg["dicom"]["low_water_mb"],
                        on_event=on_event, connect=db.connect)
+    metrics.instrument_store(store, cfg.data_dir)  # C-STORE counts/latency for /metrics
     dcfg = cfg["dicom"]
     settings = NodeSettings(
         ae_title=dcfg["ae_title"], port=dcfg["port"], bind=dcfg["bind"],

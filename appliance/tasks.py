@@ -27,6 +27,7 @@ SWEEP_MODULES = (
     "appliance.read_queue",  # study completion, read items, claims, SLA escalations
     "appliance.report_delivery",  # signed reports back to the site
     "appliance.sync",  # bundles and cloud sync
+    "appliance.health_series",  # a health sample a minute, component restarts (status page)
     "appliance.dicomweb_metadata",  # DICOMweb metadata kept per instance after ingest
 )
 

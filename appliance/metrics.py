@@ -1,0 +1,181 @@
+"""Prometheus metrics of every process, gathered by the web app's ``/metrics``.
+
+Each process (gunicorn workers, the DICOM node, the worker, consult media)
+writes its counters to memory-mapped files in ``DATA_DIR/run/prometheus``
+(prometheus_client's multiprocess mode); ``/metrics`` merges them, then adds
+the figures that live in SQLite (read items, sync lag …), computed at scrape
+time so they are never stale.
+
+prometheus_client decides at import whether it writes to files, from
+``PROMETHEUS_MULTIPROC_DIR``: :func:`setup` sets it before the first metric is
+made, which is why the metric objects are built lazily by :func:`m`.  Every
+``observe_*`` function is safe to call in any process and never raises: a
+metrics problem must not fail a C-STORE or a sign-in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+log = logging.getLogger("appliance.metrics")
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+_lock = threading.Lock()
+_metrics: SimpleNamespace | None = None
+_PID_FILE = re.compile(r"_(\d+)\.db$")
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def multiproc_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "run" / "prometheus"
+
+
+def setup(data_dir: Path) -> Path:
+    """Point this process's metrics at the data directory; drop files of dead processes.
+
+    Called at each process start ("cleaned at start"): files of processes that
+    are gone are removed so their gauges stop counting, while the files of the
+    other live processes (the DICOM node, the other gunicorn workers) stay.
+    """
+    path = multiproc_dir(data_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ[ENV] = str(path)
+    _remove_dead(path)
+    from prometheus_client import values
+
+    values.ValueClass = values.get_value_class()  # in case prometheus_client came in earlier
+    return path
+
+
+def _remove_dead(path: Path) -> None:
+    for f in path.glob("*.db"):
+        match = _PID_FILE.search(f.name)
+        if match and not _alive(int(match.group(1))):
+            try:
+                f.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def m() -> SimpleNamespace:
+    """The metric objects, made on first use (after :func:`setup`)."""
+    global _metrics
+    if _metrics is None:
+        with _lock:
+            if _metrics is None:
+                _metrics = _build()
+    return _metrics
+
+
+def _build() -> SimpleNamespace:
+    from prometheus_client import Counter, Gauge, Histogram
+
+    return SimpleNamespace(
+        cstore=Counter("appliance_cstore_total", "C-STORE requests by calling AE and outcome",
+                       ["calling_ae", "outcome"]),
+        cstore_failures=Counter("appliance_cstore_failures_total",
+                                "C-STORE requests not stored (invalid, no space, failed)",
+                                ["calling_ae"]),
+        cstore_seconds=Histogram("appliance_cstore_seconds",
+                                 "Time to store one instance durably", ["calling_ae"],
+                                 buckets=LATENCY_BUCKETS),
+        auth_seconds=Histogram("appliance_auth_seconds", "Sign-in request latency",
+                               buckets=LATENCY_BUCKETS),
+        auth_failures=Counter("appliance_auth_failures_total", "Failed sign-ins"),
+        dicomweb_seconds=Histogram("appliance_dicomweb_seconds",
+                                   "DICOMweb request latency", ["service"],
+                                   buckets=LATENCY_BUCKETS),
+        consult_join_seconds=Histogram("appliance_consult_join_seconds",
+                                       "Consult join to first frame",
+                                       buckets=(0.5, 1, 2, 3, 5, 8, 13, 30)),
+        consult_calls=Counter("appliance_consult_calls_total", "Consult calls ended"),
+        consult_drops=Counter("appliance_consult_drops_total", "Consult calls dropped"),
+        worker_last_sweep=Gauge("appliance_worker_last_sweep_timestamp_seconds",
+                                "When the worker last completed a sweep",
+                                multiprocess_mode="max"),
+    )
+
+
+def _safely(fn) -> None:
+    try:
+        fn()
+    except Exception:  # never let metrics break the work being measured
+        log.debug("metrics update failed", exc_info=True)
+
+
+def observe_store(calling_ae: str, seconds: float, outcome: str, success: bool) -> None:
+    def do() -> None:
+        mm = m()
+        mm.cstore.labels(calling_ae, outcome).inc()
+        mm.cstore_seconds.labels(calling_ae).observe(seconds)
+        if not success:
+            mm.cstore_failures.labels(calling_ae).inc()
+    _safely(do)
+
+
+def observe_auth(seconds: float, ok: bool) -> None:
+    def do() -> None:
+        m().auth_seconds.observe(seconds)
+        if not ok:
+            m().auth_failures.inc()
+    _safely(do)
+
+
+def observe_dicomweb(service: str, seconds: float) -> None:
+    _safely(lambda: m().dicomweb_seconds.labels(service).observe(seconds))
+
+
+def observe_consult(join_seconds: float | None = None, ended: bool = False,
+                    dropped: bool = False) -> None:
+    """For consult media: a join (seconds to first frame) or a call's end."""
+    def do() -> None:
+        if join_seconds is not None:
+            m().consult_join_seconds.observe(join_seconds)
+        if ended or dropped:
+            m().consult_calls.inc()
+        if dropped:
+            m().consult_drops.inc()
+    _safely(do)
+
+
+def worker_swept(ts: float) -> None:
+    _safely(lambda: m().worker_last_sweep.set(ts))
+
+
+def instrument_store(store, data_dir: Path) -> None:
+    """Time every C-STORE write of the DICOM node's study store, by calling AE and outcome.
+
+    dicom_node must not import appliance, so the appliance wraps the store it
+    hands to the node (appliance/dicom_service.py calls this once at start).
+    """
+    import time
+
+    setup(data_dir)
+    inner = store.store
+
+    def timed_store(data, calling_ae: str = "", *args, **kwargs):
+        start = time.perf_counter()
+        result = inner(data, calling_ae, *args, **kwargs)
+        observe_store(calling_ae or "", time.perf_counter() - start, result.outcome,
+                      result.success)
+        return result
+
+    store.store = timed_store
