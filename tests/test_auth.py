@@ -435,3 +435,17 @@ def test_session_secret_key_is_generated_once_0600(auth_app: AuthApp):
     first = key.read_bytes()
     create_app(config.load(auth_app.data_dir))
     assert key.read_bytes() == first and len(first) >= 64
+
+
+def test_old_argon2_parameters_are_upgraded_at_sign_in(auth_app: AuthApp):
+    from argon2 import PasswordHasher
+
+    auth_app.add_user("staff1", "site_staff")
+    conn = auth_app.db()
+    old = PasswordHasher(time_cost=3, memory_cost=65536, parallelism=4).hash(PASSWORD)
+    conn.execute("UPDATE users SET password_hash = ? WHERE username = 'staff1'", (old,))
+    assert post_login(auth_app.client(), "staff1", PASSWORD).status_code == 302
+    new = conn.execute("SELECT password_hash FROM users WHERE username='staff1'").fetchone()[0]
+    conn.close()
+    assert new != old and new.startswith("$argon2id$") and not accounts.needs_rehash(new)
+    assert accounts.check_password(new, PASSWORD)

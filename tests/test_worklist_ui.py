@@ -137,14 +137,24 @@ def test_claim_and_release_in_one_click(wl: AuthApp):
                    headers={"X-CSRF-Token": token1}).status_code == 404
 
 
-def test_polling_is_not_activity_and_not_audited_per_poll(wl: AuthApp):
+def test_polling_is_not_activity_and_audited_once_per_five_minutes(wl: AuthApp):
     c = wl.client()
     login(wl, c, "rad1")
     conn = wl.db()
-    before = conn.execute("SELECT count(*) FROM audit").fetchone()[0]
+
+    def views() -> int:
+        return conn.execute("SELECT count(*) FROM audit WHERE action='worklist.view'"
+                            " AND actor='rad1'").fetchone()[0]
+
     for _ in range(3):
         assert c.get("/worklist/items", headers={"X-Background": "1"}).status_code == 200
-    assert conn.execute("SELECT count(*) FROM audit").fetchone()[0] == before
+    assert views() == 1  # the first poll is recorded, the next ones within 5 min are not
+    wl.clock.advance(301)
+    assert c.get("/worklist", headers=HTML).status_code == 200
+    assert views() == 2
+    detail = conn.execute("SELECT detail FROM audit WHERE action='worklist.view'"
+                          " ORDER BY id DESC").fetchone()[0]
+    assert "1.2.3.stroke" in detail  # which patients' studies were on screen
     conn.close()
     wl.clock.advance(16 * 60)
     assert c.get("/worklist/items", headers={"X-Background": "1"}).status_code == 401

@@ -124,6 +124,9 @@ def login():
     if not ok or user is None or user["disabled"]:
         _fail(username, "password" if (user is None or not ok) else "disabled")
         return _login_page("wrong user name or password", 401, username)
+    if accounts.needs_rehash(user["password_hash"]):
+        get_db().execute("UPDATE users SET password_hash = ? WHERE id = ?",
+                         (accounts.hash_password(password), user["id"]))
     complete = not auth.needs_totp(user)
     auth.start_session(user, complete)
     if complete:

@@ -16,14 +16,15 @@ import datetime as dt
 from typing import Any
 from urllib.parse import quote
 
-from flask import Blueprint, abort, jsonify, render_template, request
+from flask import Blueprint, abort, jsonify, render_template, request, session
 
 from appliance import permissions, worklist
 from appliance.web import auth, get_db
 
 bp = Blueprint("ui", __name__)
 POLL_MS = 5000
-PAGE_LIMIT = 200
+LIST_AUDIT_EVERY_S = 300
+PAGE_LIMIT = 100  # the soonest due; filters narrow the rest (a reader works from the top)
 FILTER_STATES = {"open": ["queued", "claimed", "preliminary"], "queued": ["queued"],
                  "claimed": ["claimed"], "mine": ["claimed", "preliminary"]}
 
@@ -94,17 +95,36 @@ def query_items(args: Any, user: dict[str, Any]) -> list[dict[str, Any]]:
 def worklist_page():
     user = auth.current_user()
     rows = query_items(request.args, user)
-    auth.audit_event("worklist.view", "", detail={"rows": len(rows),
-                                                  "filters": dict(request.args)})
+    _audit_list_view(rows)
     return render_template("worklist.html", rows=rows, now=auth.now(), filters=request.args,
-                           poll_ms=POLL_MS, priorities=("stat", "urgent", "routine"))
+                           poll_ms=POLL_MS, priorities=("stat", "urgent", "routine"),
+                           limit=PAGE_LIMIT)
 
 
 @bp.get("/worklist/items")
 @auth.require(*permissions.READERS)
 def worklist_items():
     rows = query_items(request.args, auth.current_user())
+    _audit_list_view(rows)
     return jsonify(now=auth.now(), items=rows)
+
+
+def _audit_list_view(rows: list[dict[str, Any]]) -> None:
+    """Audit who saw the worklist (it names patients): the first load, then at most every
+    ``LIST_AUDIT_EVERY_S`` per browser session while the page keeps refreshing.
+
+    One row per refresh would be thousands of identical rows a day per reader, and a
+    synchronous fsync on every poll; scripts (Bearer tokens) are audited on every call.
+    """
+    t = auth.now()
+    last = session.get("wl_audit_at", 0) if not auth.via_token() else 0
+    if t - last < LIST_AUDIT_EVERY_S:
+        return
+    auth.audit_event("worklist.view", "", detail={"rows": len(rows),
+                                                  "filters": dict(request.args),
+                                                  "studies": [r["study_uid"] for r in rows[:20]]})
+    if not auth.via_token():
+        session["wl_audit_at"] = t
 
 
 def _claim_action(item_id: int, action: str):
