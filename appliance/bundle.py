@@ -96,6 +96,7 @@ class BundleInfo:
     sha256: str  # of the ciphertext
     size: int  # of the whole file
     ciphertext_size: int = 0
+    file_sha256: str = ""  # of the whole file: what the cloud object must hash to
 
 
 def new_bundle_id(site_id: str, seq: int) -> str:
@@ -204,14 +205,15 @@ class _StreamReader(io.RawIOBase):
 
 
 class _HashingWriter(io.RawIOBase):
-    def __init__(self, f: BinaryIO):
-        self.f, self.h, self.n = f, hashlib.sha256(), 0
+    def __init__(self, f: BinaryIO, whole):
+        self.f, self.h, self.n, self.whole = f, hashlib.sha256(), 0, whole
 
     def writable(self) -> bool:
         return True
 
     def write(self, b) -> int:  # type: ignore[override]
         self.h.update(b)
+        self.whole.update(b)
         self.n += len(b)
         self.f.write(b)
         return len(b)
@@ -257,7 +259,8 @@ def seal(out: Path, bundle_id: str, signing_key: ed25519.Ed25519PrivateKey,
         with open(tmp, "wb") as f:
             os.chmod(tmp, 0o600)
             f.write(MAGIC)
-            w = _HashingWriter(f)
+            whole = hashlib.sha256(MAGIC)
+            w = _HashingWriter(f, whole)
             try:
                 pyrage.encrypt_io(reader, w, rcpts)
             except Exception as e:
@@ -273,7 +276,9 @@ def seal(out: Path, bundle_id: str, signing_key: ed25519.Ed25519PrivateKey,
                 "signature": base64.b64encode(signing_key.sign(digest + bundle_id.encode()))
                 .decode(),
             }, sort_keys=True, separators=(",", ":")).encode()
-            f.write(trailer + len(trailer).to_bytes(8, "big") + END_MAGIC)
+            tail = trailer + len(trailer).to_bytes(8, "big") + END_MAGIC
+            whole.update(tail)
+            f.write(tail)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
@@ -282,7 +287,7 @@ def seal(out: Path, bundle_id: str, signing_key: ed25519.Ed25519PrivateKey,
         tmp.unlink(missing_ok=True)
         raise
     return BundleInfo(bundle_id, *parse_bundle_id(bundle_id), _key_id(pub), pub, digest.hex(),
-                      out.stat().st_size, w.n)
+                      out.stat().st_size, w.n, whole.hexdigest())
 
 
 def _raw(pub: ed25519.Ed25519PublicKey) -> bytes:
@@ -341,13 +346,15 @@ def verify(path: Path, trusted_key_ids: Iterable[str] | None = None) -> BundleIn
             raise BundleError(f"bundle signed by key {t['key_id']}, which is not trusted here")
         site_id, seq = parse_bundle_id(str(t["bundle_id"]))
         f.seek(len(MAGIC))
-        h, left = hashlib.sha256(), t["ciphertext_size"]
+        h, left, whole = hashlib.sha256(), t["ciphertext_size"], hashlib.sha256(MAGIC)
         while left:
             chunk = f.read(min(CHUNK, left))
             if not chunk:
                 raise BundleError("bundle is truncated")
             h.update(chunk)
+            whole.update(chunk)
             left -= len(chunk)
+        whole.update(f.read())
         digest = h.digest()
         if digest.hex() != t["ciphertext_sha256"]:
             raise BundleError("bundle is damaged or tampered with: ciphertext hash differs")
@@ -357,7 +364,7 @@ def verify(path: Path, trusted_key_ids: Iterable[str] | None = None) -> BundleIn
             raise BundleError("bundle signature is invalid (tampered with, or a signature "
                               "from another bundle)") from None
     return BundleInfo(t["bundle_id"], site_id, seq, t["key_id"], pub, digest.hex(), size,
-                      t["ciphertext_size"])
+                      t["ciphertext_size"], whole.hexdigest())
 
 
 # -- opening --------------------------------------------------------------------------------

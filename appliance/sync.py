@@ -261,7 +261,7 @@ def build_reserved(conn: sqlite3.Connection, cfg: Config, bundle_id: str,
     with db.transaction(conn):
         conn.execute("UPDATE bundles SET state='built', size=?, sha256=?, built_at=?,"
                      " lease_owner=NULL, lease_until=0 WHERE bundle_id=? AND state='building'",
-                     (info.size, info.sha256, time.time(), bundle_id))
+                     (info.size, info.file_sha256, time.time(), bundle_id))
         audit.record(conn, ACTOR, "bundle.built", bundle_id, detail={
             "kind": row["kind"], "subject": row["subject"], "seq": row["seq"],
             "size": info.size})
@@ -662,7 +662,7 @@ def _apply(conn: sqlite3.Connection, cfg: Config, store, opened: bnd.Opened,
             " state, path, size, sha256, created_at, confirmed_at) VALUES"
             " (?,?,?,?,?,?,'confirmed','',?,?,?,?)",
             (info.bundle_id, info.site_id, info.seq, m["kind"], m["subject"], m["priority"],
-             info.size, info.sha256, m["created_at"], now))
+             info.size, info.file_sha256, m["created_at"], now))
         conn.executemany("INSERT OR IGNORE INTO bundle_items (bundle_id, item_kind, item_id,"
                          " version, path, size) VALUES (?,?,?,?,?,?)",
                          [(info.bundle_id, *it) for it in items])

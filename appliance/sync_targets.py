@@ -136,15 +136,23 @@ class S3Target(Target):
         kw: dict[str, Any] = {}
         if credentials:
             kw = {"aws_access_key_id": credentials[0], "aws_secret_access_key": credentials[1]}
-        self.client = boto3.session.Session().client(
-            "s3", endpoint_url=url or None, region_name=region,
-            config=BotoConfig(connect_timeout=timeout_s, read_timeout=timeout_s,
-                              retries={"max_attempts": 2, "mode": "standard"},
-                              request_checksum_calculation="when_required",
-                              response_checksum_validation="when_required",
-                              max_pool_connections=32),
-            **kw,
-        )
+        session = boto3.session.Session()
+
+        def client(read_timeout: float, attempts: int):
+            return session.client(
+                "s3", endpoint_url=url or None, region_name=region,
+                config=BotoConfig(connect_timeout=timeout_s, read_timeout=read_timeout,
+                                  retries={"max_attempts": attempts, "mode": "standard"},
+                                  request_checksum_calculation="when_required",
+                                  response_checksum_validation="when_required",
+                                  max_pool_connections=32),
+                **kw,
+            )
+
+        self.client = client(timeout_s, 2)
+        # Assembling a large object can take the store minutes; our own HeadObject check,
+        # not a blind automatic retry racing the first request, settles a lost reply.
+        self.complete_client = client(max(300.0, timeout_s), 1)
 
     def _errors(self):
         from botocore.exceptions import BotoCoreError, ClientError
@@ -251,7 +259,7 @@ class S3Target(Target):
 
         parts = [{"PartNumber": n, "ETag": held[n]} for n in sorted(held)]
         try:
-            self.client.complete_multipart_upload(
+            self.complete_client.complete_multipart_upload(
                 Bucket=self.bucket, Key=job.key, UploadId=job.upload_id,
                 MultipartUpload={"Parts": parts}, IfNoneMatch="*")
         except self._errors() as e:
