@@ -43,13 +43,22 @@ log = logging.getLogger("appliance.report_delivery")
 BASE_BACKOFF_S = 5.0
 LEASE_S = 120.0  # longer than the worst C-STORE: 10 s association + 30 s DIMSE + margin
 BATCH = 20
+SWEEP_BUDGET_S = 30.0  # wall time one sweep spends sending
 DICOM_TIMEOUT_S = 10.0
 PRINT_DESTINATION = "print"
 SYSTEM_ACTOR = "system:report-delivery"
 
 
 class DeliveryFailed(Exception):
-    """The site did not accept the document; the message is kept on the row as last_error."""
+    """The site did not accept the document; the message is kept on the row as last_error.
+
+    ``unreachable`` means no association was made: the other rows for the same
+    destination wait for the next sweep instead of each waiting for a timeout.
+    """
+
+    def __init__(self, message: str, unreachable: bool = False):
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 @dataclass
@@ -87,7 +96,8 @@ def c_store(ds: Dataset, calling_ae: str, called_ae: str, host: str, port: int,
     if not assoc.is_established:
         why = ("rejected the association" if assoc.is_rejected else
                "aborted the association" if assoc.is_aborted else "did not answer")
-        raise DeliveryFailed(f"{called_ae} at {host}:{port} {why}")
+        raise DeliveryFailed(f"{called_ae} at {host}:{port} {why}",
+                             unreachable=not assoc.is_rejected)
     try:
         status = assoc.send_c_store(ds)
     finally:
@@ -197,17 +207,25 @@ def for_item(conn: sqlite3.Connection, item_id: int) -> list[dict[str, Any]]:
         "SELECT * FROM deliveries WHERE read_item_id = ? ORDER BY id", (item_id,))]
 
 
-def _lease(conn: sqlite3.Connection, now: float, owner: str, limit: int) -> list[int]:
-    """Take up to ``limit`` due rows: pending, due, and not leased by a live worker."""
+def _lease_one(conn: sqlite3.Connection, now: float, owner: str,
+               skip: set[str]) -> int | None:
+    """Take the most overdue row that is pending, due, not leased, and not to a skipped PACS.
+
+    One row at a time, so a lease never runs out while rows before it are
+    being sent (a blackholed PACS costs a timeout per row).
+    """
+    marks = ",".join("?" * len(skip))
     with db.transaction(conn):
-        ids = [r[0] for r in conn.execute(
+        row = conn.execute(
             "SELECT id FROM deliveries WHERE state = 'pending' AND next_attempt_at <= ?"
-            " AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_attempt_at LIMIT ?",
-            (now, now, limit))]
-        for i in ids:
-            conn.execute("UPDATE deliveries SET lease_owner=?, lease_until=? WHERE id=?",
-                         (owner, now + LEASE_S, i))
-    return ids
+            " AND (lease_until IS NULL OR lease_until <= ?)"
+            f" AND destination NOT IN ({marks}) ORDER BY next_attempt_at, id LIMIT 1",
+            (now, now, *skip)).fetchone()
+        if row is None:
+            return None
+        conn.execute("UPDATE deliveries SET lease_owner=?, lease_until=? WHERE id=?",
+                     (owner, now + LEASE_S, row[0]))
+    return row[0]
 
 
 def _study(conn: sqlite3.Connection, study_uid: str) -> dict[str, Any]:
@@ -246,23 +264,26 @@ def _job(conn: sqlite3.Connection, cfg: Any, row: dict[str, Any]) -> Job:
 
 
 def attempt(conn: sqlite3.Connection, cfg: Any, delivery_id: int, owner: str,
-            now: float) -> bool:
-    """Send one leased row and record the outcome; return True when it was accepted."""
+            now: float) -> str:
+    """Send one leased row and record the outcome: ``delivered``, ``failed`` or ``unreachable``."""
     row = dict(conn.execute("SELECT * FROM deliveries WHERE id = ?", (delivery_id,)).fetchone())
     backend = BACKENDS.get(row["format"])
     try:
         if backend is None:
             raise DeliveryFailed(f"unknown delivery format {row['format']!r}")
         note = backend.send(_job(conn, cfg, row))
-    except (DeliveryFailed, reports.ReportError, OSError) as e:
+    except DeliveryFailed as e:
         _failed(conn, cfg, row, owner, str(e), now)
-        return False
+        return "unreachable" if e.unreachable else "failed"
+    except (reports.ReportError, OSError) as e:
+        _failed(conn, cfg, row, owner, str(e), now)
+        return "failed"
     except Exception as e:  # a bug must not stop the other deliveries; it is retried too
         log.exception("delivery %s failed unexpectedly", delivery_id)
         _failed(conn, cfg, row, owner, f"internal error: {type(e).__name__}: {e}", now)
-        return False
+        return "failed"
     _delivered(conn, row, owner, note, now)
-    return True
+    return "delivered"
 
 
 def _failed(conn: sqlite3.Connection, cfg: Any, row: dict[str, Any], owner: str, error: str,
@@ -362,17 +383,30 @@ def sign(conn: sqlite3.Connection, cfg: Any, report_id: int, *, actor: str, leve
 
 
 def run_due(cfg: Any, now: float | None = None, conn: sqlite3.Connection | None = None,
-            limit: int = BATCH) -> dict[str, int]:
-    """Attempt every due delivery once; return counts of ``delivered`` and ``failed``."""
-    t = now if now is not None else time.time()
+            limit: int = BATCH, budget_s: float = SWEEP_BUDGET_S) -> dict[str, int]:
+    """Attempt due deliveries once each; return counts of ``delivered`` and ``failed``.
+
+    Bounded per call (``limit`` rows, ``budget_s`` seconds of wall time) so one
+    sweep never blocks the worker for long; what is left is due at the next.
+    ``now`` fixes the clock (tests); otherwise each attempt reads the time.
+    """
     own = conn is None
     conn = conn or db.connect(cfg.db_path)
     owner = f"{socket.gethostname()}:{os.getpid()}:{generate_uid()[-8:]}"
     counts = {"delivered": 0, "failed": 0}
+    unreachable: set[str] = set()
+    started = time.monotonic()
     try:
-        for delivery_id in _lease(conn, t, owner, limit):
-            ok = attempt(conn, cfg, delivery_id, owner, t)
-            counts["delivered" if ok else "failed"] += 1
+        while sum(counts.values()) < limit and time.monotonic() - started < budget_s:
+            t = now if now is not None else time.time()
+            delivery_id = _lease_one(conn, t, owner, unreachable)
+            if delivery_id is None:
+                break
+            outcome = attempt(conn, cfg, delivery_id, owner, t)
+            if outcome == "unreachable":
+                unreachable.add(conn.execute("SELECT destination FROM deliveries WHERE id = ?",
+                                             (delivery_id,)).fetchone()[0])
+            counts["delivered" if outcome == "delivered" else "failed"] += 1
     finally:
         if own:
             conn.close()

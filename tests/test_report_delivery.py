@@ -155,8 +155,8 @@ def test_a_worker_killed_after_sending_resends_the_same_instance(site, orthanc):
     cfg, study_uid = _setup(site, orthanc, formats="[sr]")
     conn = db.connect(site.data_dir / "appliance.db")
     rid = _signed_final(conn, cfg, study_uid)
-    leased = report_delivery._lease(conn, T0, "dead-worker", 10)
-    assert len(leased) == 1
+    assert report_delivery._lease_one(conn, T0, "dead-worker", set()) is not None
+    assert report_delivery._lease_one(conn, T0, "other-worker", set()) is None  # held
     row = report_delivery.for_report(conn, rid)[0]
     report_delivery.BACKENDS["sr"].send(report_delivery._job(conn, cfg, row))  # then "kill -9"
     assert len(orthanc.instances()) == 1
@@ -166,6 +166,21 @@ def test_a_worker_killed_after_sending_resends_the_same_instance(site, orthanc):
         "delivered": 1, "failed": 0}
     assert len(orthanc.instances()) == 1
     assert report_delivery.for_report(conn, rid)[0]["state"] == "delivered"
+
+
+def test_an_unreachable_pacs_costs_one_attempt_per_sweep_not_one_per_report(
+        site, orthanc):  # noqa: F811
+    cfg, study_uid = _setup(site, orthanc, formats="[sr]")
+    other = ingest_study(site, 1, patient_id="PAT-78", accession="ACC-78")
+    orthanc.stop()
+    conn = db.connect(site.data_dir / "appliance.db")
+    first, second = _signed_final(conn, cfg, study_uid), _signed_final(conn, cfg, other)
+    assert report_delivery.run_due(cfg, now=T0) == {"delivered": 0, "failed": 1}
+    attempts = [report_delivery.for_report(conn, r)[0]["attempts"] for r in (first, second)]
+    assert attempts == [1, 0]  # the second waits for the next sweep instead of a timeout
+    orthanc.start()
+    assert report_delivery.run_due(cfg, now=T0 + 5) == {"delivered": 2, "failed": 0}
+    assert len(orthanc.instances()) == 2
 
 
 def test_unknown_destination_is_a_clear_error_and_keeps_retrying(site):
