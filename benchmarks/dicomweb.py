@@ -1,0 +1,467 @@
+"""DICOMweb benchmark: our ``appliance web`` against Debian's Orthanc + orthanc-dicomweb, same run.
+
+Measures, printing medians and the ratio ours/Orthanc where Orthanc is installed:
+
+1. QIDO study search p50/p95 with 1,000 studies / 300,000 instances in the
+   index (rows written straight into the index tables: QIDO never opens a
+   file), for the queries OHIF and a PACS user make; target p95 < 100 ms.
+   Orthanc is compared on the same small store both hold (the CT study).
+2. Series ``/metadata`` of a 300-slice CT (512×512, 16-bit): ours cold (the
+   first request fills the metadata cache) and warm, Orthanc (it reads every
+   file each time; ~240 ms in FIELD-NOTES); target under 100 ms.
+3. Frames throughput (MB/s of pixel data delivered) for the whole series with
+   4 parallel clients, with and without ``Accept-Encoding: gzip``.
+4. A thin link: a pacing proxy (5 Mbit/s each way, 150 ms one way = 300 ms
+   round trip; this kernel has no netem) in front of each server. OHIF's
+   order: study search, series search, series metadata, then frame 1 (time
+   to first image), then every other frame over 6 keep-alive connections
+   (time to full series). Bytes on the wire vs raw pixel bytes are printed.
+
+Run: ``.venv/bin/python benchmarks/dicomweb.py [--thin-frames 300] [--runs 30]``.
+The machine is shared: compare ratios from one run, not figures across runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# ruff: noqa: E402  (the path fix below must run before the imports)
+# benchmarks/queue.py would shadow the standard library's queue (urllib3 needs it).
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse
+import asyncio
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import requests
+import urllib3
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+from dicom_data import make_instance  # noqa: E402  (the tests' data generator)
+from pydicom.uid import generate_uid  # noqa: E402
+
+ORTHANC = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+OHIF_FRAME_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+urllib3.disable_warnings()
+
+
+# -- plumbing ------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60, **kw) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            requests.get(url, timeout=2, verify=False, **kw)
+            return
+        except requests.RequestException:
+            time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def ms(v: float) -> str:
+    return f"{v * 1000:7.1f} ms"
+
+
+def ratio(ours: float | None, theirs: float | None) -> str:
+    if not ours or not theirs:
+        return "   n/a"
+    return f"{ours / theirs:6.2f}×"
+
+
+# -- data ------------------------------------------------------------------------------------
+def write_ct(out: Path, slices: int, size: int) -> tuple[str, str, list[Path]]:
+    """A CT head phantom with scanner-like noise (so compression ratios are not flattering)."""
+    out.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    y, x = np.mgrid[-size // 2:size // 2, -size // 2:size // 2]
+    r = (x / (size * 0.40)) ** 2 + (y / (size * 0.46)) ** 2
+    base = np.where(r < 1, 1024 + 35.0, 24.0)
+    base[(r >= 0.85) & (r < 1)] = 1024 + 1200
+    rng = np.random.default_rng(7)
+    paths = []
+    for i in range(slices):
+        ds = make_instance(study, series, i, rows=size, cols=size, patient_id="BENCH-CT",
+                           patient_name="BENCH^CT", study_description="CT HEAD BENCH")
+        img = base + np.where(r < 1, rng.normal(0, 6, (size, size)), 0)
+        ds.PixelData = np.clip(img, 0, 4095).astype(np.uint16).tobytes()
+        path = out / f"ct{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return study, series, paths
+
+
+def fill_index(db_path: Path, studies: int, per_study: int) -> None:
+    """1,000 studies × 300 instances of index rows (3 series each), written in one transaction."""
+    from appliance import db
+
+    conn = db.connect(db_path)
+    now = time.time()
+    rng = np.random.default_rng(1)
+    conn.execute("BEGIN IMMEDIATE")
+    for s in range(studies):
+        st = f"1.2.826.0.1.3680043.10.1.{s}"
+        date = f"2024{1 + s % 12:02d}{1 + s % 28:02d}"
+        conn.execute(
+            "INSERT INTO studies (study_uid, patient_id, patient_name, patient_birth_date,"
+            " patient_sex, study_date, study_time, accession_number, study_description,"
+            " institution_name, modalities, num_series, num_instances, size_bytes,"
+            " first_received, last_received) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (st, f"PID{s % 700:05d}", f"{rng.choice(['DOE', 'SMITH', 'NGUYEN', 'GARCIA'])}^P{s}",
+             "19600101", "F", date, "101500", f"ACC{s:06d}", "CT HEAD", "Field Hospital", "CT",
+             3, per_study, per_study * 525_000, now, now))
+        for k in range(3):
+            se = f"{st}.{k}"
+            n = per_study // 3
+            conn.execute("INSERT INTO series (series_uid, study_uid, modality, series_number,"
+                          " series_description, num_instances) VALUES (?,?,?,?,?,?)",
+                          (se, st, "CT", k + 1, "AXIAL", n))
+            conn.executemany(
+                "INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class_uid,"
+                " instance_number, transfer_syntax, rows, columns, path, size, sha256,"
+                " received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(f"{se}.{i}", se, st, "1.2.840.10008.5.1.4.1.1.2", i + 1, "1.2.840.10008.1.2.1",
+                  512, 512, f"x/{se}.{i}.dcm", 525_000, "0" * 64, now) for i in range(n)])
+    conn.execute("COMMIT")
+    conn.close()
+
+
+# -- servers ---------------------------------------------------------------------------------
+@dataclass
+class Target:
+    name: str
+    base: str  # .../dicom-web
+    session_kw: dict
+    proc: subprocess.Popen | None = None
+
+    def session(self) -> requests.Session:
+        s = requests.Session()
+        s.trust_env = False
+        s.verify = False
+        for k, v in self.session_kw.get("headers", {}).items():
+            s.headers[k] = v
+        return s
+
+
+def start_ours(work: Path, paths: list[Path], big_index: bool) -> Target:
+    from appliance import accounts, db, tokens
+    from dicom_node.study_store import StudyStore
+
+    data = work / "site"
+    web_port = free_port()
+    subprocess.run([sys.executable, "-m", "appliance", "init", "--data-dir", str(data),
+                    "--dicom-port", str(free_port()), "--web-port", str(web_port),
+                    "--site-name", "Bench"], check=True, capture_output=True)
+    cfg = data / "appliance.yaml"
+    cfg.write_text(cfg.read_text().replace("low_water_mb: 500", "low_water_mb: 0"))
+    conn = db.open_db(data / "appliance.db")
+    accounts.add_user(conn, "bench", "radiologist", "bench-password-1")
+    token = tokens.create_token(conn, "bench")
+    conn.close()
+    if big_index:
+        t = time.monotonic()
+        fill_index(data / "appliance.db", 1000, 300)
+        print(f"  index: 1,000 studies / 300,000 instances written in {time.monotonic() - t:.1f} s")
+    store = StudyStore(data / "studies", data / "appliance.db", connect=db.connect)
+    for p in paths:  # the same durable path as C-STORE and STOW-RS
+        assert store.store(p.read_bytes(), calling_ae="BENCH").success
+    proc = subprocess.Popen([sys.executable, "-m", "appliance", "web", "--data-dir", str(data)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    target = Target("ours", f"https://localhost:{web_port}/dicom-web",
+                    {"headers": {"Authorization": f"Bearer {token}"}}, proc)
+    wait_http(f"https://localhost:{web_port}/livez", proc)
+    return target
+
+
+def start_orthanc(work: Path, paths: list[Path]) -> Target | None:
+    if not (os.path.exists(ORTHANC) and os.path.exists(DICOMWEB_PLUGIN)):
+        print("  Orthanc or orthanc-dicomweb not installed: no comparison")
+        return None
+    port = free_port()
+    conf = {"Name": "bench", "StorageDirectory": str(work / "o-storage"),
+            "IndexDirectory": str(work / "o-index"), "HttpPort": port, "DicomPort": free_port(),
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    (work / "orthanc.json").write_text(json.dumps(conf))
+    proc = subprocess.Popen([ORTHANC, str(work / "orthanc.json")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "TCP_NODELAY": "1"})
+    wait_http(f"http://127.0.0.1:{port}/system", proc)
+    s = requests.Session()
+    for p in paths:
+        s.post(f"http://127.0.0.1:{port}/instances", data=p.read_bytes()).raise_for_status()
+    return Target("Orthanc", f"http://127.0.0.1:{port}/dicom-web", {}, proc)
+
+
+# -- measurements ----------------------------------------------------------------------------
+def timed(session: requests.Session, url: str, runs: int, **kw) -> list[float]:
+    out = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        r = session.get(url, **kw)
+        r.raise_for_status()
+        _ = r.content
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def bench_qido(ours: Target, runs: int) -> None:
+    s = ours.session()
+    queries = {
+        "OHIF study list (limit 101, includefield)":
+            "/studies?limit=101&offset=0&fuzzymatching=false&includefield=00081030,00080060",
+        "by PatientID": "/studies?PatientID=PID00042",
+        "priors by tag 00100020": "/studies?00100020=PID00123&includefield=all",
+        "PatientName wildcard": "/studies?PatientName=SMITH*&limit=100",
+        "StudyDate range": "/studies?StudyDate=20240301-20240331&limit=100",
+        "series of a study": "/studies/1.2.826.0.1.3680043.10.1.500/series",
+    }
+    print(f"\nQIDO with 1,000 studies / 300,000 instances ({runs} runs each, HTTPS keep-alive)")
+    allv: list[float] = []
+    for label, q in queries.items():
+        v = timed(s, ours.base + q, runs)
+        allv += v
+        print(f"  {label:44s} p50 {ms(pct(v, 50))}  p95 {ms(pct(v, 95))}")
+    print(f"  {'all QIDO queries':44s} p50 {ms(pct(allv, 50))}  p95 {ms(pct(allv, 95))}"
+          f"   (target p95 < 100 ms)")
+
+
+def bench_small_qido_and_metadata(targets: list[Target], study: str, series: str,
+                                  runs: int) -> None:
+    print(f"\nSeries /metadata of the 300-slice CT and QIDO on the CT store ({runs} runs)")
+    res: dict[str, dict[str, float]] = {}
+    for t in targets:
+        s = t.session()
+        url = f"{t.base}/studies/{study}/series/{series}/metadata"
+        cold = timed(s, url, 1)[0]
+        warm = timed(s, url, runs)
+        qido = timed(s, f"{t.base}/studies?PatientID=BENCH-CT", runs)
+        res[t.name] = {"cold": cold, "warm": statistics.median(warm), "p95": pct(warm, 95),
+                       "qido": statistics.median(qido)}
+        print(f"  {t.name:8s} metadata first {ms(cold)}  p50 {ms(res[t.name]['warm'])}"
+              f"  p95 {ms(res[t.name]['p95'])}   QIDO p50 {ms(res[t.name]['qido'])}")
+    if "Orthanc" in res:
+        o, t = res["ours"], res["Orthanc"]
+        print(f"  ours/Orthanc: metadata p50 {ratio(o['warm'], t['warm'])}, first "
+              f"{ratio(o['cold'], t['cold'])}, QIDO {ratio(o['qido'], t['qido'])}")
+
+
+def _frame_urls(t: Target, study: str, series: str, sops: list[str]) -> list[str]:
+    return [f"{t.base}/studies/{study}/series/{series}/instances/{sop}/frames/1" for sop in sops]
+
+
+def _fetch_all(t: Target, urls: list[str], clients: int, gzip_ok: bool,
+               counter: list[int] | None = None) -> float:
+    """Fetch every URL over ``clients`` keep-alive sessions; return the wall time."""
+    local = threading.local()
+
+    def get(url: str) -> int:
+        if not hasattr(local, "s"):
+            local.s = t.session()
+        r = local.s.get(url, headers={"Accept": OHIF_FRAME_ACCEPT,
+                                      "Accept-Encoding": "gzip" if gzip_ok else "identity"})
+        r.raise_for_status()
+        return len(r.content)
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        sizes = list(pool.map(get, urls))
+    if counter is not None:
+        counter.append(sum(sizes))
+    return time.perf_counter() - start
+
+
+def bench_frames(targets: list[Target], study: str, series: str, sops: list[str],
+                 raw_bytes: int) -> None:
+    print("\nFrames throughput, whole series, 4 parallel clients (each fetches every frame)")
+    res: dict[tuple[str, bool], float] = {}
+    for t in targets:
+        urls = _frame_urls(t, study, series, sops)
+        for gz in (False, True):
+            _fetch_all(t, urls[:20], 4, gz)  # warm-up (connections, caches)
+            wall = _fetch_all(t, urls * 4, 4, gz)
+            res[(t.name, gz)] = 4 * raw_bytes / wall / 1e6
+            print(f"  {t.name:8s} {'gzip' if gz else 'identity':8s} {res[(t.name, gz)]:8.1f} MB/s"
+                  f" of pixels  ({wall:5.2f} s for {4 * len(urls)} frames)")
+    if any(k[0] == "Orthanc" for k in res):
+        for gz in (False, True):
+            print(f"  ours/Orthanc {'gzip' if gz else 'identity'}: "
+                  f"{ratio(res[('ours', gz)], res[('Orthanc', gz)])}")
+
+
+# -- the thin link -------------------------------------------------------------------------------
+class PacedLink:
+    """A TCP relay that behaves like a thin link: a shared rate each way and a one-way delay.
+
+    Each chunk is serialised onto its direction's link at ``rate_bps`` and
+    delivered ``delay_s`` after it has left, in order. Bytes are counted.
+    """
+
+    def __init__(self, target_port: int, rate_bps: float, delay_s: float):
+        self.target_port, self.rate, self.delay = target_port, rate_bps, delay_s
+        self.port = free_port()
+        self.bytes = {"down": 0, "up": 0}
+        self._free_at = {"down": 0.0, "up": 0.0}
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+        self._ready.wait()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        server = self.loop.run_until_complete(
+            asyncio.start_server(self._handle, "127.0.0.1", self.port))
+        self._server = server
+        self._ready.set()
+        self.loop.run_forever()
+
+    def reset(self) -> None:
+        self.bytes = {"down": 0, "up": 0}
+
+    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection("127.0.0.1", self.target_port)
+        await asyncio.gather(self._pump(cr, sw, "up"), self._pump(sr, cw, "down"))
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, way: str) -> None:
+        loop = asyncio.get_running_loop()
+        deliver = loop.time()
+        while True:
+            try:
+                data = await src.read(16384)
+            except ConnectionError:
+                data = b""
+            now = loop.time()
+            if not data:
+                loop.call_at(max(deliver, now), dst.close)
+                return
+            start = max(now, self._free_at[way])
+            self._free_at[way] = start + len(data) * 8 / self.rate
+            deliver = self._free_at[way] + self.delay
+            self.bytes[way] += len(data)
+            loop.call_at(deliver, _write, dst, data)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self._server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def _write(w: asyncio.StreamWriter, data: bytes) -> None:
+    if not w.is_closing():
+        w.write(data)
+
+
+def bench_thin(targets: list[Target], study: str, series: str, sops: list[str], frames: int,
+               frame_bytes: int, rate_mbit: float, rtt_ms: float) -> None:
+    print(f"\nThin link: {rate_mbit:g} Mbit/s each way, {rtt_ms:g} ms round trip (pacing proxy);"
+          f" OHIF's order; first image, then {frames} frames over 6 connections")
+    res = {}
+    for t in targets:
+        port = int(t.base.split(":")[2].split("/")[0])
+        link = PacedLink(port, rate_mbit * 1e6, rtt_ms / 2000)
+        scheme = t.base.split(":")[0]
+        base = f"{scheme}://localhost:{link.port}/dicom-web"
+        thin = Target(t.name, base, t.session_kw)
+        s = thin.session()
+        s.headers["Accept-Encoding"] = "gzip"
+        start = time.perf_counter()
+        s.get(f"{base}/studies?StudyInstanceUID={study}&includefield=all").raise_for_status()
+        s.get(f"{base}/studies/{study}/series").raise_for_status()
+        s.get(f"{base}/studies/{study}/series/{series}/metadata").raise_for_status()
+        first = s.get(_frame_urls(thin, study, series, sops[:1])[0],
+                      headers={"Accept": OHIF_FRAME_ACCEPT})
+        first.raise_for_status()
+        t_first = time.perf_counter() - start
+        rest = _frame_urls(thin, study, series, sops[1:frames])
+        _fetch_all(thin, rest, 6, True)
+        t_full = time.perf_counter() - start
+        wire = link.bytes["down"]
+        raw = frames * frame_bytes
+        res[t.name] = (t_first, t_full)
+        print(f"  {t.name:8s} first image {t_first:6.2f} s   {frames} frames {t_full:7.1f} s   "
+              f"wire {wire / 1e6:6.1f} MB for {raw / 1e6:6.1f} MB of pixels "
+              f"({wire / raw:4.0%})")
+        link.close()
+    if "Orthanc" in res:
+        o, t = res["ours"], res["Orthanc"]
+        print(f"  ours/Orthanc: first image {ratio(o[0], t[0])}, full series {ratio(o[1], t[1])}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slices", type=int, default=300)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--runs", type=int, default=30)
+    ap.add_argument("--thin-frames", type=int, default=300,
+                    help="frames fetched over the thin link (all 300 take minutes at 5 Mbit/s)")
+    ap.add_argument("--rate-mbit", type=float, default=5)
+    ap.add_argument("--rtt-ms", type=float, default=300)
+    ap.add_argument("--skip-index", action="store_true", help="no 300,000-instance index")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-dicomweb-") as tmp:
+        work = Path(tmp)
+        print(f"CT phantom: {args.slices} × {args.size}×{args.size} 16-bit")
+        study, series, paths = write_ct(work / "ct", args.slices, args.size)
+        import pydicom
+
+        sops = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths]
+        frame_bytes = args.size * args.size * 2
+        targets = []
+        try:
+            targets.append(start_ours(work, paths, not args.skip_index))
+            orthanc = start_orthanc(work, paths)
+            if orthanc:
+                targets.append(orthanc)
+            if not args.skip_index:
+                bench_qido(targets[0], args.runs)
+            bench_small_qido_and_metadata(targets, study, series, args.runs)
+            bench_frames(targets, study, series, sops, len(sops) * frame_bytes)
+            bench_thin(targets, study, series, sops, min(args.thin_frames, len(sops)),
+                       frame_bytes, args.rate_mbit, args.rtt_ms)
+        finally:
+            for t in targets:
+                if t.proc:
+                    stop(t.proc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
