@@ -32,11 +32,13 @@ log = logging.getLogger("appliance.dicomweb")
 BASE_MARKER = "@BASE@"
 BULK_THRESHOLD = 1024  # binary values above this many bytes become BulkDataURIs
 SWEEP_BATCH = 400  # instances per sweep run, so one run stays short
+WATERMARK = "dicomweb_metadata.last_rowid"  # settings key: how far the sweep has come
 _ITEM, _SEQ_END = 0xE000FFFE, 0xE0DDFFFE  # item / sequence delimitation tags (little endian)
 
 
 def _row_sql() -> str:
-    return ("SELECT i.sop_uid, i.series_uid, i.study_uid, i.path, i.sha256, i.transfer_syntax,"
+    return ("SELECT i.rowid AS rid, i.sop_uid, i.series_uid, i.study_uid, i.path, i.sha256,"
+            " i.transfer_syntax,"
             " m.sha256 AS cached_sha, m.json, m.pixel FROM instances i"
             " LEFT JOIN dicomweb_metadata m ON m.sop_uid = i.sop_uid")
 
@@ -184,16 +186,27 @@ def render(rows: list[dict], base_url: str) -> bytes:
 
 
 def sweep(cfg: Any) -> int:
-    """Worker sweep: make missing or stale metadata rows, a bounded batch per run."""
+    """Worker sweep: metadata for instances indexed since the last run, a bounded batch.
+
+    It walks the index by rowid from a watermark kept in ``settings``, so a
+    run costs the same with 300 or 300,000 instances stored, and a file that
+    cannot be read is passed over (its request then reports it). Replaced
+    instances keep their rowid: the request path notices their new hash.
+    Killed mid-run, the next run redoes the batch; rows already made are skipped.
+    """
     from appliance import db
 
     conn = db.connect(cfg.db_path)
     try:
-        rows = conn.execute(
-            f"{_row_sql()} WHERE m.sop_uid IS NULL OR m.sha256 != i.sha256 LIMIT ?",
-            (SWEEP_BATCH,)).fetchall()
-        _fill(conn, cfg.studies_dir, rows)
+        mark = conn.execute("SELECT value FROM settings WHERE key = ?", (WATERMARK,)).fetchone()
+        rows = conn.execute(f"{_row_sql()} WHERE i.rowid > ? ORDER BY i.rowid LIMIT ?",
+                            (int(mark["value"]) if mark else 0, SWEEP_BATCH)).fetchall()
+        if not rows:
+            return 0
+        _fill(conn, cfg.studies_dir, [r for r in rows if r["cached_sha"] != r["sha256"]])
+        conn.execute("INSERT INTO settings (key, value) VALUES (?, ?)"
+                     " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                     (WATERMARK, str(rows[-1]["rid"])))
         return len(rows)
     finally:
         conn.close()
-

@@ -213,3 +213,22 @@ def test_multipart_parser_streams_parts_and_rejects_truncation() -> None:
     truncated = io.BytesIO(b"--B\r\nContent-Type: application/dicom\r\n\r\nAAAA")
     with pytest.raises(ValueError, match="ends inside a part"):
         list(fr.iter_parts(truncated.read, b"B"))
+
+
+def test_sweep_fills_metadata_once_in_batches_and_passes_unreadable_files(store: Store,
+                                                                         monkeypatch) -> None:
+    class Cfg:
+        db_path, studies_dir = store.db_path, store.studies
+
+    monkeypatch.setattr(md, "SWEEP_BATCH", 2)
+    _, se, dss = _series(store, 3)
+    broken = store.conn.execute("SELECT path FROM instances WHERE sop_uid = ?",
+                                (dss[1].SOPInstanceUID,)).fetchone()["path"]
+    (store.studies / broken).write_bytes(b"not dicom any more")
+    assert md.sweep(Cfg) == 2 and md.sweep(Cfg) == 1 and md.sweep(Cfg) == 0
+    made = {r[0] for r in store.conn.execute("SELECT sop_uid FROM dicomweb_metadata")}
+    assert made == {dss[0].SOPInstanceUID, dss[2].SOPInstanceUID}
+    before = store.conn.execute("SELECT made_at FROM dicomweb_metadata").fetchall()
+    _series(store, 1, study_uid=dss[0].StudyInstanceUID)  # only the new instance is read
+    assert md.sweep(Cfg) == 1
+    assert store.conn.execute("SELECT made_at FROM dicomweb_metadata").fetchall()[:2] == before
