@@ -20,6 +20,7 @@ The read is "done" for the SLA at the first preliminary or final report
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sqlite3
 from collections.abc import Iterable, Mapping
@@ -27,6 +28,8 @@ from typing import Any
 
 from appliance import audit, db
 from workflows.schema import PRIORITIES
+
+log = logging.getLogger("appliance.worklist")
 
 STATES = ("queued", "claimed", "preliminary", "final", "delivered", "cancelled")
 OPEN_STATES = ("queued", "claimed")  # escalation runs until a report exists
@@ -248,6 +251,7 @@ def _expire_if_due(conn: sqlite3.Connection, row: sqlite3.Row, now: float) -> bo
     detail = {"item_id": row["id"], "reader": row["claimed_by"],
               "expired_at": row["claim_expires_at"]}
     add_history(conn, row["id"], now, SYSTEM_ACTOR, "claim_expired", "claimed", "queued", detail)
+    log.warning("claim expired, item back in the queue", extra=detail)
     audit.record(conn, SYSTEM_ACTOR, "read_item.claim_expired", row["study_uid"],
                  source="worker", detail=detail, ts=now)
     return True

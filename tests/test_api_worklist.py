@@ -134,6 +134,10 @@ def test_turnaround_and_state_changes(api: Api):
     r = api.as_("rad1", "post", f"/api/v1/worklist/items/{item_id(api, '1.2.3.3')}/state",
                 json={"state": "cancelled"})
     assert r.status_code == 403
+    r = api.as_("resp1", "post", f"/api/v1/worklist/items/{routine}/release-hold")
+    assert r.status_code == 409 and "not held" in r.get_json()["error"]
+    assert api.as_("rad1", "post", f"/api/v1/worklist/items/{routine}/release-hold"
+                   ).status_code == 403
     r = api.as_("resp1", "post", f"/api/v1/worklist/items/{item_id(api, '1.2.3.3')}/state",
                 json={"state": "cancelled", "note": "duplicate"})
     assert r.status_code == 200 and r.get_json()["item"]["state"] == "cancelled"

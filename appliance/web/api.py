@@ -139,6 +139,15 @@ def set_state(item_id: int):
     return jsonify(now=auth.now(), item=item)
 
 
+@bp.post("/worklist/items/<int:item_id>/release-hold")
+@auth.require(*permissions.OPERATORS)
+def release_hold(item_id: int):
+    """Manual triage done: a study a rule held (``hold: true``) may now be claimed."""
+    item = worklist.release_hold(get_db(), item_id, auth.current_user()["username"], auth.now(),
+                                 note=str(_body().get("note", ""))[:500])
+    return jsonify(now=auth.now(), item=item)
+
+
 @bp.get("/metrics/turnaround")
 @auth.require(*permissions.DASHBOARD)
 def turnaround():
