@@ -14,6 +14,7 @@ import time
 
 import pyotp
 import pytest
+import requests
 from conftest import require_tool
 from dicom_data import write_series
 
@@ -90,6 +91,22 @@ def test_radiologist_signs_in_with_totp_sees_countdown_and_claims(dicom_site, dc
             page.screenshot(path=str(artifacts / "worklist-claimed.png"), full_page=True)
         finally:
             browser.close()
+
+    # A script with an API token reads the same worklist over HTTPS (the site's CA).
+    token = site.cli("token", "create", "--user", "drgrey", check=True).stdout.strip()
+    api = requests.Session()
+    api.trust_env = False  # REQUESTS_CA_BUNDLE must not replace the site's CA
+    r = api.get(base + "/worklist/items", headers={"Authorization": f"Bearer {token}"},
+                verify=str(site.data_dir / "tls" / "ca.crt"), timeout=30)
+    assert r.status_code == 200 and r.json()["items"][0]["study_uid"] == study_uid
+    assert api.get(base + "/worklist/items", verify=str(site.data_dir / "tls" / "ca.crt"),
+                   timeout=30).status_code == 401
+    site.stop("web")
+    # No password, TOTP key or token in any log.
+    for log in (site.data_dir / "logs").iterdir():
+        text = log.read_text(errors="replace")
+        for secret_value in (PASSWORD, secret, token):
+            assert secret_value not in text, f"a secret leaked into {log.name}"
 
     conn = site.db()
     claimed = worklist.item_for_study(conn, study_uid)
