@@ -131,9 +131,12 @@ def sample_values(cfg, conn: sqlite3.Connection, now: float) -> dict[str, float 
     """This minute's figures, from the same checks as /readyz and from the tables."""
     from appliance import readiness
 
-    ok, _reasons, checks = readiness.check(cfg, now=now)
+    _ok, reasons, checks = readiness.check(cfg, now=now)
+    # The worker is sweeping: it is running this. Its heartbeat is written after the
+    # sweep, so on its first sweep it would otherwise count itself down.
+    reasons = [r for r in reasons if not r.startswith(readiness.WORKER_DOWN)]
     return {
-        "ready": 1.0 if ok else 0.0,
+        "ready": 0.0 if reasons else 1.0,
         "free_disk_mb": checks.get("free_disk_mb"),
         "studies_waiting": readiness.studies_waiting(conn),
         "instances_per_min": _scalar(conn, "SELECT COUNT(*) FROM instances WHERE received_at >= ?",

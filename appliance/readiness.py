@@ -19,6 +19,7 @@ from dicom_node import durable
 DB_CHECK_TIMEOUT_MS = 1000
 OPEN_BUNDLE_STATES = ("building", "built", "uploading")
 WAITING_STATES = ("queued", "claimed", "preliminary")
+WORKER_DOWN = "worker is not sweeping"
 
 
 def port_listening(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -125,7 +126,7 @@ def check(cfg, now: float | None = None) -> tuple[bool, list[str], dict[str, Any
     worker = comps.get("worker")
     checks["worker"] = "up" if worker and worker["up"] else "down"
     if not (worker and worker["up"]):
-        reasons.append("worker is not sweeping (no recent heartbeat)")
+        reasons.append(f"{WORKER_DOWN} (no recent heartbeat)")
     _sync(cfg, now, reasons, checks)
     checks["components"] = {name: bool(c["up"]) for name, c in comps.items()}
     return not reasons, reasons, checks

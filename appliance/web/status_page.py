@@ -241,9 +241,12 @@ def sparkline(points: list, t0: float, t1: float, w: int = 320, h: int = 60) -> 
         return f"{x:.1f},{y:.1f}"
 
     line = " ".join(xy(t, v) for t, v in points)
+    dots = "".join(  # a lone sample (a fresh site) would be an invisible line
+        f'<circle cx="{xy(t, v).split(",")[0]}" cy="{xy(t, v).split(",")[1]}" r="2" '
+        f'fill="#2563eb"/>' for t, v in points) if len(points) < 3 else ""
     return Markup(
         f'<svg class="plot" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img">'
-        f'<polyline fill="none" stroke="#2563eb" stroke-width="1.5" points="{line}"/>'
+        f'<polyline fill="none" stroke="#2563eb" stroke-width="1.5" points="{line}"/>{dots}'
         f'<text x="{w - 4}" y="12" text-anchor="end">{hi:g}</text>'
         f'<text x="{w - 4}" y="{h - 4}" text-anchor="end">{lo:g}</text></svg>')
 
