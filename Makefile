@@ -36,6 +36,7 @@ test: $(TEST_STAMP) viewer
 	@sh provisioning/install-test-tools.sh
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -s -m slow  # once per run: the fresh-machine offline install
 
 test-slow: $(TEST_STAMP)
 	@sh provisioning/install-test-tools.sh
