@@ -139,6 +139,8 @@ SCHEMA: dict[str, Any] = {
         "parallel_parts": Leaf(int, 1, lambda v: None if 1 <= v <= 16 else "must be 1..16"),
         "lease_s": Leaf((int, float), 120, _positive),
         "timeout_s": Leaf((int, float), 20, _positive),
+        "retry_min_s": Leaf((int, float), 5, _positive),
+        "retry_max_s": Leaf((int, float), 600, _positive),
     },
     "reports": {
         "deliver_to": Leaf(str, "", None, "AE title from dicom.known_aes that receives reports"),
@@ -491,6 +493,9 @@ sync:
   # bundle is taken over after it), and a request to the target times out.
   lease_s: 120
   timeout_s: 20
+  # Retries after a failure wait 5 s, 10 s, 20 s … (with jitter) up to retry_max_s.
+  retry_min_s: 5
+  retry_max_s: 600
 
 reports:
   # The site PACS that signed reports are sent back to: an AE title listed in

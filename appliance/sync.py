@@ -61,9 +61,10 @@ def make_target(cfg: Config) -> st.Target:
     raise st.TargetError("sync.target is 'none'")
 
 
-def backoff_s(attempts: int, rng: random.Random | None = None) -> float:
+def backoff_s(attempts: int, rng: random.Random | None = None, low: float = BACKOFF_MIN_S,
+              high: float = BACKOFF_MAX_S) -> float:
     """Capped exponential backoff with jitter: 5 s, 10 s, 20 s … 10 min, each in [d/2, d]."""
-    d = min(BACKOFF_MAX_S, BACKOFF_MIN_S * 2 ** max(0, attempts - 1))
+    d = min(high, low * 2 ** max(0, attempts - 1))
     return d / 2 + (rng or random).uniform(0, d / 2)
 
 
@@ -348,6 +349,10 @@ class Uploader:
         self._exec("UPDATE bundles SET lease_until=? WHERE lease_owner=?",
                    (now + self.cfg["sync"]["lease_s"], self.owner))
 
+    def _backoff(self, attempts: int) -> float:
+        s = self.cfg["sync"]
+        return backoff_s(attempts, low=s["retry_min_s"], high=s["retry_max_s"])
+
     def link_ok(self, force: bool = False) -> bool:
         state = _link(self.conn)
         now = time.time()
@@ -358,7 +363,7 @@ class Uploader:
         except st.TargetError as e:
             failures = state.get("failures", 0) + 1
             state.update(up=False, failures=failures, last_error=str(e)[:300], checked_at=now,
-                         next_check=now + backoff_s(failures))
+                         next_check=now + self._backoff(failures))
             _set_link(self.conn, state)
             log.warning("sync link down: %s (next check in %.0f s)", e,
                         state["next_check"] - now)
@@ -405,7 +410,7 @@ class Uploader:
             return "confirmed"
         except (st.TargetError, OSError) as e:
             attempts = row["attempts"] + 1
-            delay = backoff_s(attempts)
+            delay = self._backoff(attempts)
             self._exec("UPDATE bundles SET attempts=?, next_attempt=?, last_error=?,"
                        " lease_owner=NULL, lease_until=0 WHERE bundle_id=? AND lease_owner=?",
                        (attempts, time.time() + delay, str(e)[:500], bid, self.owner))
