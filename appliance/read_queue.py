@@ -326,7 +326,12 @@ def _fire(conn: sqlite3.Connection, row: sqlite3.Row, now: float) -> None:
     what = f"{row['priority'].upper()} read item {item_id}"
     detail: dict[str, Any] = {"step": row["step_index"], "action": action,
                               "scheduled_at": row["fire_at"]}
-    if action == "notify_pool":
+    if action == "notify_pool" and row["claimed_by"]:
+        # Someone is reading it: remind that reader, not the whole pool.
+        sent = notifications.notify(conn, [row["claimed_by"]], "escalation.reminder",
+                                    f"{what} you hold is {_minutes_left(row, now)}",
+                                    row["description"], item_id, row["id"], now)
+    elif action == "notify_pool":
         sent = notifications.notify(conn, [pool], "escalation",
                                     f"{what} is waiting, {_minutes_left(row, now)}",
                                     row["description"], item_id, row["id"], now)
@@ -335,6 +340,7 @@ def _fire(conn: sqlite3.Connection, row: sqlite3.Row, now: float) -> None:
                                     f"On call: {what} needs a reader, {_minutes_left(row, now)}",
                                     row["description"], item_id, row["id"], now)
     elif action == "reopen":
+        # The wider pool may claim it as soon as it is queued; a live claim is kept.
         conn.execute("UPDATE read_items SET pool = ?, pool_roles = ?, pool_tags = ?,"
                      " updated_at = ? WHERE id = ?",
                      (target.get("name", "wider"), ",".join(target.get("roles", [])),

@@ -270,6 +270,18 @@ def test_a_backlog_fires_each_overdue_step_once(qs: QueueSite):
     assert qs.sweep(T0 + 7300)["escalations"] == 0
 
 
+def test_a_claimed_study_reminds_its_reader_not_the_pool(qs: QueueSite):
+    qs.use("disaster-default.yaml")
+    a = qs.reader("dr.a")
+    qs.reader("dr.b")
+    uid = qs.store(at=T0)
+    qs.sweep(T0 + 60)
+    worklist.claim(qs.conn, qs.item(uid)["id"], a, T0 + 100, lease_s=3600)
+    assert qs.sweep(T0 + 900)["escalations"] == 1
+    assert [n["kind"] for n in notifications.inbox(qs.conn, "dr.a")] == ["escalation.reminder"]
+    assert notifications.inbox(qs.conn, "dr.b") == []
+
+
 def test_a_read_study_does_not_escalate(qs: QueueSite):
     qs.use("disaster-default.yaml")
     a = qs.reader("dr.a")
