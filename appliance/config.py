@@ -122,6 +122,10 @@ SCHEMA: dict[str, Any] = {
     "logging": {
         "level": Leaf(str, "info", _choice("debug", "info", "warning", "error")),
     },
+    "health": {
+        "sync_lag_limit_min": Leaf((int, float), 120, _positive),
+        "cert_warn_days": Leaf(int, 14, _positive),
+    },
     "sync": {
         "target": Leaf(str, "none", _choice("none", "s3", "folder")),
         "url": Leaf(str, ""),
@@ -456,6 +460,13 @@ worker:
 logging:
   # debug, info, warning or error. Logs are JSON lines under logs/.
   level: info
+
+health:
+  # /readyz turns 503 (and the status page red) when the oldest bundle not yet
+  # uploaded is older than this many minutes (only when sync.target is set).
+  sync_lag_limit_min: 120
+  # The status page warns this many days before the TLS certificate expires.
+  cert_warn_days: 14
 
 sync:
   # Encrypted, signed bundles of studies, reports and the audit trail go to

@@ -177,7 +177,7 @@ def _cert_alerts(cfg, now: float) -> list[Alert]:
     days = (cert.not_valid_after_utc.timestamp() - now) / 86400
     if days < 0:
         return [Alert("red", "TLS certificate expired", f"{-days:.0f} days ago")]
-    if days < CERT_WARN_DAYS:
+    if days < cfg.values.get("health", {}).get("cert_warn_days", CERT_WARN_DAYS):
         return [Alert("amber", f"TLS certificate expires in {days:.0f} days", str(path))]
     return []
 
