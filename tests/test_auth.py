@@ -194,11 +194,15 @@ def test_lockout_after_repeated_failures_then_unlocks_in_time(auth_app: AuthApp)
     assert post_login(c, "staff1", PASSWORD).status_code == 302
 
 
-def test_unknown_usernames_lock_like_real_ones(auth_app: AuthApp):
+def test_unknown_usernames_lock_like_real_ones_and_are_kept_only_hashed(auth_app: AuthApp):
     c = auth_app.client()
     for _ in range(5):
-        post_login(c, "ghost", "not-the-password")
-    assert post_login(c, "ghost", "not-the-password").status_code == 423
+        post_login(c, "My-Secret-Pass-99", "not-the-password")  # password typed as the name
+    assert post_login(c, "My-Secret-Pass-99", "not-the-password").status_code == 423
+    conn = auth_app.db()
+    dump = "\n".join(conn.iterdump())
+    conn.close()
+    assert "My-Secret-Pass-99" not in dump and "unknown:" in dump
 
 
 def test_rate_limit_per_address(tmp_path: Path):

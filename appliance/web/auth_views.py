@@ -8,6 +8,7 @@ the answers nor their timing tell an attacker which accounts exist.
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from typing import Any
 
@@ -30,6 +31,12 @@ def safe_next(target: str | None, default: str = "/") -> str:
     if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
         return default
     return target
+
+
+def unknown_key(username: str) -> str:
+    """How a name that is no account is recorded: people type their password into the
+    user name field, so it is kept only as a short hash (still enough to lock it out)."""
+    return "unknown:" + hashlib.sha256(username.lower().encode("utf-8")).hexdigest()[:12]
 
 
 def _dummy_hash() -> str:
@@ -113,16 +120,17 @@ def login():
         return _login_page("your sign-in form expired; please try again", 400, username)
     if not username or not password:
         return _login_page("enter your user name and password", 400, username)
-    refused = _refusal(username)
+    user = get_db().execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
+    key = username if user else unknown_key(username)
+    refused = _refusal(key)
     if refused:
-        _record_attempt(username, False, "locked" if refused[0] == 423 else "rate")
-        audit.record(get_db(), username, "auth.login", username, source=auth.client_address(),
+        _record_attempt(key, False, "locked" if refused[0] == 423 else "rate")
+        audit.record(get_db(), key, "auth.login", key, source=auth.client_address(),
                      outcome="refused", detail={"reason": refused[1]}, ts=auth.now())
         return _login_page(refused[1], refused[0], username)
-    user = get_db().execute("SELECT * FROM users WHERE username = ?", (username,)).fetchone()
     ok = accounts.check_password(user["password_hash"] if user else _dummy_hash(), password)
     if not ok or user is None or user["disabled"]:
-        _fail(username, "password" if (user is None or not ok) else "disabled")
+        _fail(key, "password" if (user is None or not ok) else "disabled")
         return _login_page("wrong user name or password", 401, username)
     if accounts.needs_rehash(user["password_hash"]):
         get_db().execute("UPDATE users SET password_hash = ? WHERE id = ?",
