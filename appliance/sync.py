@@ -680,10 +680,18 @@ def _restore_report(conn: sqlite3.Connection, rec: dict[str, Any]) -> int:
     """Insert a report and its signed version if this appliance has the report tables."""
     if not (_table_exists(conn, "reports") and _table_exists(conn, "report_versions")):
         return 0
+    rank = {"draft": 0, "preliminary": 1, "final": 2}
     with db.transaction(conn):
         for table, row in (("reports", rec["report"]), ("report_versions", rec["version"])):
             cols = [c[1] for c in conn.execute(f"PRAGMA table_info({table})")]
             keep = {k: v for k, v in row.items() if k in cols}
             conn.execute(f"INSERT OR IGNORE INTO {table} ({', '.join(keep)}) VALUES"
                          f" ({', '.join('?' for _ in keep)})", tuple(keep.values()))
+            if table == "reports":  # a later signature's bundle carries the newer report row
+                have = conn.execute("SELECT status FROM reports WHERE id=?",
+                                    (row["id"],)).fetchone()
+                if rank.get(row.get("status"), 0) > rank.get(have["status"], 0):
+                    sets = {k: v for k, v in keep.items() if k != "id"}
+                    conn.execute(f"UPDATE reports SET {', '.join(f'{k}=?' for k in sets)}"
+                                 " WHERE id=?", (*sets.values(), row["id"]))
     return 1
