@@ -214,3 +214,29 @@ def test_month_bounds():
     t = dt.datetime(2024, 2, 15, 12, tzinfo=dt.UTC).timestamp()
     start, end = status_report.month_bounds(t)
     assert (end - start) / 86400 == 29
+
+
+def test_request_id_on_every_log_line_and_response(site, caplog):
+    import logging
+
+    from flask import current_app
+
+    from appliance import config
+    from appliance.web import create_app
+
+    caplog.set_level(logging.INFO)
+    app = create_app(config.load(site.data_dir))
+
+    def noisy():
+        current_app.logger.info("handling")
+        return "ok"
+
+    app.add_url_rule("/test-noisy", view_func=noisy)
+    client = app.test_client()
+    given = client.get("/test-noisy", headers={"X-Request-Id": "abc12345-given"})
+    assert given.headers["X-Request-Id"] == "abc12345-given"
+    fresh = client.get("/test-noisy", headers={"X-Request-Id": "bad id <script>"})
+    minted = fresh.headers["X-Request-Id"]
+    assert minted != "bad id <script>" and len(minted) == 16
+    ids = [getattr(r, "request_id", None) for r in caplog.records if r.getMessage() == "handling"]
+    assert ids == ["abc12345-given", minted]

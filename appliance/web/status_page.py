@@ -12,10 +12,22 @@ authentication SLO, without touching those areas' code.
 
 from __future__ import annotations
 
+import logging
+import re
 import time
+import uuid
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, jsonify, render_template_string, request
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    g,
+    has_request_context,
+    jsonify,
+    render_template_string,
+    request,
+)
 from markupsafe import Markup
 
 from appliance import health_series, metrics, readiness, status_report
@@ -24,6 +36,7 @@ from appliance.web import get_db
 bp = Blueprint("status_page", __name__)
 
 AUTH_PATHS = ("/login", "/login/totp")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")  # a caller's id is kept only if it is sane
 AUTH_SLO_S = 3.0
 
 
@@ -35,6 +48,18 @@ def _public(view):
 @bp.record_once
 def _setup_metrics(state) -> None:
     metrics.setup(state.app.config["SITE"].data_dir)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
+            handler.addFilter(RequestIdFilter())
+
+
+class RequestIdFilter(logging.Filter):
+    """Put the request id on every log line written while a request is served."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if has_request_context() and "request_id" in g and not hasattr(record, "request_id"):
+            record.request_id = g.request_id
+        return True
 
 
 def _user() -> dict[str, Any] | None:
@@ -49,10 +74,14 @@ def _user() -> dict[str, Any] | None:
 @bp.before_app_request
 def _start_timer() -> None:
     g.status_page_t0 = time.perf_counter()
+    given = request.headers.get("X-Request-Id", "")
+    g.request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
 
 
 @bp.after_app_request
 def _time_request(response: Response) -> Response:
+    if "request_id" in g:
+        response.headers["X-Request-Id"] = g.request_id
     t0 = g.pop("status_page_t0", None)
     if t0 is None:
         return response
