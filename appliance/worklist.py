@@ -381,6 +381,10 @@ def transition(conn: sqlite3.Connection, item_id: int, new_state: str,
             sets["claim_expires_at"] = None  # the author keeps it; no lease once reported
             if row["read_at"] is None:
                 sets["read_at"] = now
+                if now > row["due_at"] and not row["breached"]:
+                    # read late while no sweep ran: the breach step is skipped below,
+                    # the flag must still say what happened
+                    sets.update(breached=1, breached_at=row["due_at"])
             if new_state == "final":
                 sets["final_at"] = now
         if new_state == "queued":

@@ -296,6 +296,17 @@ def test_a_read_study_does_not_escalate(qs: QueueSite):
     assert notifications.inbox(qs.conn, "dr.a") == []
 
 
+def test_read_after_due_with_no_sweep_is_still_breached(qs: QueueSite):
+    a = qs.reader("dr.a")
+    uid = qs.store(at=T0)  # built-in fallback: routine, 60 min
+    qs.sweep(T0 + 60)
+    item_id = qs.item(uid)["id"]
+    worklist.claim(qs.conn, item_id, a, T0 + 3000)
+    item = worklist.transition(qs.conn, item_id, "final", a, T0 + 4000)  # worker down
+    assert item["breached"] and item["breached_at"] == T0 + 3600
+    assert qs.sweep(T0 + 4001)["escalations"] == 0
+
+
 def test_an_empty_pool_escalates_to_responders(qs: QueueSite):
     qs.use("teleneurology-stroke.yaml")
     qs.reader("resp", role="responder")
