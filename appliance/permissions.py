@@ -32,7 +32,7 @@ NAV: list[tuple[str, str, tuple[str, ...]]] = [
     ("/worklist", "Worklist", READERS),
     ("/dashboard", "Turnaround", DASHBOARD),
     ("/reports", "Reports", (*READERS, "site_staff")),
-    ("/critical", "Critical findings", ("site_staff", "admin", "responder", *READERS)),
+    ("/critical", "Critical findings", ("site_staff", "admin", "responder")),
     ("/status", "Status", OPERATORS),
     ("/admin/users", "Users", ADMINS),
     ("/admin/audit", "Audit trail", ADMINS),

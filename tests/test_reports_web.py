@@ -178,6 +178,21 @@ def test_who_may_do_what_on_reports(web):
                         ).status_code == 403
     assert ray.post("/critical/1/acknowledge", json={}, headers={
         **JSON, "X-CSRF-Token": token}).status_code == 403
+    # A reader outside the item's pool reads the report only through break-glass, audited.
+    a.add_user("dr.neuro", "neurologist")
+    conn = a.db()
+    conn.execute("UPDATE read_items SET pool_roles = 'radiologist' WHERE id = ?", (item_id,))
+    conn.close()
+    neuro = _client(a, "dr.neuro")
+    r = neuro.get(f"/reports/{rid}", headers=JSON)
+    assert r.status_code == 403 and "break-glass" in r.get_json()["error"]
+    ntoken = _csrf(neuro, f"/break-glass?study={_study}")
+    r = neuro.post("/break-glass", data={"study": _study, "reason": "Stroke consult requested",
+                                         "next": f"/reports/{rid}", "csrf_token": ntoken},
+                   headers=HTML)
+    assert r.status_code == 302 and r.headers["Location"] == f"/reports/{rid}"
+    assert neuro.get(f"/reports/{rid}", headers=HTML).status_code == 200
+    assert neuro.get("/critical", headers=HTML).status_code == 403  # the site's list
     admin = a.client()
     assert admin.get(f"/reports/{rid}", headers=JSON).status_code == 401
     conn = db.connect(a.data_dir / "appliance.db")

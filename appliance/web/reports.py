@@ -39,7 +39,9 @@ bp = Blueprint("reports", __name__)
 
 # Who may read a signed report: the readers, and the site staff it is written for.
 VIEWERS = (*permissions.READERS, "site_staff")
-CRITICAL_VIEWERS = ("site_staff", "admin", "responder", *permissions.READERS)
+# The site's list of critical findings: its staff, and the responders and admins to whom
+# unacknowledged findings escalate. Readers see the findings of their own reports.
+CRITICAL_VIEWERS = ("site_staff", "admin", "responder")
 ACKNOWLEDGERS = ("site_staff",)
 
 
@@ -127,6 +129,32 @@ def _page_data(conn, report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _may_read(conn, report: dict[str, Any]) -> ReportError | None:
+    """Why the caller may not read this report, or None.
+
+    Site staff read signed reports of their site. A reader reads a report they
+    wrote, or one of a study in their reading pool, or under a break-glass
+    grant for the study, exactly as they may open its images.
+    """
+    user = _user()
+    if user["role"] == "site_staff":
+        return None if report["status"] != "draft" else ReportError(
+            "this report is not signed yet", 403)
+    if report["author"] == user["username"] or auth.has_break_glass(report["study_uid"]):
+        return None
+    if report["read_item_id"] is not None:
+        try:
+            item = _worklist().get_item(conn, report["read_item_id"])
+        except Exception:
+            item = None
+        tags = {t.strip().lower() for t in (user.get("tags") or "").split(",") if t.strip()}
+        if item and user["role"] in item["pool"]["roles"] and \
+                {t.lower() for t in item["pool"]["tags"]} <= tags:
+            return None
+    return ReportError("this study is outside your reading pool: open it through break-glass "
+                       f"(/break-glass?study={report['study_uid']}) with a reason", 403)
+
+
 @bp.get("/reports/<int:rid>")
 @auth.require(*VIEWERS)
 def page(rid: int):
@@ -135,8 +163,11 @@ def page(rid: int):
         report = reports.get_report(conn, rid)
     except ReportError as e:
         return _fail(e)
-    if _user()["role"] == "site_staff" and report["status"] == "draft":
-        return _fail(ReportError("this report is not signed yet", 403))
+    refusal = _may_read(conn, report)
+    if refusal is not None:
+        auth.audit_event("report.view", f"report:{rid}", outcome="denied",
+                         detail={"study_uid": report["study_uid"]})
+        return _fail(refusal)
     auth.audit_event("report.view", f"report:{rid}", detail={"study_uid": report["study_uid"]})
     return render_template("reports/report.html", **_page_data(conn, report),
                            fmt_time=fmt_time)
@@ -229,7 +260,12 @@ def flag_critical(rid: int):
 @bp.get("/reports")
 @auth.require(*VIEWERS)
 def results():
-    """Signed reports, newest first: what the site staff come for ("is the CT read?")."""
+    """Signed reports, newest first: what the site staff come for ("is the CT read?").
+
+    Readers see the reports they signed.
+    """
+    user = _user()
+    mine = user["role"] != "site_staff"
     rows = [dict(r) for r in get_db().execute(
         "SELECT r.id, r.status, r.kind, r.parent_id, r.author, r.updated_at, r.study_uid,"
         " s.patient_id, s.patient_name, s.accession_number, s.study_description, s.modalities,"
@@ -239,7 +275,8 @@ def results():
         " (SELECT group_concat(d.format || ' ' || d.state, ', ') FROM deliveries d"
         "  WHERE d.report_id = r.id) AS delivery"
         " FROM reports r LEFT JOIN studies s ON s.study_uid = r.study_uid"
-        " WHERE r.status != 'draft' ORDER BY r.updated_at DESC LIMIT 200")]
+        " WHERE r.status != 'draft' AND (? = 0 OR r.author = ?)"
+        " ORDER BY r.updated_at DESC LIMIT 200", (int(mine), user["username"]))]
     for r in rows:
         r["patient_name"] = (r["patient_name"] or "").replace("^", " ").strip()
     auth.audit_event("report.list", "", detail={"rows": len(rows)})
@@ -290,6 +327,9 @@ def acknowledge(fid: int):
 def _signed(rid: int) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
     conn = get_db()
     report = reports.get_report(conn, rid)
+    refusal = _may_read(conn, report)
+    if refusal is not None:
+        raise refusal
     version = reports.final_version(conn, rid) or reports.latest_version(conn, rid)
     if version is None:
         raise ReportError("this report is not signed yet; only signed reports are printed", 409)
