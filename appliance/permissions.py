@@ -31,8 +31,8 @@ PUBLIC_ENDPOINTS: dict[str, str] = {
 NAV: list[tuple[str, str, tuple[str, ...]]] = [
     ("/worklist", "Worklist", READERS),
     ("/dashboard", "Turnaround", DASHBOARD),
+    ("/critical", "Critical findings", ("site_staff", "admin", "responder")),  # staff land here
     ("/reports", "Reports", (*READERS, "site_staff")),
-    ("/critical", "Critical findings", ("site_staff", "admin", "responder")),
     ("/status", "Status", OPERATORS),
     ("/admin/users", "Users", ADMINS),
     ("/admin/audit", "Audit trail", ADMINS),
