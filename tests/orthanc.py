@@ -84,10 +84,14 @@ class Orthanc:
         self.wait_ready(timeout)
         return self
 
-    def stop(self) -> None:
-        """Stop Orthanc (SIGTERM, then SIGKILL) and wait until it has exited."""
+    def stop(self, kill: bool = False) -> None:
+        """Stop Orthanc (SIGTERM, then SIGKILL; at once with ``kill``) and wait for its exit."""
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
+            return
+        if kill:  # its shutdown takes seconds; a throwaway test PACS need not wait for it
+            proc.kill()
+            proc.wait()
             return
         proc.terminate()
         try:
@@ -163,4 +167,4 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     pacs = Orthanc(tmp_path / "orthanc", aet="SITEPACS", binary=binary)
     pacs.start()
     yield pacs
-    pacs.stop()
+    pacs.stop(kill=True)

@@ -116,7 +116,7 @@ def test_signed_report_arrives_in_orthanc_as_sr_and_pdf(site, orthanc):  # noqa:
 
 def test_delivery_retries_with_backoff_until_the_pacs_is_back(site, orthanc):  # noqa: F811
     cfg, study_uid = _setup(site, orthanc, formats="[sr]")
-    orthanc.stop()
+    orthanc.stop(kill=True)  # the PACS goes away (a crash: faster than its shutdown)
     conn = db.connect(site.data_dir / "appliance.db")
     rid = _signed_final(conn, cfg, study_uid)
 
@@ -172,7 +172,7 @@ def test_an_unreachable_pacs_costs_one_attempt_per_sweep_not_one_per_report(
         site, orthanc):  # noqa: F811
     cfg, study_uid = _setup(site, orthanc, formats="[sr]")
     other = ingest_study(site, 1, patient_id="PAT-78", accession="ACC-78")
-    orthanc.stop()
+    orthanc.stop(kill=True)  # the PACS goes away (a crash: faster than its shutdown)
     conn = db.connect(site.data_dir / "appliance.db")
     first, second = _signed_final(conn, cfg, study_uid), _signed_final(conn, cfg, other)
     assert report_delivery.run_due(cfg, now=T0) == {"delivered": 0, "failed": 1}
