@@ -159,6 +159,8 @@ def sweep(cfg) -> None:
     from appliance import db, metrics
 
     now = time.time()
+    metrics.ensure_setup(cfg.data_dir)
+    metrics.worker_swept(now)
     conn = db.connect(cfg.db_path)
     try:
         note_component_starts(conn)
@@ -173,4 +175,3 @@ def sweep(cfg) -> None:
         log.debug("health sample", extra={"sample": json.dumps(values)})
     finally:
         conn.close()
-    metrics.worker_swept(now)

@@ -27,6 +27,7 @@ log = logging.getLogger("appliance.metrics")
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 _lock = threading.Lock()
 _metrics: SimpleNamespace | None = None
+_built_for: str | None = None
 _PID_FILE = re.compile(r"_(\d+)\.db$")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -43,10 +44,13 @@ def setup(data_dir: Path) -> Path:
     are gone are removed so their gauges stop counting, while the files of the
     other live processes (the DICOM node, the other gunicorn workers) stay.
     """
+    global _metrics, _built_for
     path = multiproc_dir(data_dir)
     path.mkdir(parents=True, exist_ok=True)
     os.environ[ENV] = str(path)
     _remove_dead(path)
+    if _built_for != str(path):
+        _metrics = None  # made again, writing to this directory
     from prometheus_client import values
 
     values.ValueClass = values.get_value_class()  # in case prometheus_client came in earlier
@@ -77,16 +81,30 @@ def _alive(pid: int) -> bool:
 
 def m() -> SimpleNamespace:
     """The metric objects, made on first use (after :func:`setup`)."""
-    global _metrics
+    global _metrics, _built_for
     if _metrics is None:
         with _lock:
             if _metrics is None:
+                _built_for = os.environ.get(ENV)
                 _metrics = _build()
     return _metrics
 
 
+def ensure_setup(data_dir: Path) -> None:
+    """:func:`setup` once per process (for code that runs repeatedly, like a sweep)."""
+    if os.environ.get(ENV) != str(multiproc_dir(data_dir)):
+        setup(data_dir)
+
+
 def _build() -> SimpleNamespace:
-    from prometheus_client import Counter, Gauge, Histogram
+    """The metric objects. Not registered globally: /metrics reads every process's files."""
+    from functools import partial
+
+    import prometheus_client
+
+    Counter = partial(prometheus_client.Counter, registry=None)
+    Gauge = partial(prometheus_client.Gauge, registry=None)
+    Histogram = partial(prometheus_client.Histogram, registry=None)
 
     return SimpleNamespace(
         cstore=Counter("appliance_cstore_total", "C-STORE requests by calling AE and outcome",

@@ -80,6 +80,7 @@ def test_status_page_in_chromium_during_a_fault(site, dcmtk, artifacts, tmp_path
     assert "appliance_ready 0.0" in text
     assert 'appliance_component_up{component="worker"} 1.0' in text
     assert "appliance_studies 1.0" in text and "appliance_disk_free_bytes" in text
+    assert "appliance_worker_last_sweep_timestamp_seconds " in text  # from the worker process
 
 
 def test_anonymous_json_is_coarse_and_signed_in_json_is_detailed(site, dcmtk):
@@ -240,3 +241,33 @@ def test_request_id_on_every_log_line_and_response(site, caplog):
     assert minted != "bad id <script>" and len(minted) == 16
     ids = [getattr(r, "request_id", None) for r in caplog.records if r.getMessage() == "handling"]
     assert ids == ["abc12345-given", minted]
+
+
+def test_sign_ins_are_timed_for_the_slo_and_metrics(site):
+    """The web app times its own sign-ins: an SLO observation and Prometheus figures."""
+    import re
+
+    from appliance import accounts, config, health_series
+    from appliance.web import create_app
+
+    conn = site.db()
+    accounts.add_user(conn, "timed", "responder", "timed-password-1")
+    conn.close()
+    app = create_app(config.load(site.data_dir))
+    client = app.test_client()
+
+    def sign_in(password: str):
+        form = client.get("/login", base_url="https://localhost").get_data(as_text=True)
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)
+        return client.post("/login", base_url="https://localhost", data={
+            "username": "timed", "password": password, "csrf_token": csrf})
+
+    assert sign_in("wrong-password").status_code == 401
+    assert sign_in("timed-password-1").status_code in (302, 303)
+    conn = site.db()
+    total, bad = health_series.observations(conn, "auth", time.time() - 60)
+    conn.close()
+    assert (total, bad) == (2, 0)  # both answered well under 3 s
+    text = client.get("/metrics", base_url="https://localhost").get_data(as_text=True)
+    assert "appliance_auth_seconds_count 2.0" in text
+    assert "appliance_auth_failures_total 1.0" in text
