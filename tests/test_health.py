@@ -66,10 +66,19 @@ def echo_ok(site, dcmtk) -> bool:
     return r.returncode == 0
 
 
-@pytest.fixture
-def running_site(site, dcmtk):
+@pytest.fixture(scope="module")
+def running_site(tmp_path_factory, dcmtk):
+    """One running appliance for the fault tests: each test restores what it broke."""
+    site = make_site(tmp_path_factory.mktemp("health"))
     start_all(site)
-    return site
+    yield site
+    site.stop_all()
+
+
+@pytest.fixture(autouse=True)
+def _healthy_before_each(request):
+    if "running_site" in request.fixturenames:
+        wait_ready(request.getfixturevalue("running_site"), 200)
 
 
 def test_livez_and_healthz_alias(running_site):
