@@ -308,6 +308,7 @@ def test_reader_must_enrol_and_confirm_totp(auth_app: AuthApp):
     assert r.status_code == 302 and r.headers["Location"].startswith("/login/totp")
     page = c.get("/login/totp", headers=HTML).get_data(as_text=True)
     secret = re.search(r'data-testid="totp-secret">([A-Z2-7]+)<', page).group(1)
+    assert 'data-testid="totp-qr"' in page and 'src="data:image/svg+xml' in page
     token = csrf_of(c, "/login/totp")
     r = c.post("/login/totp", data={"code": "000000", "csrf_token": token}, headers=HTML)
     assert r.status_code == 401

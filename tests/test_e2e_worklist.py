@@ -63,6 +63,8 @@ def test_radiologist_signs_in_with_totp_sees_countdown_and_claims(dicom_site, dc
             page.click("button[type=submit]")
             page.wait_for_url(re.compile(r"/login/totp"))
             secret = page.inner_text("[data-testid=totp-secret]").strip()
+            assert page.locator("[data-testid=totp-qr]").evaluate("img => img.naturalWidth") > 100
+            page.screenshot(path=str(artifacts / "totp-enrol.png"))
             page.fill("input[name=code]", pyotp.TOTP(secret).now())
             page.click("form[action='/login/totp'] button[type=submit]")
             page.wait_for_url(re.compile(r"/worklist"))
@@ -78,13 +80,13 @@ def test_radiologist_signs_in_with_totp_sees_countdown_and_claims(dicom_site, dc
             assert (row.get_attribute("class") or "") in ("green", "amber", "breached")
             page.wait_for_function(  # it is live: the text changes as the seconds pass
                 f"() => document.querySelector('[data-testid=countdown]').textContent !== '{first}'",
-                timeout=5000)
+                timeout=15000)
             page.screenshot(path=str(artifacts / "worklist.png"), full_page=True)
 
             row.locator("button[data-action=claim]").click()
             page.wait_for_function(
                 "() => document.querySelector('tr[data-testid=item]').textContent"
-                ".includes('claimed · you')", timeout=10000)
+                ".includes('claimed · you')", timeout=20000)
             assert page.locator("tr[data-testid=item] button[data-action=release]").count() == 1
             href = page.locator("tr[data-testid=item] a").first.get_attribute("href")
             assert href == f"/viewer?StudyInstanceUIDs={study_uid}"

@@ -13,6 +13,7 @@ import sqlite3
 from typing import Any
 
 import pyotp
+import segno
 from flask import Blueprint, redirect, render_template, request, session
 from werkzeug.wrappers import Response
 
@@ -160,8 +161,9 @@ def _quoted_next() -> str:
 def _totp_page(row: sqlite3.Row, secret: str | None, error: str = "", status: int = 200):
     enrol = not row["totp_secret"]
     uri = pyotp.TOTP(secret).provisioning_uri(name=row["username"], issuer_name=TOTP_ISSUER) if enrol else ""
+    qr = segno.make(uri, error="m").svg_data_uri(scale=5) if enrol else ""
     return render_template("totp.html", enrol=enrol, secret=secret if enrol else "", uri=uri,
-                           error=error, next=safe_next(request.values.get("next")),
+                           qr=qr, error=error, next=safe_next(request.values.get("next")),
                            action="/login/totp"), status
 
 
