@@ -92,6 +92,10 @@ def test_worker_killed_mid_batch_loses_and_duplicates_nothing(site: Site, dcmtk,
     assert scalar(site, "SELECT COUNT(*) FROM studies") == 10
     assert scalar(site, "SELECT COUNT(*) FROM read_items") == at_kill  # nobody sweeping
     site.start("worker")
+    for pause in (0.7, 1.1, 0.9):  # and again while it catches up: kill at arbitrary lines
+        time.sleep(pause)  # the point is an arbitrary moment, not an event to wait for
+        site.stop("worker", signal.SIGKILL)
+        site.start("worker")
     wait_until("ten read items", lambda: scalar(site, "SELECT COUNT(*) FROM read_items") == 10,
                30)
     wait_until("every escalation step fired", lambda: scalar(
