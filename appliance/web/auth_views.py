@@ -14,7 +14,7 @@ from typing import Any
 
 import pyotp
 import segno
-from flask import Blueprint, redirect, render_template, request, session
+from flask import Blueprint, current_app, redirect, render_template, request, session
 from werkzeug.wrappers import Response
 
 from appliance import accounts, audit, permissions
@@ -23,7 +23,6 @@ from appliance.web import auth, get_db
 bp = Blueprint("auth_views", __name__)
 bp.record_once(lambda state: auth.init_app(state.app))
 
-TOTP_ISSUER = "Field appliance"
 _DUMMY_HASH: list[str] = []  # computed once: equal work for unknown users
 
 
@@ -160,7 +159,9 @@ def _quoted_next() -> str:
 # -- TOTP -------------------------------------------------------------------------------------------
 def _totp_page(row: sqlite3.Row, secret: str | None, error: str = "", status: int = 200):
     enrol = not row["totp_secret"]
-    uri = pyotp.TOTP(secret).provisioning_uri(name=row["username"], issuer_name=TOTP_ISSUER) if enrol else ""
+    # The site's name as issuer: a reader of several appliances tells their codes apart.
+    issuer = current_app.config["SITE"]["site"]["name"] or "Field appliance"
+    uri = pyotp.TOTP(secret).provisioning_uri(name=row["username"], issuer_name=issuer) if enrol else ""
     qr = segno.make(uri, error="m").svg_data_uri(scale=5) if enrol else ""
     return render_template("totp.html", enrol=enrol, secret=secret if enrol else "", uri=uri,
                            qr=qr, error=error, next=safe_next(request.values.get("next")),
