@@ -127,16 +127,20 @@ def start_session(user: sqlite3.Row | dict, complete: bool) -> str:
     return sid
 
 
-def end_session(reason: str) -> None:
-    """End the caller's session (logout, idle, expiry) and clear the cookie."""
-    sid = session.get("sid")
+def end_session(reason: str) -> bool:
+    """End the caller's session (logout, idle, expiry) and clear the cookie.
+
+    True when this call ended it (two concurrent requests cannot both end it).
+    """
+    sid, ended = session.get("sid"), False
     if sid:
-        get_db().execute(
+        ended = get_db().execute(
             "UPDATE sessions SET ended_at = ?, end_reason = ? WHERE id = ? AND ended_at IS NULL",
             (now(), reason, hash_sid(sid)),
-        )
+        ).rowcount == 1
     session.clear()
     g.pop("auth", None)
+    return ended
 
 
 def end_user_sessions(conn: sqlite3.Connection, user_id: int, reason: str,
@@ -194,12 +198,10 @@ def _from_session() -> _Auth:
         end_session("disabled")
         return _Auth(why="account disabled")
     if t - row["last_seen"] > cfg["idle_timeout_min"] * 60:
-        _record_logoff(row, "idle")
-        end_session("idle")
+        _log_off(row, "idle")
         return _Auth(why="signed out after inactivity")
     if t - row["created_at"] > cfg["session_max_hours"] * 3600:
-        _record_logoff(row, "expired")
-        end_session("expired")
+        _log_off(row, "expired")
         return _Auth(why="session expired")
     if not row["second_factor"]:
         return _Auth(why="second factor required")
@@ -208,9 +210,11 @@ def _from_session() -> _Auth:
     return _Auth(_public_user(row), via="session", must_change=bool(row["must_change_password"]))
 
 
-def _record_logoff(row: sqlite3.Row, reason: str) -> None:
-    audit.record(get_db(), row["username"], "auth.logout", row["username"],
-                 source=client_address(), detail={"reason": reason}, ts=now())
+def _log_off(row: sqlite3.Row, reason: str) -> None:
+    """End a session the appliance closed itself, audited once."""
+    if end_session(reason):
+        audit.record(get_db(), row["username"], "auth.logout", row["username"],
+                     source=client_address(), detail={"reason": reason}, ts=now())
 
 
 def _authenticate() -> _Auth:
