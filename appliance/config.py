@@ -349,7 +349,23 @@ def parse(text: str, path: Path) -> dict[str, Any]:
     dicom_node = doc.get("dicom") if isinstance(doc, dict) else None
     ae_node = dicom_node.get("known_aes") if isinstance(dicom_node, dict) else None
     values["dicom"]["known_aes"] = _validate_known_aes(values["dicom"]["known_aes"], path, ae_node)
+    _check_report_destination(doc, values, path)
     return values
+
+
+def _check_report_destination(doc: Any, values: dict[str, Any], path: Path) -> None:
+    """reports.deliver_to must name a known AE with a host, or the reports would go nowhere."""
+    name = values["reports"]["deliver_to"].strip()
+    if not name:
+        return
+    node = doc.get("reports") if isinstance(doc, dict) else None
+    where = _where(node, "deliver_to", path) if node is not None else str(path)
+    ae = next((a for a in values["dicom"]["known_aes"] if a["name"] == name), None)
+    if ae is None:
+        raise ConfigError(f"{where}: reports.deliver_to: {name!r} is not in dicom.known_aes "
+                          f"(appliance ae add {name} --host H --port P)")
+    if not ae["host"]:
+        raise ConfigError(f"{where}: reports.deliver_to: known AE {name!r} has no host to send to")
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:

@@ -15,7 +15,7 @@ from orthanc import orthanc  # noqa: F401  (fixture)
 from pydicom.uid import BasicTextSRStorage, EncapsulatedPDFStorage
 from reporting_site import add_known_ae, add_users, ingest_study, local_site, set_reports_config
 
-from appliance import audit, db, report_delivery, reports
+from appliance import audit, config, db, report_delivery, reports
 
 T0 = 1_900_000_000.0
 
@@ -183,15 +183,22 @@ def test_an_unreachable_pacs_costs_one_attempt_per_sweep_not_one_per_report(
     assert len(orthanc.instances()) == 2
 
 
-def test_unknown_destination_is_a_clear_error_and_keeps_retrying(site):
-    cfg = set_reports_config(site, deliver_to="NOSUCHPACS", formats="[sr]")
-    add_users(site)
-    study_uid = ingest_study(site, 1)
-    conn = db.connect(site.data_dir / "appliance.db")
-    rid = _signed_final(conn, cfg, study_uid)
-    assert report_delivery.run_due(cfg, now=T0)["failed"] == 1
-    row = report_delivery.for_report(conn, rid)[0]
-    assert "NOSUCHPACS is not a known AE" in row["last_error"] and row["state"] == "pending"
+def test_a_destination_that_is_not_a_known_ae_is_refused_with_file_and_line(site):
+    with pytest.raises(config.ConfigError, match=r"appliance.yaml:\d+:\d+: reports.deliver_to: "
+                       r"'NOSUCHPACS' is not in dicom.known_aes"):
+        set_reports_config(site, deliver_to="NOSUCHPACS")
+    set_reports_config(site, deliver_to='""')  # the responder corrects the file
+    add_known_ae(site, "SITEPACS", "127.0.0.1", 104)
+    set_reports_config(site, deliver_to="SITEPACS")
+    before = (site.data_dir / "appliance.yaml").read_text()
+
+    def remove(items) -> None:
+        del items[0]
+
+    # Removing the PACS the reports go to is refused, and the file stays as it was.
+    with pytest.raises(config.ConfigError, match="'SITEPACS' is not in dicom.known_aes"):
+        config.edit_known_aes(site.data_dir, remove)
+    assert (site.data_dir / "appliance.yaml").read_text() == before
 
 
 @pytest.mark.parametrize("attempts,expected", [(1, 5), (2, 10), (3, 20), (7, 300), (50, 300)])
