@@ -103,7 +103,9 @@ def test_items_json_filters_and_scope_all_links_through_break_glass(wl: AuthApp)
     outside = {i["study_uid"]: i for i in everything if not i["eligible"]}
     assert set(outside) == {"1.2.3.neuro-only", "1.2.3.north"}
     assert outside["1.2.3.north"]["open_url"].startswith("/break-glass?study=1.2.3.north&next=")
-    assert c.get("/worklist/items?state=bogus").status_code == 400
+    bad = c.get("/worklist/items?state=bogus")
+    assert bad.status_code == 400 and "unknown state filter" in bad.get_json()["error"]
+    assert c.get("/worklist/items?priority=whenever").status_code == 400
 
 
 def test_claim_and_release_in_one_click(wl: AuthApp):

@@ -29,6 +29,14 @@ FILTER_STATES = {"open": ["queued", "claimed", "preliminary"], "queued": ["queue
                  "claimed": ["claimed"], "mine": ["claimed", "preliminary"]}
 
 
+@bp.errorhandler(400)
+def _bad_request(e):
+    """Bad filters: JSON for the page's refresh and scripts, the usual page otherwise."""
+    if auth.wants_json():
+        return jsonify(error=e.description), 400
+    return e
+
+
 def viewer_url(study_uid: str) -> str:
     return "/viewer?StudyInstanceUIDs=" + quote(study_uid, safe="")
 
