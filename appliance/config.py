@@ -103,6 +103,7 @@ SCHEMA: dict[str, Any] = {
         "bind": Leaf(str, "0.0.0.0"),
         "store_from": Leaf(str, "any", _choice("any", "known")),
         "max_associations": Leaf(int, 16, _positive),
+        "processes": Leaf(int, 2, lambda v: None if 1 <= v <= 32 else "must be between 1 and 32"),
         "low_water_mb": Leaf(int, 500, _non_negative),
         "known_aes": Leaf((list,), []),
         "allowed_modalities": Leaf((list,), [], lambda v: None if all(
@@ -116,7 +117,7 @@ SCHEMA: dict[str, Any] = {
     },
     "worker": {
         "quiet_period_s": Leaf((int, float), 30, _positive),
-        "sweep_interval_s": Leaf((int, float), 5, _positive),
+        "sweep_interval_s": Leaf((int, float), 2, _positive),
         "claim_lease_s": Leaf((int, float), 1200, _positive),
     },
     "logging": {
@@ -442,8 +443,11 @@ dicom:
   # Who may C-ECHO / C-STORE: "any" calling AE (a new scanner can send at
   # once; every association is logged with its address) or only "known" AEs.
   store_from: any
-  # Associations served at the same time.
+  # Associations served at the same time (by each process).
   max_associations: 16
+  # Node processes sharing the port: one Python process ingests on about one
+  # core, so parallel senders need more than one. Usually the number of cores.
+  processes: 2
   # Refuse new images (Out of Resources, 0xA700) when free disk in the data
   # directory drops below this many MiB, so what is stored stays intact.
   low_water_mb: 500
@@ -468,7 +472,7 @@ worker:
   # A study is complete when no instance has arrived for this many seconds.
   quiet_period_s: 30
   # How often the worker sweeps for due work (SLA escalations, leases).
-  sweep_interval_s: 5
+  sweep_interval_s: 2
   # A reader's claim on a study lapses after this many seconds unless renewed
   # (the viewer renews it while open); the study then returns to the queue.
   claim_lease_s: 1200

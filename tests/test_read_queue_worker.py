@@ -38,7 +38,7 @@ rules:
 def fast_site(site: Site, workflow: str = FAST_WORKFLOW) -> None:
     cfg = site.data_dir / "appliance.yaml"
     text = cfg.read_text().replace("quiet_period_s: 30", "quiet_period_s: 1")
-    cfg.write_text(text.replace("sweep_interval_s: 5", "sweep_interval_s: 0.5"))
+    cfg.write_text(text.replace("sweep_interval_s: 2", "sweep_interval_s: 0.5"))
     for old in (site.data_dir / "workflows").glob("*.yaml"):
         old.unlink()
     (site.data_dir / "workflows" / "fast.yaml").write_text(workflow)
