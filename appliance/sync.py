@@ -177,6 +177,8 @@ def plan(conn: sqlite3.Connection, cfg: Config, now: float, force: bool = False,
     versions, and an audit slice when the interval has passed (``force``: now)."""
     quiet = 0 if force else cfg["worker"]["quiet_period_s"]
     made: list[str] = []
+    if not force and not _anything_due(conn, cfg, now - quiet):
+        return made  # the common case: no write transaction, no lock taken from ingest
     with db.transaction(conn):
         rows = conn.execute(
             "SELECT i.study_uid, i.sop_uid, i.sha256, i.path, i.size, s.study_description"
@@ -195,6 +197,24 @@ def plan(conn: sqlite3.Connection, cfg: Config, now: float, force: bool = False,
         made += _plan_reports(conn, cfg, owner)
         made += _plan_audit(conn, cfg, now, force, owner)
     return made
+
+
+def _anything_due(conn: sqlite3.Connection, cfg: Config, quiet_before: float) -> bool:
+    """A read-only look: is any study, report version or audit slice waiting for a bundle?"""
+    if conn.execute(
+            "SELECT 1 FROM instances i JOIN studies s ON s.study_uid = i.study_uid"
+            " WHERE s.last_received <= ? AND NOT EXISTS (SELECT 1 FROM bundle_items b"
+            "  WHERE b.item_kind='instance' AND b.item_id=i.sop_uid AND b.version=i.sha256)"
+            " LIMIT 1", (quiet_before,)).fetchone():
+        return True
+    if _table_exists(conn, "report_versions") and conn.execute(
+            "SELECT 1 FROM report_versions v WHERE NOT EXISTS (SELECT 1 FROM bundle_items b"
+            " WHERE b.item_kind='report_version' AND b.item_id = CAST(v.id AS TEXT))"
+            " LIMIT 1").fetchone():
+        return True
+    last = conn.execute("SELECT MAX(b.created_at) FROM bundle_items i JOIN bundles b"
+                        " USING (bundle_id) WHERE i.item_kind='audit'").fetchone()[0] or 0
+    return time.time() - last >= cfg["sync"]["audit_interval_s"]
 
 
 def _plan_reports(conn: sqlite3.Connection, cfg: Config, owner: str) -> list[str]:
