@@ -7,6 +7,7 @@ through a backoff.
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pydicom
 import pytest
@@ -181,6 +182,56 @@ def test_an_unreachable_pacs_costs_one_attempt_per_sweep_not_one_per_report(
     orthanc.start()
     assert report_delivery.run_due(cfg, now=T0 + 5) == {"delivered": 2, "failed": 0}
     assert len(orthanc.instances()) == 2
+
+
+def test_a_real_worker_killed_mid_send_delivers_exactly_one_instance(site):
+    """``appliance worker`` is SIGKILLed while the PACS holds its C-STORE; after the lease the
+    same SOP Instance is sent again, and the row is delivered once."""
+    import signal
+    import threading
+
+    from conftest import Site, free_port
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import BasicTextSRStorage as SRClass
+
+    received, arrived, release = [], threading.Event(), threading.Event()
+
+    def on_store(event):
+        received.append(event.request.AffectedSOPInstanceUID)
+        arrived.set()
+        release.wait(60)  # a PACS that takes its time: the worker dies waiting
+        return 0x0000
+
+    port = free_port()
+    scp = AE(ae_title="SITEPACS")
+    scp.add_supported_context(SRClass)
+    server = scp.start_server(("127.0.0.1", port), block=False,
+                              evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    runner = Site(site.data_dir, 0, 0, "")
+    try:
+        add_known_ae(site, "SITEPACS", "127.0.0.1", port)
+        cfg = set_reports_config(site, deliver_to="SITEPACS", formats="[sr]")
+        add_users(site)
+        conn = db.connect(site.data_dir / "appliance.db")
+        rid = _signed_final(conn, cfg, ingest_study(site, 1), now=time.time())
+        runner.start("worker")
+        assert arrived.wait(60), "the worker never sent the SR"
+        runner.stop("worker", signal.SIGKILL)
+        row = report_delivery.for_report(conn, rid)[0]
+        assert row["state"] == "pending" and row["lease_owner"] and row["attempts"] == 0
+        release.set()
+
+        t = time.time()
+        assert report_delivery.run_due(cfg, now=t) == {"delivered": 0, "failed": 0}  # leased
+        assert report_delivery.run_due(cfg, now=t + report_delivery.LEASE_S) == {
+            "delivered": 1, "failed": 0}
+        row = report_delivery.for_report(conn, rid)[0]
+        assert row["state"] == "delivered" and row["attempts"] == 1
+        assert received == [row["sop_uid"], row["sop_uid"]]  # the same instance, sent again
+    finally:
+        release.set()
+        runner.stop_all()
+        server.shutdown()
 
 
 def test_a_destination_that_is_not_a_known_ae_is_refused_with_file_and_line(site):
