@@ -30,6 +30,8 @@ PUBLIC_ENDPOINTS: dict[str, str] = {
 # the app has a route for it (areas are optional modules).
 NAV: list[tuple[str, str, tuple[str, ...]]] = [
     ("/worklist", "Worklist", READERS),
+    ("/critical", "Critical findings", ("site_staff", "responder", "admin")),
+    ("/reports", "Reports", ("site_staff",)),
     ("/dashboard", "Turnaround", DASHBOARD),
     ("/critical", "Critical findings", ("site_staff", "admin", "responder")),  # staff land here
     ("/reports", "Reports", (*READERS, "site_staff")),

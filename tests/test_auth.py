@@ -454,3 +454,19 @@ def test_old_argon2_parameters_are_upgraded_at_sign_in(auth_app: AuthApp):
     conn.close()
     assert new != old and new.startswith("$argon2id$") and not accounts.needs_rehash(new)
     assert accounts.check_password(new, PASSWORD)
+
+
+def test_each_role_lands_on_its_first_area(auth_app: AuthApp):
+    auth_app.add_user("rad1", "radiologist")
+    auth_app.add_user("staff1", "site_staff")
+    auth_app.add_user("resp1", "responder")
+    homes = {}
+    for name in ("rad1", "staff1", "resp1"):
+        c = auth_app.client()
+        login(auth_app, c, name)
+        homes[name] = c.get("/", headers=HTML).headers["Location"]
+        nav = c.get("/account/password", headers=HTML).get_data(as_text=True)
+        assert ("/admin/audit" in nav) is False  # admin pages are not offered to others
+    assert homes["rad1"] == "/worklist"
+    assert homes["staff1"] == "/critical"
+    assert homes["resp1"] == "/critical"
