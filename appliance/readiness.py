@@ -31,7 +31,9 @@ def port_listening(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def _connect(cfg) -> sqlite3.Connection:
+def connect_bounded(cfg) -> sqlite3.Connection:
+    """A connection that gives up on a lock after a second: for checks that must answer
+    while a writer is stuck, where the usual ten-second busy timeout would hang them."""
     conn = sqlite3.connect(str(cfg.db_path), timeout=DB_CHECK_TIMEOUT_MS / 1000,
                            isolation_level=None)
     conn.row_factory = sqlite3.Row
@@ -61,7 +63,7 @@ def studies_waiting(conn: sqlite3.Connection) -> int | None:
 
 def _database(cfg, reasons: list[str], checks: dict[str, Any]) -> dict[str, dict]:
     try:
-        conn = _connect(cfg)
+        conn = connect_bounded(cfg)
     except sqlite3.Error as e:
         reasons.append(f"database cannot be opened: {e}")
         checks["database"] = "error"
@@ -88,7 +90,7 @@ def _sync(cfg, now: float, reasons: list[str], checks: dict[str, Any]) -> None:
         checks["sync"] = "off"
         return
     try:
-        conn = _connect(cfg)
+        conn = connect_bounded(cfg)
         try:
             lag = sync_lag_s(conn, now)
         finally:

@@ -120,7 +120,7 @@ class SqliteCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         now = time.time()
-        conn = readiness._connect(self.cfg)
+        conn = readiness.connect_bounded(self.cfg)
         try:
             yield from self._families(conn, now, GaugeMetricFamily, CounterMetricFamily)
         finally:
@@ -193,7 +193,7 @@ def prometheus_metrics():
 # -- /status -----------------------------------------------------------------------------------------
 def _report(detailed: bool) -> dict[str, Any]:
     cfg = current_app.config["SITE"]
-    conn = readiness._connect(cfg)  # short busy timeout: the page answers during a lock
+    conn = readiness.connect_bounded(cfg)  # short busy timeout: the page answers during a lock
     try:
         report = status_report.collect(cfg, conn)
     except Exception as e:  # the database itself is the fault: show that, not a 500
