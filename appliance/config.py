@@ -164,6 +164,17 @@ SCHEMA: dict[str, Any] = {
         "attempt_window_min": Leaf((int, float), 10, _positive),
         "break_glass_hours": Leaf((int, float), 8, _positive),
     },
+    "consults": {
+        "turn_port": Leaf(int, 3478, _port),
+        "turn_bind": Leaf(str, "0.0.0.0"),
+        "turn_host": Leaf(str, ""),
+        "relay_min_port": Leaf(int, 49160, _port),
+        "relay_max_port": Leaf(int, 49359, _port),
+        "credential_minutes": Leaf(int, 240, _positive),
+        "invite_minutes": Leaf(int, 60, _positive),
+        "video_floor_kbit_s": Leaf(int, 150, _positive),
+        "relay_max_streams": Leaf(int, 2, _non_negative),
+    },
 }
 
 
@@ -563,4 +574,26 @@ auth:
   # A break-glass opening (a study outside the reader's pool or site, with a
   # typed reason) stays open for the reader this many hours.
   break_glass_hours: 8
+
+consults:
+  # Video consults run browser to browser; coturn (TURN) relays media for
+  # browsers that cannot reach each other. Its UDP and TCP port, the address
+  # it listens on, and the host name browsers are told ("" = the host name
+  # they used to reach this web app).
+  turn_port: 3478
+  turn_bind: "0.0.0.0"
+  turn_host: ""
+  # UDP ports coturn relays media through (open them in a firewall).
+  relay_min_port: 49160
+  relay_max_port: 49359
+  # TURN credentials handed to a participant last this many minutes.
+  credential_minutes: 240
+  # An invite link for a remote specialist expires after this many minutes.
+  invite_minutes: 60
+  # Below this send rate (kbit/s), or with heavy loss, for 5 s the call
+  # drops to audio only; video comes back by itself when the link recovers.
+  video_floor_kbit_s: 150
+  # Streams `appliance media` may relay itself (aiortc re-encodes each one,
+  # about a fifth of a core at 640x480); beyond this it refuses, with a message.
+  relay_max_streams: 2
 """

@@ -8,17 +8,19 @@ add`` takes effect without a restart.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from appliance import audit, components, config, db, metrics
 from dicom_node import index as dicom_index
-from dicom_node.node import DicomNode, NodeSettings, Peer
+from dicom_node.node import DicomNode, NodeSettings, Peer, listen
 from dicom_node.study_store import StudyStore
 
 log = logging.getLogger("appliance.dicom")
@@ -61,23 +63,32 @@ class PeerList:
         return self._peers
 
 
-def _auditor(db_path: Path):
-    local = threading.local()
+class Auditor:
+    """The store's ``on_event`` hook: one audit row per event, a connection per thread."""
 
-    def on_event(kind: str, detail: dict[str, Any]) -> None:
-        conn = getattr(local, "conn", None)
+    def __init__(self, db_path: Path):
+        self.db_path = db_path
+        self._local = threading.local()
+
+    def __call__(self, kind: str, detail: dict[str, Any]) -> None:
+        conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = local.conn = db.connect(db_path)
+            conn = self._local.conn = db.connect(self.db_path)
         audit.record(conn, f"dicom:{detail.get('calling_ae', '')}", kind,
                      detail.get("sop_uid", ""), detail=detail)
 
-    return on_event
+    def close(self) -> None:
+        """Close this thread's connection (before a fork: SQLite must not cross one)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
 
 
 def build_node(cfg: config.Config) -> DicomNode:
     conn = db.open_db(cfg.db_path)  # migrations run on every start
     conn.close()
-    on_event = _auditor(cfg.db_path)
+    on_event = Auditor(cfg.db_path)
     store = StudyStore(cfg.studies_dir, cfg.db_path, low_water_mb=cfg["dicom"]["low_water_mb"],
                        on_event=on_event, connect=db.connect)
     metrics.instrument_store(store, cfg.data_dir)  # C-STORE counts/latency for /metrics
@@ -110,17 +121,61 @@ def _add_query_services(node: DicomNode, on_event) -> None:
 
 
 def run(cfg: config.Config) -> int:
-    node = build_node(cfg)
-    recovered = node.store.recover()
-    if any(recovered.values()):
-        log.warning("start-up recovery", extra=recovered)
-    conn = db.connect(cfg.db_path)
+    """Serve DICOM with ``dicom.processes`` processes accepting from one port.
+
+    One pynetdicom process ingests on about one core (the GIL), so parallel
+    senders need more than one.  The parent migrates and recovers the store
+    first, binds the port, then forks the others before it starts any thread
+    or opens any SQLite connection; each process then builds its own node,
+    store and connections.  A child that dies stops the parent with an
+    error, so the supervisor restarts the whole node (and its recovery).
+    """
+    conn = db.open_db(cfg.db_path)  # migrations run on every start
     counts = dicom_index.counts(conn)
     conn.close()
+    _recover(cfg)
+    dcfg = cfg["dicom"]
+    listener = listen(dcfg["bind"], dcfg["port"])
+    children = [_fork_child(cfg, listener) for _ in range(dcfg["processes"] - 1)]
+    node = build_node(cfg)
     stop_beat = components.start_heartbeat(
         lambda: db.connect(cfg.db_path), "dicom",
-        detail=lambda: {"ae_title": cfg["dicom"]["ae_title"], "port": cfg["dicom"]["port"]},
+        detail=lambda: {"ae_title": dcfg["ae_title"], "port": dcfg["port"],
+                        "processes": dcfg["processes"]},
     )
+    done = _stop_on_signals()
+    node.start(listener=listener)
+    log.info("DICOM node ready", extra={"ae_title": dcfg["ae_title"], "port": dcfg["port"],
+                                        "processes": dcfg["processes"], **counts})
+    code = 0
+    while not done.wait(0.5):
+        dead = _reap(children)
+        if dead:
+            code = 0 if done.is_set() or dead[1] == 0 else 1
+            if code:
+                log.error("DICOM node process %s died (status %s): stopping the node",
+                          dead[0], dead[1])
+            break
+    node.stop()
+    _stop_children(children)
+    stop_beat.set()
+    return code
+
+
+def _recover(cfg: config.Config) -> None:
+    """Start-up recovery, once, in the parent, with connections closed afterwards."""
+    auditor = Auditor(cfg.db_path)
+    store = StudyStore(cfg.studies_dir, cfg.db_path, on_event=auditor, connect=db.connect)
+    try:
+        recovered = store.recover()
+    finally:
+        store.close()
+        auditor.close()
+    if any(recovered.values()):
+        log.warning("start-up recovery", extra=recovered)
+
+
+def _stop_on_signals() -> threading.Event:
     done = threading.Event()
 
     def shutdown(signum, _frame) -> None:
@@ -129,10 +184,74 @@ def run(cfg: config.Config) -> int:
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
-    node.start()
-    log.info("DICOM node ready", extra={"ae_title": cfg["dicom"]["ae_title"],
-                                        "port": cfg["dicom"]["port"], **counts})
-    done.wait()
-    node.stop()
-    stop_beat.set()
-    return 0
+    return done
+
+
+def _fork_child(cfg: config.Config, listener) -> int:
+    """Fork one more node process serving ``listener``; return its pid."""
+    if threading.active_count() > 1:
+        log.warning("forking with %d threads running", threading.active_count())
+    parent = os.getpid()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        _die_with_parent(parent)
+        done = _stop_on_signals()
+        node = build_node(cfg)
+        node.start(listener=listener)
+        done.wait()
+        node.stop()
+        code = 0
+    except BaseException:
+        log.exception("DICOM node process failed")
+    finally:
+        os._exit(code)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux for SIGTERM when the parent dies, so no orphan keeps the port."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _reap(children: list[int]) -> tuple[int, int] | None:
+    """(pid, exit status) of a child that has exited, if any."""
+    for pid in children:
+        try:
+            done_pid, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return pid, -1
+        if done_pid:
+            children.remove(pid)
+            return pid, os.waitstatus_to_exitcode(status)
+    return None
+
+
+def _stop_children(children: list[int], timeout: float = 8.0) -> None:
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    for pid in children:
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    break
+            except ChildProcessError:
+                break
+            time.sleep(0.05)
+        else:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass

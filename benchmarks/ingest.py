@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, this folder is sys.path[0]: drop it so a sibling benchmark's module
+# name (benchmarks/queue.py) cannot shadow the standard library's.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from dicom_data import write_series  # noqa: E402  (test-data generator shared with the tests)

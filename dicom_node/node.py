@@ -8,6 +8,7 @@ association; an unexpected error becomes a failure status with a comment.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.study_store import INVALID, NO_SPACE, StudyStore
 
@@ -188,13 +190,26 @@ class DicomNode:
         return _status(0xA701, result.comment)
 
     # -- running -------------------------------------------------------------------
-    def start(self, block: bool = False):
-        """Start listening; with ``block`` serve until :meth:`stop`."""
-        self.server = self.ae.start_server(
-            (self.settings.bind, self.settings.port), block=False, evt_handlers=self.handlers,
-        )
+    def start(self, block: bool = False, listener: socket.socket | None = None):
+        """Start serving; with ``block`` serve until :meth:`stop`.
+
+        ``listener`` is a bound, listening socket made by :func:`listen` and
+        shared by several node processes (each accepts from it); without it
+        the node binds its own, as pynetdicom does.
+        """
+        if listener is None:
+            self.server = self.ae.start_server(
+                (self.settings.bind, self.settings.port), block=False, evt_handlers=self.handlers,
+            )
+        else:
+            self.server = self.ae.make_server(
+                listener.getsockname()[:2], evt_handlers=self.handlers,
+                server_class=SharedListenerServer, listener=listener,
+            )
+            threading.Thread(target=self.server.serve_forever, name="dicom-acceptor",
+                             daemon=True).start()
         log.info("DICOM node listening", extra={"ae_title": self.settings.ae_title,
-                                                "port": self.settings.port})
+                                                "port": self.settings.port, "pid": os.getpid()})
         if block:
             self._stopped.wait()
         return self.server
@@ -203,6 +218,50 @@ class DicomNode:
         if self.server is not None:
             self.server.shutdown()
         self._stopped.set()
+
+
+def listen(bind: str, port: int, backlog: int = 128) -> socket.socket:
+    """A listening TCP socket that several node processes can accept from.
+
+    One process accepts at a time per connection; the kernel wakes whichever
+    is waiting, so a busy process (its acceptor thread slow to get the GIL)
+    leaves new associations to an idle one.  Non-blocking, so a process that
+    loses the race to ``accept`` just goes back to waiting.
+    """
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((bind, port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class SharedListenerServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server on a listening socket it was handed."""
+
+    def __init__(self, *args, listener: socket.socket, **kwargs):
+        self._listener = listener
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        self.socket.close()
+        self.socket = self._listener
+        self.server_address = self._listener.getsockname()
+
+    def server_activate(self) -> None:
+        pass  # already listening
+
+    def get_request(self):
+        client, address = self._listener.accept()  # BlockingIOError if another process won
+        client.setblocking(True)
+        client.settimeout(self.ae.network_timeout)
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True)
+        return client, address
+
+    def server_close(self) -> None:
+        pass  # the listener belongs to the caller (and the other processes)
 
 
 def _quickack_receiver(sock: socket.socket) -> Callable[[int], bytearray]:

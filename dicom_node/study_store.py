@@ -102,6 +102,16 @@ class StudyStore:
             self._local.conn = conn
         return conn
 
+    def close(self) -> None:
+        """Close this thread's connection and the I/O threads (e.g. before a fork)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
     def _lock_for(self, sop_uid: str) -> threading.Lock:
         with self._sop_locks_guard:
             lock = self._sop_locks.get(sop_uid)
