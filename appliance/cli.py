@@ -257,6 +257,7 @@ EXTENSION_MODULES = (
     "appliance.cli_audit",
     "appliance.cli_bundle",
     "appliance.cli_provision",
+    "appliance.cli_reports",
 )
 
 

@@ -234,6 +234,29 @@ def test_a_real_worker_killed_mid_send_delivers_exactly_one_instance(site):
         server.shutdown()
 
 
+def test_cli_shows_waiting_deliveries_and_retries_them_now(site):
+    from conftest import free_port, run_cli
+
+    add_known_ae(site, "SITEPACS", "127.0.0.1", free_port())  # nothing listens there
+    cfg = set_reports_config(site, deliver_to="SITEPACS", formats="[sr, pdf]")
+    add_users(site)
+    conn = db.connect(site.data_dir / "appliance.db")
+    rid = _signed_final(conn, cfg, ingest_study(site, 1), now=time.time())
+    report_delivery.run_due(cfg, now=time.time())
+    out = run_cli("reports", "deliveries", "--data-dir", str(site.data_dir), check=True).stdout
+    assert "SITEPACS" in out and "next try in" in out and "last error: SITEPACS at 127.0.0.1" \
+        in out and "PAT001" not in out  # no patient data on the console
+    rows = report_delivery.for_report(conn, rid)
+    assert [r["attempts"] for r in rows] == [1, 0]  # the PDF waited behind the unreachable PACS
+    bad = run_cli("reports", "retry", "999", "--data-dir", str(site.data_dir))
+    assert bad.returncode == 1 and bad.stderr.strip() == "error: no delivery 999"
+    done = run_cli("reports", "retry", "--all", "--data-dir", str(site.data_dir), check=True)
+    assert done.stdout.startswith("2 deliveries due now")
+    assert all(r["next_attempt_at"] <= time.time() for r in report_delivery.for_report(conn, rid))
+    assert [r["actor"].startswith("cli:") for r in audit.rows(conn)
+            if r["action"] == "report.deliver_retry"] == [True]
+
+
 def test_a_destination_that_is_not_a_known_ae_is_refused_with_file_and_line(site):
     with pytest.raises(config.ConfigError, match=r"appliance.yaml:\d+:\d+: reports.deliver_to: "
                        r"'NOSUCHPACS' is not in dicom.known_aes"):
