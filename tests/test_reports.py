@@ -314,3 +314,21 @@ def test_unacknowledged_critical_finding_escalates_on_a_fake_clock(setup):
     assert critical_findings.escalate_due(conn, cfg, now=T0 + 99_999) == 0
     levels = [r["detail"]["level"] for r in audit.rows(conn) if r["action"] == "critical.escalate"]
     assert levels == [1, 2]
+
+
+def test_pdf_embeds_a_unicode_font_only_when_the_text_needs_it():
+    from appliance import report_documents
+
+    def doc(name: str):
+        version = {"text": "CT HEAD\n\nIMPRESSION\nNo bleed.\n", "level": "final",
+                   "signer_name": "Dr Ray Osei", "signed_at": T0, "sha256": "ab" * 32}
+        return report_documents.SignedReport(
+            version=version, report={"id": 1, "kind": "report", "study_uid": "1.2.3"},
+            study={"patient_name": name, "patient_id": "P1", "study_description": "CT HEAD"},
+            site_name="Field site", series_uid="", sop_uid="")
+
+    latin = report_documents.render_pdf(doc("MÜLLER^JOSÉ"))
+    assert latin.startswith(b"%PDF-") and b"DejaVu" not in latin
+    if (report_documents.FONT_DIR / "DejaVuSans.ttf").exists():
+        cyrillic = report_documents.render_pdf(doc("ИВАНОВА^АННА"))
+        assert cyrillic.startswith(b"%PDF-") and b"DejaVu" in cyrillic
