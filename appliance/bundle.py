@@ -184,23 +184,23 @@ class _StreamReader(io.RawIOBase):
     """A readable file over a generator of chunks, for pyrage's pull-style ``encrypt_io``."""
 
     def __init__(self, chunks: Iterator[bytes]):
-        self._chunks, self._buf, self.error = chunks, b"", None
+        self._chunks, self._buf, self._pos, self.error = chunks, memoryview(b""), 0, None
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b) -> int:  # type: ignore[override]
         try:
-            while not self._buf:
-                self._buf = next(self._chunks)
+            while self._pos >= len(self._buf):
+                self._buf, self._pos = memoryview(next(self._chunks)), 0
         except StopIteration:
             return 0
         except BaseException as e:  # surfaced after encrypt_io returns or fails
             self.error = e
             raise
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = self._buf[self._pos:self._pos + n]  # no copy of the rest of the chunk
+        self._pos += n
         return n
 
 
