@@ -14,6 +14,8 @@ command -v cloud-init >/dev/null 2>&1 || need="$need cloud-init"
 command -v debootstrap >/dev/null 2>&1 || need="$need debootstrap"
 # browser end-to-end tests (Python playwright drives Debian's chromium)
 [ -x /usr/bin/chromium ] || need="$need chromium"
+# sync benchmark baseline (tar | age)
+command -v age >/dev/null 2>&1 || need="$need age"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing test tools:$need"
