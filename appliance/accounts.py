@@ -197,3 +197,20 @@ def reset_password(conn: sqlite3.Connection, username: str, password: str,
     end_sessions(conn, row["id"], "password reset", now)
     conn.execute("INSERT INTO login_attempts (ts, username, address, ok, reason)"
                  " VALUES (?, ?, 'cli', 1, 'reset')", (now, username))
+
+
+def modify_user(conn: sqlite3.Connection, username: str, role: str | None = None,
+                tags: str | None = None, display_name: str | None = None) -> dict:
+    """Change role, pools/sites (tags) or display name; returns what changed (old, new).
+
+    Sessions read the role on every request, so a change applies at once.
+    """
+    row = get_user(conn, username)
+    if role is not None and role not in ROLES:
+        raise AccountError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")
+    changes = {}
+    for column, value in (("role", role), ("tags", tags), ("display_name", display_name)):
+        if value is not None and value != row[column]:
+            conn.execute(f"UPDATE users SET {column} = ? WHERE id = ?", (value, row["id"]))
+            changes[column] = [row[column], value]
+    return changes

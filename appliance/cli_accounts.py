@@ -102,6 +102,22 @@ def _set_disabled(disabled: bool) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def cmd_user_modify(args: argparse.Namespace) -> int:
+    if args.role is None and args.tags is None and args.display_name is None:
+        raise CliError("nothing to change: give --role, --tags or --display-name")
+    with _site_db(args) as conn, db.transaction(conn):
+        changes = accounts.modify_user(conn, args.username, role=args.role, tags=args.tags,
+                                       display_name=args.display_name)
+        if changes:
+            audit.record(conn, actor(), "user.modify", args.username, source="cli",
+                         detail=changes)
+    if not changes:
+        print(f"{args.username}: nothing changed")
+    for column, (old, new) in changes.items():
+        print(f"{args.username}: {column} {old!r} → {new!r}")
+    return 0
+
+
 def cmd_user_reset_password(args: argparse.Namespace) -> int:
     password, generated = _read_password(args)
     with _site_db(args) as conn, db.transaction(conn):
@@ -165,7 +181,7 @@ def _wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespa
 
 # -- parser -------------------------------------------------------------------------------------
 def register_user(sub: argparse._SubParsersAction) -> None:
-    user = sub.add_parser("user", help="manage user accounts (add, list, disable, reset-password)")
+    user = sub.add_parser("user", help="manage user accounts (add, list, modify, disable, enable, reset-password)")
     us = user.add_subparsers(dest="user_command", metavar="ACTION")
     us.required = True
     pw_help = "read the password from the first line of stdin (else one is generated and printed)"
@@ -192,6 +208,14 @@ def register_user(sub: argparse._SubParsersAction) -> None:
         _data_dir_arg(p)
         p.add_argument("username")
         p.set_defaults(func=_set_disabled(disabled))
+
+    p = us.add_parser("modify", help="change a user's role, pools/sites (tags) or display name")
+    _data_dir_arg(p)
+    p.add_argument("username")
+    p.add_argument("--role", choices=accounts.ROLES)
+    p.add_argument("--tags", help="replaces the tags, e.g. 'neuro,site:north' ('' clears them)")
+    p.add_argument("--display-name")
+    p.set_defaults(func=cmd_user_modify)
 
     p = us.add_parser("reset-password", help="set a new password (also lifts a lockout)")
     _data_dir_arg(p)

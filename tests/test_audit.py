@@ -35,6 +35,10 @@ def test_verify_passes_on_an_intact_chain(site):
     r = site.cli("audit", "verify")
     assert r.returncode == 0, r.stderr
     assert "intact" in r.stdout
+    conn = site.db()
+    head = conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+    conn.close()
+    assert f"last row {head[0]} hash {head[1][:16]}" in r.stdout
 
 
 def test_triggers_refuse_edits_through_sql(site):

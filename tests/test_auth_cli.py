@@ -73,3 +73,18 @@ def test_token_create_prints_only_the_token_and_can_be_revoked(site):
     assert r.returncode == 1 and "no user named" in r.stderr and r.stdout == ""
     r = site.cli("token", "create", "--user", "bridge", "--expires", "soon")
     assert r.returncode == 1 and "bad duration" in r.stderr
+
+
+def test_user_modify_role_and_tags(site):
+    site.cli("user", "add", "rad1", "--role", "radiologist", "--password-stdin",
+             input="first-password-1\n", check=True)
+    r = site.cli("user", "modify", "rad1", "--role", "neurologist", "--tags", "neuro,site:north")
+    assert r.returncode == 0, r.stderr
+    assert "role 'radiologist' → 'neurologist'" in r.stdout
+    conn = site.db()
+    row = conn.execute("SELECT role, tags FROM users WHERE username='rad1'").fetchone()
+    detail = conn.execute("SELECT detail FROM audit WHERE action='user.modify'").fetchone()[0]
+    conn.close()
+    assert tuple(row) == ("neurologist", "neuro,site:north") and "neurologist" in detail
+    assert site.cli("user", "modify", "rad1").returncode == 1
+    assert site.cli("user", "modify", "ghost", "--tags", "x").returncode == 1
