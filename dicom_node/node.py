@@ -10,11 +10,18 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    evt,
+)
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -169,7 +176,7 @@ class DicomNode:
             if not self.store.has_space():
                 log.error("C-STORE refused: disk below low-water mark")
                 return _status(OUT_OF_RESOURCES, "Out of resources: free disk below low-water mark")
-            data = event.encoded_dataset(include_meta=True)
+            data = part10_file(event, calling)
             result = self.store.store(
                 data, calling_ae=calling, remote_addr=address,
                 expected_sop_uid=str(event.request.AffectedSOPInstanceUID or ""),
@@ -218,6 +225,42 @@ class DicomNode:
         if self.server is not None:
             self.server.shutdown()
         self._stopped.set()
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element of group 0002 (short or long length form)."""
+    if vr in (b"OB", b"UN"):
+        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii", "replace")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def part10_file(event, calling_ae: str) -> bytes:
+    """The received C-STORE dataset as a Part 10 file: preamble, our File Meta, the bytes.
+
+    The dataset bytes are exactly those received.  pynetdicom's
+    ``event.encoded_dataset()`` builds the same meta through a pydicom
+    Dataset, about a sixth of the node's CPU per instance when profiled; this
+    writes the seven elements directly.  (0002,0016) Source AE names the sender.
+    """
+    request = event.request
+    syntax = str(event.context.transfer_syntax)
+    body = b"".join((
+        _meta_element(0x0001, b"OB", b"\x00\x01"),
+        _meta_element(0x0002, b"UI", _padded(str(request.AffectedSOPClassUID), b"\0")),
+        _meta_element(0x0003, b"UI", _padded(str(request.AffectedSOPInstanceUID), b"\0")),
+        _meta_element(0x0010, b"UI", _padded(syntax, b"\0")),
+        _meta_element(0x0012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\0")),
+        _meta_element(0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        _meta_element(0x0016, b"AE", _padded(calling_ae or "UNKNOWN", b" ")),
+    ))
+    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
+    return b"".join((b"\0" * 128, b"DICM", group_length, body,
+                     request.DataSet.getvalue()))
 
 
 def listen(bind: str, port: int, backlog: int = 128) -> socket.socket:

@@ -148,7 +148,10 @@ class StudyStore:
         if not self.has_space():
             return StoreResult(NO_SPACE, f"free disk below the low-water mark ({self.low_water_mb} MiB)")
         pending = self._io().submit(durable.write_temp, self.incoming, data)
+        digest = self._io().submit(_sha256, data)  # hashlib releases the GIL: another core
         described = _describe(data, calling_ae, remote_addr, expected_sop_uid)
+        if not isinstance(described, StoreResult):
+            described.sha256 = digest.result()
         try:
             tmp = pending.result()
         except OSError as e:
@@ -315,10 +318,14 @@ def _describe(data: bytes, calling_ae: str, remote_addr: str,
         study_uid=uids["StudyInstanceUID"], series_uid=uids["SeriesInstanceUID"], sop_uid=sop_uid,
         sop_class_uid=_uid(ds, "SOPClassUID") or (_uid(meta, "MediaStorageSOPClassUID") if meta else ""),
         transfer_syntax=str(meta.get("TransferSyntaxUID", "")) if meta else "",
-        path="", size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+        path="", size=len(data), sha256="",  # filled in by the caller, hashed in parallel
         received_at=time.time(), calling_ae=calling_ae, remote_addr=remote_addr,
         study=study, series=series, instance=instance,
     )
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 UNDEFINED_LENGTH = 0xFFFFFFFF

@@ -134,6 +134,13 @@ def test_ct_series_in_one_association_is_stored_byte_for_byte(dicom_site, dcmtk,
     assert (study["patient_name"], study["accession_number"]) == ("DOE^JANE", "ACC001")
     assert series["num_instances"] == 50 and series["body_part"] == "HEAD"
     assert study["calling_ae"] == "MODALITY"
+    # The File Meta the node writes itself: read back by pydicom and by dcmtk's dcmdump.
+    stored = dicom_site.data_dir / "studies" / next(iter(indexed(dicom_site).values()))["path"]
+    meta = pydicom.dcmread(stored, stop_before_pixels=True).file_meta
+    assert meta.SourceApplicationEntityTitle == "MODALITY"
+    assert meta.ImplementationClassUID and meta.FileMetaInformationVersion == b"\x00\x01"
+    dump = subprocess.run([dcmtk["dcmdump"], "-q", str(stored)], capture_output=True, text=True)
+    assert dump.returncode == 0 and not dump.stderr, dump.stderr
 
 
 def test_ct_series_from_four_parallel_storescu(dicom_site, dcmtk, ct_series):
