@@ -197,6 +197,20 @@ def clean_fields(template: Template, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def carry_fields(template: Template, values: dict[str, Any]) -> dict[str, Any]:
+    """The values that are valid for ``template`` (same key, acceptable value); others dropped."""
+    out = {}
+    for key, value in (values or {}).items():
+        f = template.field(key)
+        if f is None:
+            continue
+        try:
+            out[key] = _clean_value(f, value)
+        except ReportError:
+            continue
+    return out
+
+
 def _clean_value(f: Field, value: Any) -> Any:
     if f.type == "choice":
         if value not in f.options:
@@ -400,8 +414,10 @@ def autosave(conn: sqlite3.Connection, report_id: int, *, actor: str, templates:
         tid = template_id or report["template_id"]
         if tid not in templates:
             raise ReportError(f"no report template {tid!r}")
-        values = clean_fields(templates[tid], fields if fields is not None else
-                              (report["fields"] if tid == report["template_id"] else {}))
+        given = fields if fields is not None else report["fields"]
+        if tid != report["template_id"]:  # switching templates keeps the answers that still fit
+            given = carry_fields(templates[tid], given)
+        values = clean_fields(templates[tid], given)
         new_findings = _clean_text(findings if findings is not None else report["findings"],
                                    "Findings")
         new_impression = _clean_text(impression if impression is not None

@@ -93,6 +93,11 @@ def test_reader_reports_flags_and_signs_staff_acknowledge_pacs_receives(
             page.goto(base + f"/reports/item/{item['id']}")
             page.wait_for_selector("#report-editor")
             assert page.locator("[data-testid=template-select]").input_value() == "ct-head-stroke"
+            # Another template and back: the page saves the choice and shows its fields.
+            page.select_option("[data-testid=template-select]", "generic")
+            page.wait_for_selector("[data-testid=region-M1]", state="detached")
+            page.select_option("[data-testid=template-select]", "ct-head-stroke")
+            page.wait_for_selector("[data-testid=region-M1]")
             page.select_option("[data-testid=field-haemorrhage]", "absent")
             page.select_option("[data-testid=field-side]", "left")
             page.check("[data-testid=region-I]")

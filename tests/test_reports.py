@@ -102,6 +102,17 @@ def test_draft_autosave_and_a_stale_tab_gets_a_conflict(setup):
     assert reports.get_report(conn, rid)["impression"] == "Bleed, 12 ml."
 
 
+def test_switching_template_keeps_the_answers_that_fit(setup):
+    _site, conn, study_uid = setup
+    rid = _draft(conn, study_uid)
+    _fill(conn, rid, 0, fields={"haemorrhage": "absent", "aspects": ["C"]})
+    reports.autosave(conn, rid, actor="dr.ray", templates=TEMPLATES, base_revision=1,
+                     template_id="generic", fields={"haemorrhage": "absent", "aspects": ["C"]})
+    report = reports.get_report(conn, rid)
+    assert (report["template_id"], report["fields"]) == ("generic", {})
+    assert report["impression"] == "Acute intracerebral haemorrhage."  # free text stays
+
+
 def test_bad_input_is_refused_and_changes_nothing(setup):
     _site, conn, study_uid = setup
     rid = _draft(conn, study_uid)

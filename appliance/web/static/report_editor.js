@@ -70,6 +70,8 @@
   form.addEventListener("input", changed);
   form.addEventListener("change", function (ev) {
     if (ev.target.name === "template_id") {  // a new template: save, then show its fields
+      dirty = true;
+      clearTimeout(timer);
       save().then((ok) => { if (ok) window.location.reload(); });
       return;
     }
