@@ -470,3 +470,28 @@ def test_each_role_lands_on_its_first_area(auth_app: AuthApp):
     assert homes["rad1"] == "/worklist"
     assert homes["staff1"] == "/critical"
     assert homes["resp1"] == "/critical"
+
+
+def test_session_ends_after_its_maximum_life_however_active(auth_app: AuthApp):
+    auth_app.add_user("staff1", "site_staff")
+    c = auth_app.client()
+    login(auth_app, c, "staff1")
+    signed_in_at = auth_app.clock()
+    for _ in range(12 * 6 + 2):  # a request every 10 minutes
+        auth_app.clock.advance(600)
+        if c.get("/account/password").status_code != 200:
+            break
+    assert 12 * 3600 < auth_app.clock() - signed_in_at <= 12 * 3600 + 600
+    assert c.get("/account/password").status_code == 401
+
+
+def test_disabled_users_tokens_stop_working(auth_app: AuthApp):
+    auth_app.add_user("script", "site_staff")
+    token = auth_app.token("script")
+    h = {"Authorization": f"Bearer {token}"}
+    c = auth_app.client()
+    assert c.get("/account/password", headers=h).status_code == 200
+    conn = auth_app.db()
+    accounts.set_disabled(conn, "script", True)
+    conn.close()
+    assert c.get("/account/password", headers=h).status_code == 401
