@@ -17,7 +17,8 @@ Measures, printing medians and the ratio ours/Orthanc where Orthanc is installed
    to first image), then every other frame over 6 keep-alive connections
    (time to full series). Bytes on the wire vs raw pixel bytes are printed.
 
-Run: ``.venv/bin/python benchmarks/dicomweb.py [--thin-frames 300] [--runs 30]``.
+Run: ``.venv/bin/python benchmarks/dicomweb.py [--thin-frames 300] [--runs 30]
+[--parts qido,metadata,frames,thin]``.
 The machine is shared: compare ratios from one run, not figures across runs.
 """
 
@@ -171,10 +172,15 @@ class Target:
     session_kw: dict
     proc: subprocess.Popen | None = None
 
-    def session(self) -> requests.Session:
+    def session(self, retries: int = 0) -> requests.Session:
         s = requests.Session()
         s.trust_env = False
         s.verify = False
+        if retries:  # a server may close an idle keep-alive connection while a request flies
+            adapter = requests.adapters.HTTPAdapter(max_retries=urllib3.Retry(
+                total=retries, allowed_methods=None, backoff_factor=0))
+            s.mount("http://", adapter)
+            s.mount("https://", adapter)
         for k, v in self.session_kw.get("headers", {}).items():
             s.headers[k] = v
         return s
@@ -202,6 +208,15 @@ def start_ours(work: Path, paths: list[Path], big_index: bool) -> Target:
     store = StudyStore(data / "studies", data / "appliance.db", connect=db.connect)
     for p in paths:  # the same durable path as C-STORE and STOW-RS
         assert store.store(p.read_bytes(), calling_ae="BENCH").success
+    from appliance import config, dicomweb_metadata
+
+    site_cfg = config.load(data)
+    t = time.monotonic()
+    swept = 0
+    while n := dicomweb_metadata.sweep(site_cfg):  # what the worker does after ingest
+        swept += n
+    print(f"  metadata of {swept} instances made by the sweep in {time.monotonic() - t:.1f} s"
+          " (the worker does this after ingest)")
     proc = subprocess.Popen([sys.executable, "-m", "appliance", "web", "--data-dir", str(data)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -271,7 +286,7 @@ def bench_small_qido_and_metadata(targets: list[Target], study: str, series: str
     for t in targets:
         s = t.session()
         url = f"{t.base}/studies/{study}/series/{series}/metadata"
-        cold = timed(s, url, 1)[0]
+        cold = timed(s, url, 1)[0]  # ours: made by the sweep; Orthanc: its first read
         warm = timed(s, url, runs)
         qido = timed(s, f"{t.base}/studies?PatientID=BENCH-CT", runs)
         res[t.name] = {"cold": cold, "warm": statistics.median(warm), "p95": pct(warm, 95),
@@ -289,13 +304,13 @@ def _frame_urls(t: Target, study: str, series: str, sops: list[str]) -> list[str
 
 
 def _fetch_all(t: Target, urls: list[str], clients: int, gzip_ok: bool,
-               counter: list[int] | None = None) -> float:
+               counter: list[int] | None = None, retries: int = 0) -> float:
     """Fetch every URL over ``clients`` keep-alive sessions; return the wall time."""
     local = threading.local()
 
     def get(url: str) -> int:
         if not hasattr(local, "s"):
-            local.s = t.session()
+            local.s = t.session(retries)
         r = local.s.get(url, headers={"Accept": OHIF_FRAME_ACCEPT,
                                       "Accept-Encoding": "gzip" if gzip_ok else "identity"})
         r.raise_for_status()
@@ -347,6 +362,7 @@ class PacedLink:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
+        self.loop.set_exception_handler(lambda _loop, _ctx: None)  # relays cut at shutdown
         server = self.loop.run_until_complete(
             asyncio.start_server(self._handle, "127.0.0.1", self.port))
         self._server = server
@@ -370,7 +386,7 @@ class PacedLink:
                 data = b""
             now = loop.time()
             if not data:
-                loop.call_at(max(deliver, now), dst.close)
+                loop.call_at(max(deliver, now) + 0.001, dst.close)  # after the last write
                 return
             start = max(now, self._free_at[way])
             self._free_at[way] = start + len(data) * 8 / self.rate
@@ -379,8 +395,15 @@ class PacedLink:
             loop.call_at(deliver, _write, dst, data)
 
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self._server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
+        async def shutdown() -> None:
+            self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.loop.stop()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
 
 
 def _write(w: asyncio.StreamWriter, data: bytes) -> None:
@@ -399,7 +422,7 @@ def bench_thin(targets: list[Target], study: str, series: str, sops: list[str], 
         scheme = t.base.split(":")[0]
         base = f"{scheme}://localhost:{link.port}/dicom-web"
         thin = Target(t.name, base, t.session_kw)
-        s = thin.session()
+        s = thin.session(retries=3)
         s.headers["Accept-Encoding"] = "gzip"
         start = time.perf_counter()
         s.get(f"{base}/studies?StudyInstanceUID={study}&includefield=all").raise_for_status()
@@ -410,7 +433,7 @@ def bench_thin(targets: list[Target], study: str, series: str, sops: list[str], 
         first.raise_for_status()
         t_first = time.perf_counter() - start
         rest = _frame_urls(thin, study, series, sops[1:frames])
-        _fetch_all(thin, rest, 6, True)
+        _fetch_all(thin, rest, 6, True, retries=3)
         t_full = time.perf_counter() - start
         wire = link.bytes["down"]
         raw = frames * frame_bytes
@@ -433,7 +456,8 @@ def main() -> int:
                     help="frames fetched over the thin link (all 300 take minutes at 5 Mbit/s)")
     ap.add_argument("--rate-mbit", type=float, default=5)
     ap.add_argument("--rtt-ms", type=float, default=300)
-    ap.add_argument("--skip-index", action="store_true", help="no 300,000-instance index")
+    ap.add_argument("--parts", default="qido,metadata,frames,thin",
+                    help="which measurements to run (comma-separated)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-dicomweb-") as tmp:
@@ -446,16 +470,20 @@ def main() -> int:
         frame_bytes = args.size * args.size * 2
         targets = []
         try:
-            targets.append(start_ours(work, paths, not args.skip_index))
+            parts = set(args.parts.split(","))
+            targets.append(start_ours(work, paths, "qido" in parts))
             orthanc = start_orthanc(work, paths)
             if orthanc:
                 targets.append(orthanc)
-            if not args.skip_index:
+            if "qido" in parts:
                 bench_qido(targets[0], args.runs)
-            bench_small_qido_and_metadata(targets, study, series, args.runs)
-            bench_frames(targets, study, series, sops, len(sops) * frame_bytes)
-            bench_thin(targets, study, series, sops, min(args.thin_frames, len(sops)),
-                       frame_bytes, args.rate_mbit, args.rtt_ms)
+            if "metadata" in parts:
+                bench_small_qido_and_metadata(targets, study, series, args.runs)
+            if "frames" in parts:
+                bench_frames(targets, study, series, sops, len(sops) * frame_bytes)
+            if "thin" in parts:
+                bench_thin(targets, study, series, sops, min(args.thin_frames, len(sops)),
+                           frame_bytes, args.rate_mbit, args.rtt_ms)
         finally:
             for t in targets:
                 if t.proc:
