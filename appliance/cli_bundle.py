@@ -146,6 +146,26 @@ def cmd_sync_now(args: argparse.Namespace) -> int:
     return 0 if r["link_up"] and not r["failed"] else 3
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """An age key pair for a recipient (cloud or escrow): secret file 0600, public key printed."""
+    import os
+
+    import pyrage
+
+    out = Path(args.out)
+    if out.exists():
+        raise CliError(f"{out} exists; refusing to overwrite a key")
+    ident = pyrage.x25519.Identity.generate()
+    pub = str(ident.to_public())
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"# age identity for appliance bundles\n# public key: {pub}\n{ident}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    print(pub)
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bundle", help="build, verify or open an encrypted, signed bundle")
     bs = b.add_subparsers(dest="bundle_command", metavar="ACTION")
@@ -173,6 +193,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ledger", metavar="FILE",
                    help="replay ledger (default: DIR/.received-bundles.json)")
     p.set_defaults(func=cmd_open)
+    p = bs.add_parser("keygen", help="make an age key pair for a recipient (cloud, escrow)")
+    p.add_argument("--out", required=True, metavar="KEYFILE",
+                   help="secret key file to create (0600); the public key is printed")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("restore", help="rebuild this data directory from a site's bundles",
                        description="Download every bundle of a site from TARGET (s3://bucket/"

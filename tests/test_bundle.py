@@ -316,3 +316,17 @@ def test_build_memory_is_bounded_whatever_the_study_size(tmp_path):
     peak_mb = int(r.stdout.strip())
     assert (tmp_path / "big.bundle").stat().st_size > 300 << 20
     assert peak_mb < 150, f"peak RSS {peak_mb} MiB for a 300 MiB bundle"
+
+
+def test_keygen_writes_a_private_identity_and_prints_the_recipient(tmp_path):
+    from conftest import run_cli
+
+    r = run_cli("bundle", "keygen", "--out", str(tmp_path / "escrow.key"))
+    assert r.returncode == 0, r.stderr
+    pub = r.stdout.strip()
+    assert pub.startswith("age1") and len(pub) == 62
+    assert oct((tmp_path / "escrow.key").stat().st_mode & 0o777) == "0o600"
+    ident = bnd.load_identity(tmp_path / "escrow.key")
+    assert str(ident[0].to_public()) == pub
+    again = run_cli("bundle", "keygen", "--out", str(tmp_path / "escrow.key"))
+    assert again.returncode == 1 and "refusing to overwrite" in again.stderr
