@@ -173,6 +173,14 @@ def page(rid: int):
                            fmt_time=fmt_time)
 
 
+@bp.app_template_filter("dicom_date")
+def dicom_date(value: str | None) -> str:
+    """19700101 → 1970-01-01 (anything else unchanged)."""
+    value = value or ""
+    return f"{value[:4]}-{value[4:6]}-{value[6:8]}" if len(value) == 8 and value.isdigit() \
+        else value
+
+
 def fmt_time(ts: float | None) -> str:
     if not ts:
         return ""
