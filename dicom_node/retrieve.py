@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import socket
 import sqlite3
 import struct
 from collections.abc import Callable, Iterator
@@ -281,7 +282,8 @@ class QueryRetrieve:
             yield 1
             yield failure, None
             return
-        yield peer.host, peer.port, {"contexts": _contexts_for(instances)}
+        yield peer.host, peer.port, {"contexts": _contexts_for(instances),
+                                     "evt_handlers": [(evt.EVT_CONN_OPEN, _prepare_move_association)]}
         yield len(instances)
         yield from self._send(event, instances)
 
@@ -327,6 +329,7 @@ class QueryRetrieve:
             if event.is_cancelled:
                 yield CANCEL, None
                 return
+            _still_busy(event.assoc)
             yield PENDING, self._load(row)
 
     def _load(self, row: sqlite3.Row) -> Dataset:
@@ -380,6 +383,44 @@ def _pdata(context_id: int, is_command: bool, payload: bytes, max_length: int) -
         pdus.append(struct.pack(">BBIIBB", 0x04, 0x00, len(chunk) + 6, len(chunk) + 2,
                                 context_id, header) + chunk)
     return b"".join(pdus)
+
+
+def _prepare_move_association(event) -> None:
+    """Ready the association a C-MOVE opens to its destination (on EVT_CONN_OPEN).
+
+    * TCP_NODELAY: each C-STORE waits for its reply, and Nagle plus the
+      receiver's delayed ACK stalled a 300-slice move to ~20 instances/s.
+    * Only C-STORE's own blocking read may take a message off this
+      association's DIMSE queue.  pynetdicom's requestor reactor polls that
+      queue between requests, and its pause handshake with ``send_c_store``
+      is racy: under load it took a C-STORE response ("Received unexpected
+      C-STORE service message"), the sub-operation then waited out the 60 s
+      DIMSE timeout and every later one failed.  Nothing but C-STORE
+      responses arrives on this association, so the poll gets nothing.
+    """
+    assoc = event.assoc
+    try:
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):
+        pass
+    read = assoc.dimse.get_msg
+
+    def blocking_reads_only(block: bool = False):
+        return read(block=True) if block else (None, None)
+
+    assoc.dimse.get_msg = blocking_reads_only
+
+
+def _still_busy(assoc) -> None:
+    """Restart the requester's idle timer while we send sub-operations.
+
+    pynetdicom restarts it only when data arrives; during a C-MOVE the
+    requester sends nothing, so a move longer than the network timeout would
+    be aborted as idle the moment it finished.
+    """
+    timer = getattr(getattr(assoc, "dul", None), "_idle_timer", None)
+    if timer is not None:
+        timer.restart()
 
 
 def _unsendable(row: sqlite3.Row) -> Dataset:

@@ -28,7 +28,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
-from pydicom.uid import ExplicitVRBigEndian, RLELossless, generate_uid
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, RLELossless, generate_uid
 from pynetdicom.dsutils import split_dataset
 
 from appliance import db
@@ -512,6 +512,86 @@ def test_concurrent_queries_and_retrieves(node, tmp_path):
 
     with ThreadPoolExecutor(max_workers=10) as pool:
         assert all(pool.map(one, range(10)))
+
+
+def test_move_keeps_pace(node, destination, tmp_path):
+    """300 instances: ~2 s here.  With Nagle left on the move's own socket this took
+    ~15 s, and pynetdicom's reactor race (see retrieve._prepare_move_association)
+    stalled moves for the 60 s DIMSE timeout and failed the rest."""
+    study, _, paths = write_series(tmp_path / "many", 300, rows=64, cols=64,
+                                   patient_id="PATMANY")
+    pushed = node.run("storescu", aet="SCANNER", files=paths)
+    assert pushed.returncode == 0, pushed.stderr
+    started = time.monotonic()
+    result = node.run("movescu", "-S", "-aem", "DEST", "-k", "QueryRetrieveLevel=STUDY",
+                      "-k", f"StudyInstanceUID={study}")
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0 and len(list(destination.iterdir())) == 300, result.stderr
+    print(f"\nC-MOVE of 300 instances to storescp: {elapsed:.2f} s"
+          f" ({300 / elapsed:.0f} instances/s)")
+    assert elapsed < 8
+
+
+def test_a_move_longer_than_the_network_timeout_completes(tmp_path):
+    """pynetdicom counts a C-MOVE requester that only listens as idle; the node keeps it
+    alive while it sends (in-process node with a 1 s network timeout, slow destination)."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (
+        CTImageStorage,
+        StudyRootQueryRetrieveInformationModelMove,
+        Verification,
+    )
+
+    from dicom_node import retrieve
+    from dicom_node.node import DicomNode, NodeSettings, Peer
+
+    db.open_db(tmp_path / "a.db").close()
+    store = StudyStore(tmp_path / "studies", tmp_path / "a.db", connect=db.connect)
+    study, series = generate_uid(), generate_uid()
+    for i in range(6):
+        buf = io.BytesIO()
+        make_instance(study, series, i, rows=8, cols=8).save_as(buf, enforce_file_format=True)
+        assert store.store(buf.getvalue()).success
+    port, dest_port = free_port(), free_port()
+    peers = [Peer("WS", "127.0.0.1", 104, query=True),
+             Peer("SLOW", "127.0.0.1", dest_port, move_destination=True)]
+    settings = NodeSettings("FIELDAPP", port, bind="127.0.0.1", peers=lambda: peers)
+    node = DicomNode(settings, store)
+    retrieve.add_contexts(node.ae)
+    node.handlers.extend(retrieve.handlers(settings, store, lambda kind, detail: None))
+    node.ae.network_timeout = 1
+    received = []
+
+    def slow_store(event):
+        time.sleep(0.4)  # the slow destination itself: six of these outlast the timeout
+        received.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    dest = AE("SLOW")
+    dest.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    dest_server = dest.start_server(("127.0.0.1", dest_port), block=False,
+                                    evt_handlers=[(evt.EVT_C_STORE, slow_store)])
+    node.start()
+    try:
+        scu = AE("WS")
+        scu.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port, ae_title="FIELDAPP")
+        assert assoc.is_established
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        ds.StudyInstanceUID = study
+        statuses = [s.Status for s, _ in assoc.send_c_move(
+            ds, "SLOW", StudyRootQueryRetrieveInformationModelMove) if "Status" in s]
+        # The same association goes on: pynetdicom used to abort it as idle here.
+        echo = assoc.send_c_echo()
+        still_up = assoc.is_established
+        assoc.release()
+    finally:
+        node.stop()
+        dest_server.shutdown()
+    assert len(received) == 6 and statuses[-1] == 0x0000, statuses
+    assert still_up and echo.get("Status") == 0x0000
 
 
 def test_failed_suboperation_is_reported(node, destination):
