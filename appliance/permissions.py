@@ -33,8 +33,6 @@ NAV: list[tuple[str, str, tuple[str, ...]]] = [
     ("/critical", "Critical findings", ("site_staff", "responder", "admin")),
     ("/reports", "Reports", ("site_staff",)),
     ("/dashboard", "Turnaround", DASHBOARD),
-    ("/critical", "Critical findings", ("site_staff", "admin", "responder")),  # staff land here
-    ("/reports", "Reports", (*READERS, "site_staff")),
     ("/status", "Status", OPERATORS),
     ("/admin/users", "Users", ADMINS),
     ("/admin/audit", "Audit trail", ADMINS),
