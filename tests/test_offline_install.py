@@ -143,6 +143,12 @@ def test_fresh_debian_offline_install_then_echo_and_store(tmp_path, dcmtk):
         conn.close()
         assert count == 3
         assert first_store_s < 300
+        # The installed web app answers too, and reports every component ready.
+        _wait_ready_https(root, web_port, up)
+        if (kit / "viewer").is_dir():  # the viewer went where the web app serves it from
+            site_packages = next((root / "opt" / "appliance" / "venv" / "lib").glob(
+                "python3*/site-packages"))
+            assert (site_packages / "appliance/web/static/viewer/index.html").is_file()
     finally:
         _stop(up)
     owner = data.stat().st_uid
@@ -176,6 +182,35 @@ def test_damaged_kit_is_refused_before_anything_changes(tmp_path):
     assert result.returncode == 1
     assert "kit is damaged" in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+def _https(root: Path, port: int, path: str) -> tuple[int, bytes]:
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    ca = root / "var" / "lib" / "appliance" / "tls" / "ca.crt"
+    ctx = ssl.create_default_context(cafile=str(ca))
+    try:
+        with urllib.request.urlopen(f"https://localhost:{port}{path}", context=ctx,
+                                    timeout=15) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except OSError:
+        return 0, b""
+
+
+def _wait_ready_https(root: Path, port: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    last = None
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the appliance exited"
+        last = _https(root, port, "/readyz")
+        if last[0] == 200:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the installed appliance never became ready: {last}")
 
 
 def _stop(proc: subprocess.Popen) -> None:
