@@ -508,6 +508,8 @@ def sweep(cfg: Config) -> None:
     conn = db.connect(cfg.db_path)
     try:
         build_due(conn, cfg)
+        if not _upload_due(conn):
+            return  # nothing to send, or the link is backing off: no client, no thread
     finally:
         conn.close()
     key = str(cfg.data_dir)
@@ -518,6 +520,14 @@ def sweep(cfg: Config) -> None:
         t = threading.Thread(target=_upload_pass, args=(cfg,), name="sync-upload", daemon=True)
         _runners[key] = t
         t.start()
+
+
+def _upload_due(conn: sqlite3.Connection) -> bool:
+    now = time.time()
+    if _link(conn).get("next_check", 0) > now:
+        return False
+    return conn.execute("SELECT 1 FROM bundles WHERE state IN ('built','uploading','uploaded')"
+                        " AND next_attempt <= ? LIMIT 1", (now,)).fetchone() is not None
 
 
 def _upload_pass(cfg: Config) -> None:
