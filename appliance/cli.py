@@ -258,6 +258,7 @@ EXTENSION_MODULES = (
     "appliance.cli_bundle",
     "appliance.cli_provision",
     "appliance.cli_reports",
+    "appliance.cli_media",
 )
 
 

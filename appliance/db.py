@@ -74,6 +74,67 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     (9, "reports, signed versions, critical findings, delivery outbox", report_schema.SCHEMA),
     (10, "health time series: samples, SLO observations, component starts",
      health_series.SCHEMA),
+    (
+        12,
+        "consults: rooms, invites, participants, signaling/chat/ladder events, call stats"
+        " (appliance/consults.py)",
+        """
+        CREATE TABLE consults (
+            id INTEGER PRIMARY KEY,
+            study_uid TEXT NOT NULL DEFAULT '',
+            title TEXT NOT NULL DEFAULT '',
+            created_by TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            ended_at REAL,
+            recording_consent_by TEXT
+        );
+        CREATE INDEX consults_study ON consults(study_uid);
+        CREATE TABLE consult_invites (
+            nonce TEXT PRIMARY KEY,
+            consult_id INTEGER NOT NULL REFERENCES consults(id),
+            created_by TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            revoked_at REAL
+        );
+        CREATE TABLE consult_participants (
+            id INTEGER PRIMARY KEY,
+            consult_id INTEGER NOT NULL REFERENCES consults(id),
+            kind TEXT NOT NULL CHECK (kind IN ('user', 'guest', 'media')),
+            user_id INTEGER,
+            name TEXT NOT NULL,
+            role TEXT NOT NULL DEFAULT '',
+            secret_hash TEXT,
+            invite_nonce TEXT,
+            state TEXT NOT NULL CHECK (state IN ('lobby', 'admitted', 'denied', 'left')),
+            created_at REAL NOT NULL,
+            admitted_at REAL,
+            admitted_by TEXT,
+            left_at REAL
+        );
+        CREATE INDEX consult_participants_consult ON consult_participants(consult_id);
+        CREATE UNIQUE INDEX consult_participants_secret ON consult_participants(secret_hash);
+        CREATE TABLE consult_events (
+            id INTEGER PRIMARY KEY,
+            consult_id INTEGER NOT NULL REFERENCES consults(id),
+            ts REAL NOT NULL,
+            sender INTEGER,
+            recipient INTEGER,
+            kind TEXT NOT NULL,
+            body TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX consult_events_cursor ON consult_events(consult_id, id);
+        CREATE TABLE consult_stats (
+            id INTEGER PRIMARY KEY,
+            consult_id INTEGER NOT NULL REFERENCES consults(id),
+            participant_id INTEGER NOT NULL,
+            ts REAL NOT NULL,
+            loss REAL, jitter_ms REAL, rtt_ms REAL, fps REAL, kbit_s REAL,
+            step TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX consult_stats_consult ON consult_stats(consult_id, ts);
+        """,
+    ),
 ]
 
 

@@ -16,6 +16,8 @@ command -v debootstrap >/dev/null 2>&1 || need="$need debootstrap"
 [ -x /usr/bin/chromium ] || need="$need chromium"
 # sync benchmark baseline (tar | age)
 command -v age >/dev/null 2>&1 || need="$need age"
+# consult tests: TURN relay (coturn) and network namespaces (iproute2, iptables)
+command -v turnserver >/dev/null 2>&1 || need="$need coturn"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing test tools:$need"
