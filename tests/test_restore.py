@@ -67,6 +67,17 @@ def _cfind(site, findscu: str, tmp_path) -> set[str]:
     return {str(pydicom.dcmread(p).StudyInstanceUID) for p in out.glob("*.dcm")}
 
 
+def _qido(site) -> list:
+    from appliance import dicomweb_query as qido
+
+    conn = site.db()
+    try:
+        return [qido.run(conn, qido.parse(level, [("includefield", "all")]), "https://x/dicom-web")
+                for level in (qido.STUDY, qido.SERIES)]
+    finally:
+        conn.close()
+
+
 def test_restore_rebuilds_a_fresh_appliance_from_the_cloud(site, moto, tmp_path, dcmtk):
     key_file = tmp_path / "cloud.key"
     escrow = tmp_path / "escrow.key"
@@ -104,6 +115,11 @@ def test_restore_rebuilds_a_fresh_appliance_from_the_cloud(site, moto, tmp_path,
     conn.close()
     assert "sync.restore" in actions
     assert list((fresh.data_dir / "restored" / "audit").glob("audit-*.json"))
+
+    # QIDO-RS (the DICOMweb query the viewer uses) answers the same, study and series level.
+    studies_json, series_json = _qido(site)
+    assert len(studies_json) == 2 and len(series_json) == 2
+    assert _qido(fresh) == [studies_json, series_json]
 
     # The restored appliance answers C-FIND with the same studies.
     assert fresh.cli("ae", "add", "FINDSCU", "--query").returncode == 0
