@@ -143,7 +143,9 @@ def cmd_sync_now(args: argparse.Namespace) -> int:
     print(f"built {r['built']} bundles, confirmed {r['confirmed']}, "
           f"link {'up' if r['link_up'] else 'down'}"
           + (f": {r['link_error']}" if r["link_error"] and not r["link_up"] else ""))
-    return 0 if r["link_up"] and not r["failed"] else 3
+    if r["conflict"]:
+        print(f"{r['conflict']} bundle(s) could not be sent as they are: see appliance sync status")
+    return 0 if r["link_up"] and not r["failed"] and not r["conflict"] else 3
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

@@ -394,7 +394,7 @@ class Uploader:
 
     def run(self, force: bool = False, stop: threading.Event | None = None) -> dict[str, int]:
         """One pass; returns counts. Safe to run in several processes at once (leases)."""
-        counts = {"confirmed": 0, "failed": 0, "yielded": 0}
+        counts = {"confirmed": 0, "failed": 0, "yielded": 0, "conflict": 0}
         if not self._due() or not self.link_ok(force):
             return counts
         while not (stop and stop.is_set()):
@@ -434,12 +434,14 @@ class Uploader:
             self._exec("UPDATE bundles SET attempts=?, next_attempt=?, last_error=?,"
                        " lease_owner=NULL, lease_until=0 WHERE bundle_id=? AND lease_owner=?",
                        (attempts, time.time() + delay, str(e)[:500], bid, self.owner))
+            log.warning("bundle %s: upload failed (attempt %d, retry in %.0f s): %s", bid,
+                        attempts, delay, e)
+            if isinstance(e, st.BundleConflict):
+                return "conflict"  # this bundle waits; the others go on
             state = _link(self.conn)
             state.update(up=False, last_error=str(e)[:300], next_check=time.time() + delay)
             with self.lock:
                 _set_link(self.conn, state)
-            log.warning("bundle %s: upload failed (attempt %d, retry in %.0f s): %s", bid,
-                        attempts, delay, e)
             return "failed"
 
     def _job(self, row: sqlite3.Row, key: str) -> st.UploadJob:

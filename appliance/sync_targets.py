@@ -31,6 +31,11 @@ class TargetError(Exception):
     """The target cannot be reached or refused us; the message is safe to log (no secrets)."""
 
 
+class BundleConflict(TargetError):
+    """This bundle cannot go as it is (a different object under its name, a damaged part):
+    retried later on its own, while the link stays up for the others."""
+
+
 @dataclass
 class UploadJob:
     """One bundle to send, and the callbacks that make its progress durable."""
@@ -187,7 +192,7 @@ class S3Target(Target):
         if obj is None:
             return False
         if obj.sha256 != job.sha256 or obj.size != job.size:
-            raise TargetError(f"{job.key} exists with other content; bundles are never "
+            raise BundleConflict(f"{job.key} exists with other content; bundles are never "
                               "overwritten")
         return True
 
@@ -251,7 +256,7 @@ class S3Target(Target):
                        ContentMD5=base64.b64encode(md5.digest()).decode(),
                        ContentLength=len(data))
         if r["ETag"].strip('"') != md5.hexdigest():
-            raise TargetError(f"part {n} arrived damaged (ETag differs from our MD5)")
+            raise BundleConflict(f"part {n} arrived damaged (ETag differs from our MD5)")
         return n, r["ETag"], len(data)
 
     def _complete(self, job: UploadJob, held: dict[int, str]) -> str:
@@ -349,7 +354,7 @@ class FolderTarget(Target):
         if obj is not None:
             if obj.sha256 == job.sha256 and obj.size == job.size:
                 return DONE
-            raise TargetError(f"{final} exists with other content; bundles are never overwritten")
+            raise BundleConflict(f"{final} exists with other content; bundles are never overwritten")
         durable.ensure_dir(final.parent)
         partial = final.with_name(final.name + ".partial")
         done = partial.stat().st_size if partial.exists() else 0
@@ -371,7 +376,7 @@ class FolderTarget(Target):
             os.fsync(dst.fileno())
         if partial.stat().st_size != job.size or _sha_prefix(partial, job.size) != job.sha256:
             partial.unlink()
-            raise TargetError(f"copy to {final} is damaged (SHA-256 differs); will retry")
+            raise BundleConflict(f"copy to {final} is damaged (SHA-256 differs); will retry")
         durable.atomic_write(final.with_name(final.name + ".sha256"), job.sha256.encode())
         os.link(partial, final)  # fails if final exists: never overwritten
         partial.unlink()

@@ -49,7 +49,7 @@ def test_worker_ships_a_study_then_only_its_late_instances(site, moto, tmp_path)
     configure_sync(site, moto.url, [pub], audit_interval_s=1)
     text = (site.data_dir / "appliance.yaml").read_text()
     (site.data_dir / "appliance.yaml").write_text(
-        text.replace("sweep_interval_s: 5", "sweep_interval_s: 0.3"))
+        text.replace("sweep_interval_s: 2", "sweep_interval_s: 0.3"))
     study_uid, _ = store_study(site, tmp_path, 6)
     site.start("worker")
     _wait(lambda: _figures(site)[1]["unconfirmed"] == 0 and _figures(site)[1]["instances"] == 6,
@@ -224,3 +224,30 @@ def _moto_on(tmp_path, port):
         return start_moto(tmp_path)
     finally:
         common.free_port = real
+
+
+def test_an_object_in_the_way_holds_back_only_its_own_bundle(site, moto, tmp_path):
+    pub = age_identity(tmp_path / "cloud.key")
+    cfg = _sync_cfg(site, moto.url, pub)
+    first, _ = store_study(site, tmp_path, 2)
+    second, _ = store_study(site, tmp_path, 2)
+    age_study(site, first)
+    age_study(site, second)
+    conn = db.connect(cfg.db_path)
+    sync.build_due(conn, cfg)
+    row = conn.execute("SELECT * FROM bundles WHERE subject=?", (first,)).fetchone()
+    conn.close()
+    # Someone (or something) wrote other bytes under this bundle's name: never overwritten.
+    moto.client().put_object(Bucket=BUCKET, Key=sync.object_key(cfg, row), Body=b"other",
+                             Metadata={"sha256": "0" * 64})
+    r = site.cli("sync", "now")
+    assert r.returncode == 3 and "could not be sent as they are" in r.stdout
+    conn = db.connect(cfg.db_path)
+    states = {r["subject"]: r["state"] for r in conn.execute("SELECT subject, state FROM bundles"
+                                                             " WHERE kind='study'")}
+    f = sync.figures(conn)
+    conn.close()
+    assert states == {first: "uploading", second: "confirmed"}
+    assert f["link_up"] is True and "never overwritten" in f["last_error"]
+    body = moto.client().get_object(Bucket=BUCKET, Key=sync.object_key(cfg, row))["Body"].read()
+    assert body == b"other"
