@@ -516,8 +516,8 @@ def test_concurrent_queries_and_retrieves(node, tmp_path):
 
 
 def test_move_keeps_pace(node, destination, tmp_path):
-    """300 instances: ~2 s here.  With Nagle left on the move's own socket this took
-    ~15 s, and pynetdicom's reactor race (see retrieve._prepare_move_association)
+    """300 instances: ~2 s here (up to ~7 s under load).  With Nagle left on the move's
+    own socket this took ~15 s, and pynetdicom's reactor race (see retrieve._prepare_move_association)
     stalled moves for the 60 s DIMSE timeout and failed the rest."""
     study, _, paths = write_series(tmp_path / "many", 300, rows=64, cols=64,
                                    patient_id="PATMANY")
@@ -530,7 +530,9 @@ def test_move_keeps_pace(node, destination, tmp_path):
     assert result.returncode == 0 and len(list(destination.iterdir())) == 300, result.stderr
     print(f"\nC-MOVE of 300 instances to storescp: {elapsed:.2f} s"
           f" ({300 / elapsed:.0f} instances/s)")
-    assert elapsed < 8
+    # Nagle + delayed ACK cost >= 40 ms per instance by TCP's own timers (12 s here), load or
+    # not; a loaded 2-core machine moved them in 2-7 s.
+    assert elapsed < 300 * 0.035
 
 
 def test_a_move_longer_than_the_network_timeout_completes(tmp_path):
