@@ -148,9 +148,24 @@ def _next_seq(conn: sqlite3.Connection, site_id: str) -> int:
         " DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq", (site_id,)).fetchone()[0]
 
 
-def _is_stat(cfg: Config, description: str) -> bool:
+def _study_priority(conn: sqlite3.Connection, cfg: Config, study_uid: str,
+                    description: str) -> int:
+    """STAT when the read queue made it STAT or its workflow says ``sync: high``
+    (``sync: low`` keeps it routine), else when its description has a STAT keyword."""
+    if _table_exists(conn, "read_items"):
+        r = conn.execute("SELECT priority, actions FROM read_items WHERE study_uid=?",
+                         (study_uid,)).fetchone()
+        if r is not None:
+            wanted = [a["sync"] for a in json.loads(r["actions"] or "[]")
+                      if isinstance(a, dict) and "sync" in a]
+            if wanted and wanted[-1] in ("high", "low"):
+                return bnd.PRIORITY_STAT if wanted[-1] == "high" else bnd.PRIORITY_ROUTINE
+            if r["priority"] == "stat":
+                return bnd.PRIORITY_STAT
     text = (description or "").upper()
-    return any(k.upper() in text for k in cfg["sync"]["stat_keywords"])
+    if any(k.upper() in text for k in cfg["sync"]["stat_keywords"]):
+        return bnd.PRIORITY_STAT
+    return bnd.PRIORITY_ROUTINE
 
 
 def _create(conn: sqlite3.Connection, cfg: Config, kind: str, subject: str, priority: int,
@@ -190,8 +205,7 @@ def plan(conn: sqlite3.Connection, cfg: Config, now: float, force: bool = False,
         for r in rows:
             by_study.setdefault(r["study_uid"], []).append(r)
         for study_uid, rs in list(by_study.items())[:MAX_BUILDS_PER_SWEEP]:
-            prio = bnd.PRIORITY_STAT if _is_stat(cfg, rs[0]["study_description"]) \
-                else bnd.PRIORITY_ROUTINE
+            prio = _study_priority(conn, cfg, study_uid, rs[0]["study_description"])
             items = [("instance", r["sop_uid"], r["sha256"], r["path"], r["size"]) for r in rs]
             made.append(_create(conn, cfg, "study", study_uid, prio, items, owner))
         made += _plan_reports(conn, cfg, owner)

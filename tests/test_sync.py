@@ -251,3 +251,27 @@ def test_an_object_in_the_way_holds_back_only_its_own_bundle(site, moto, tmp_pat
     assert f["link_up"] is True and "never overwritten" in f["last_error"]
     body = moto.client().get_object(Bucket=BUCKET, Key=sync.object_key(cfg, row))["Body"].read()
     assert body == b"other"
+
+
+def test_the_read_queue_and_workflow_sync_action_set_the_priority(site, tmp_path):
+    pub = age_identity(tmp_path / "cloud.key")
+    cfg = _sync_cfg(site, "http://127.0.0.1:9", pub)
+    stat, _ = store_study(site, tmp_path, 1, study_description="CT HEAD")
+    high, _ = store_study(site, tmp_path, 1, study_description="CR CHEST")
+    low, _ = store_study(site, tmp_path, 1, study_description="CT HEAD STAT")
+    plain, _ = store_study(site, tmp_path, 1, study_description="CR HAND")
+    conn = db.connect(cfg.db_path)
+    conn.execute("UPDATE studies SET last_received = last_received - 3600")
+    now = time.time()
+    for uid, prio, actions in ((stat, "stat", "[]"), (high, "routine", '[{"sync": "high"}]'),
+                               (low, "urgent", '[{"sync": "low"}]')):
+        conn.execute(
+            "INSERT INTO read_items (study_uid, priority, priority_rank, sla_minutes,"
+            " first_received, due_at, created_at, updated_at, pool, pool_roles, actions)"
+            " VALUES (?,?,0,60,?,?,?,?,'general','radiologist',?)",
+            (uid, prio, now, now + 3600, now, now, actions))
+    sync.build_due(conn, cfg)
+    got = {r["subject"]: r["priority"] for r in conn.execute(
+        "SELECT subject, priority FROM bundles WHERE kind='study'")}
+    conn.close()
+    assert got == {stat: 0, high: 0, low: 2, plain: 2}
