@@ -131,6 +131,10 @@ def test_database_locked_by_a_frozen_writer(running_site, dcmtk):
         assert body["checks"]["database"] == "error"
         assert time.monotonic() - t0 < 15  # bounded check, not the 10 s busy timeout per call
         assert fetch(site, "/livez")[0] == 200
+        t1 = time.monotonic()
+        status, body = fetch(site, "/status.json")  # the status page answers during the lock
+        assert status == 503 and json.loads(body)["status"] == "red"
+        assert time.monotonic() - t1 < 8
         assert echo_ok(site, dcmtk)
     finally:
         os.kill(writer.pid, signal.SIGCONT)
