@@ -110,11 +110,13 @@ def uptime(conn: sqlite3.Connection, since: float, now: float) -> tuple[int, int
     A minute with no sample counts as down once sampling has begun: when the
     whole box is off nobody writes a sample, and that is downtime too.
     """
-    first = conn.execute("SELECT MIN(minute) FROM health_samples WHERE name = 'ready'"
-                         " AND minute >= ?", (since,)).fetchone()[0]
+    first, last = conn.execute("SELECT MIN(minute), MAX(minute) FROM health_samples"
+                               " WHERE name = 'ready' AND minute >= ?", (since,)).fetchone()
     if first is None:
         return 0, 0
-    total = int((_minute(now) - first) // SAMPLE_EVERY_S) + 1
+    # The current minute counts once sampled, or once it is over without a sample.
+    end = max(last, _minute(now) - SAMPLE_EVERY_S)
+    total = int((end - first) // SAMPLE_EVERY_S) + 1
     up = conn.execute("SELECT COUNT(*) FROM health_samples WHERE name = 'ready' AND minute >= ?"
                       " AND value >= 1", (first,)).fetchone()[0]
     return total, max(0, total - up)

@@ -271,3 +271,16 @@ def test_sign_ins_are_timed_for_the_slo_and_metrics(site):
     text = client.get("/metrics", base_url="https://localhost").get_data(as_text=True)
     assert "appliance_auth_seconds_count 2.0" in text
     assert "appliance_auth_failures_total 1.0" in text
+
+
+def test_uptime_counts_missing_minutes_as_down_but_not_the_current_one(report_env):
+    from appliance import health_series
+
+    _cfg, conn = report_env
+    base = 1_800_000_000.0  # a minute boundary
+    for i in (0, 1, 2, 5):  # minutes 3 and 4 have no sample: the box was off
+        health_series.record(conn, {"ready": 1.0}, now=base + i * 60)
+    assert health_series.uptime(conn, base, now=base + 5 * 60 + 10) == (6, 2)
+    # Minute 6 has begun but is not sampled yet: not counted against uptime.
+    assert health_series.uptime(conn, base, now=base + 6 * 60 + 10) == (6, 2)
+    assert health_series.uptime(conn, base, now=base + 7 * 60 + 10) == (7, 3)
