@@ -291,6 +291,21 @@ def join_guest(conn: sqlite3.Connection, consult_id: int, name: str, nonce: str,
     return pid, secret
 
 
+def rejoin_guest(conn: sqlite3.Connection, consult_id: int, guest: sqlite3.Row,
+                 now: float | None = None) -> sqlite3.Row:
+    """A guest who was admitted and left (reload, network) comes back without the lobby."""
+    t = now if now is not None else time.time()
+    if guest["state"] != "left" or guest["admitted_at"] is None:
+        return guest
+    if get_consult(conn, consult_id)["ended_at"] is not None:
+        raise ConsultError("this consult has ended")
+    with transaction(conn):
+        conn.execute("UPDATE consult_participants SET state = 'admitted', left_at = NULL"
+                     " WHERE id = ? AND state = 'left'", (guest["id"],))
+        _announce(conn, consult_id, t)
+    return participant(conn, guest["id"])
+
+
 def join_media(conn: sqlite3.Connection, consult_id: int, purpose: str,
                now: float | None = None) -> int:
     """The appliance's own receive-only participant (probe or recorder); audited."""
@@ -418,6 +433,12 @@ def events_after(conn: sqlite3.Connection, consult_id: int, who: sqlite3.Row, af
         args = (consult_id, after, limit)
     return [{"id": r["id"], "ts": r["ts"], "sender": r["sender"], "kind": r["kind"],
              "body": json.loads(r["body"])} for r in conn.execute(sql, args)]
+
+
+def cursor(conn: sqlite3.Connection, consult_id: int) -> int:
+    """The newest event id: a page that joins now streams only what comes after it."""
+    return conn.execute("SELECT coalesce(max(id), 0) FROM consult_events WHERE consult_id = ?",
+                        (consult_id,)).fetchone()[0]
 
 
 def chat_log(conn: sqlite3.Connection, consult_id: int) -> list[dict]:

@@ -38,7 +38,7 @@ from appliance.web import auth, get_db
 bp = Blueprint("consults", __name__)
 HOSTS = consults.HOST_ROLES
 STREAM_S = 25.0
-POLL_S = 0.1
+POLL_S = 0.05  # a message waits at most this long in the table
 KEEPALIVE_S = 10.0
 
 
@@ -183,12 +183,19 @@ def join(cid: int):
         pid = consults.join_user(conn, cid, user, now=_now(), source=auth.client_address())
         me = consults.participant(conn, pid)
     else:
-        me, _actor = _caller(cid, lobby_ok=True)
+        secret = _guest_secret(cid)
+        guest = consults.guest_by_secret(conn, cid, secret) if secret else None
+        if guest is None:
+            abort(403, "you are not in this consult")
+        me = consults.rejoin_guest(conn, cid, guest, now=_now())
+        if me["state"] not in ("lobby", "admitted"):
+            abort(403, "you are not in this consult")
     return jsonify(participant=me["id"], name=me["name"], state=me["state"],
                    host=user is not None,
                    ice_servers=consults.ice_servers(_cfg(), _host_name(), cid, now=_now()),
                    video_floor_kbit_s=_cfg()["consults"]["video_floor_kbit_s"],
-                   roster=consults.roster(conn, cid))
+                   roster=consults.roster(conn, cid), cursor=consults.cursor(conn, cid),
+                   chat=consults.chat_log(conn, cid) if me["state"] == "admitted" else [])
 
 
 @bp.get("/consults/<int:cid>/events")

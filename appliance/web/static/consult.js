@@ -39,6 +39,8 @@
   let iceServers = [], floorKbps = Number(root.dataset.floor) || 150;
   let localStream = null, cameraTrack = null, screenTrack = null, source = null;
   let joinStart = 0, samples = [];
+  // Generations start at the page's load time, so a reloaded page outranks its old self.
+  const EPOCH = Date.now();
 
   async function post(path, body) {
     const r = await fetch(`/consults/${cid}${path}`, {
@@ -100,7 +102,8 @@
     iceServers = info.ice_servers;
     floorKbps = info.video_floor_kbit_s || floorKbps;
     $("check").hidden = true;
-    openEvents();
+    for (const m of info.chat || []) showChat({ id: m.id, sender: m.sender, body: m });
+    openEvents(info.cursor);
     if (info.state === "lobby") $("lobby").hidden = false;
     onRoster(info.roster);
   }
@@ -110,14 +113,15 @@
     $("lobby").hidden = true;
     $("call").hidden = false;
     $("local").srcObject = localStream;
-    joinStart = joinStart || performance.now();
+    joinStart = performance.now(); // admitted: connecting starts now
     setStep("connecting");
     setInterval(tick, TICK_MS);
     setInterval(flushSamples, POST_MS);
   }
 
-  function openEvents() {
-    source = new EventSource(`/consults/${cid}/events`);
+  function openEvents(after) {
+    // Only what happens from now on; the chat so far came with the join answer.
+    source = new EventSource(`/consults/${cid}/events?after=${after || 0}`);
     source.onmessage = (m) => onEvent(JSON.parse(m.data));
     source.addEventListener("gone", () => { source.close(); setStep("left"); });
   }
@@ -136,7 +140,7 @@
     if (mine && mine.state === "admitted") enterCall();
     if (!mine || mine.state !== "admitted") return;
     const others = roster.filter((p) => p.state === "admitted" && p.id !== state.me);
-    for (const p of others) if (!state.peers[p.id]) makePeer(p.id, 0, p.kind);
+    for (const p of others) if (!state.peers[p.id]) makePeer(p.id, EPOCH, p.kind);
     for (const id of Object.keys(state.peers)) {
       if (!others.some((p) => p.id === Number(id))) dropPeer(Number(id));
     }
@@ -155,7 +159,7 @@
       hadMedia: old ? old.hadMedia : false, stage: old ? old.stage : "ok",
       stageAt: old ? old.stageAt : now, outageAt: old ? old.outageAt : 0, badSince: 0,
       goodSince: 0, audioOnly: false, frames: 0, framesAt: now, lastRetry: now,
-      video: old ? old.video : null,
+      video: old ? old.video : null, bornAt: old ? old.bornAt : now,
     };
     // The appliance's probe never acts on the ladder: the browser does.
     peer.actor = !peer.polite || peer.kind === "media";
@@ -171,7 +175,15 @@
         send(peer, { description: pc.localDescription });
       } catch (e) { console.warn(e); } finally { peer.makingOffer = false; }
     };
-    pc.onicecandidate = (e) => { if (e.candidate) send(peer, { candidate: e.candidate }); };
+    // Candidates go in small batches: each signal is a durable row, so fewer is faster.
+    peer.pending = [];
+    pc.onicecandidate = (e) => {
+      if (!e.candidate) return;
+      peer.pending.push(e.candidate);
+      if (peer.pending.length === 1) {
+        setTimeout(() => send(peer, { candidates: peer.pending.splice(0) }), 30);
+      }
+    };
     pc.ontrack = (e) => attachRemote(peer, e.track, e.streams[0]);
     return peer;
   }
@@ -207,9 +219,11 @@
         await pc.setLocalDescription();
         send(peer, { description: pc.localDescription });
       }
-    } else if (data.candidate) {
-      try { await pc.addIceCandidate(data.candidate); } catch (e) {
-        if (!peer.ignoreOffer) console.warn(e);
+    } else if (data.candidates || data.candidate) {
+      for (const c of data.candidates || [data.candidate]) {
+        try { await pc.addIceCandidate(c); } catch (e) {
+          if (!peer.ignoreOffer) console.warn(e);
+        }
       }
     }
   }
@@ -228,7 +242,8 @@
     if (track.kind === "video" && state.joinMs === null && peer.video.requestVideoFrameCallback) {
       peer.video.requestVideoFrameCallback(() => {
         if (state.joinMs !== null) return;
-        state.joinMs = Math.round(performance.now() - joinStart);
+        // Join time: from the moment both sides are in the room to the first remote frame.
+        state.joinMs = Math.round(performance.now() - Math.max(joinStart, peer.bornAt));
         post("/ladder", { step: "joined", join_ms: state.joinMs, peer: peer.id }).catch(() => {});
       });
     }
