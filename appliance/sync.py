@@ -32,6 +32,7 @@ from appliance import audit, db, identity
 from appliance import bundle as bnd
 from appliance import sync_targets as st
 from appliance.config import Config
+from dicom_node import durable
 
 log = logging.getLogger("appliance.sync")
 
@@ -289,6 +290,8 @@ def build_reserved(conn: sqlite3.Connection, cfg: Config, bundle_id: str,
                    recipients: list[str] | None = None) -> bnd.BundleInfo:
     """Write the bundle file of a reserved row and mark it ``built``."""
     row = conn.execute("SELECT * FROM bundles WHERE bundle_id=?", (bundle_id,)).fetchone()
+    for stale in bundles_dir(cfg).glob(f".{row['path']}.*{durable.TMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)  # a temp file a killed builder left
     key = identity.load_signing_key(cfg.keys_dir)
     info = bnd.build(bundles_dir(cfg) / row["path"], bundle_id, key,
                      recipients or cfg["sync"]["recipients"], _entries(conn, cfg, bundle_id),
@@ -430,6 +433,14 @@ class Uploader:
     def _one(self, row: sqlite3.Row) -> str:
         key = row["target_key"] or object_key(self.cfg, row)
         bid = row["bundle_id"]
+        if row["state"] != "uploaded" and not (bundles_dir(self.cfg) / row["path"]).is_file():
+            # The local file is gone (disk trouble, a hand): build it again from its items
+            # under the same id, and start a fresh upload of the new bytes.
+            self._exec("UPDATE bundles SET state='building', upload_id=NULL, bytes_sent=0,"
+                       " lease_owner=NULL, lease_until=0, last_error=? WHERE bundle_id=?",
+                       ("local bundle file missing: rebuilding", bid))
+            self._exec("DELETE FROM bundle_parts WHERE bundle_id=?", (bid,))
+            return "rebuild"
         try:
             if row["state"] != "uploaded":
                 self._exec("UPDATE bundles SET state='uploading', target_key=? WHERE"
@@ -571,6 +582,9 @@ def sync_now(cfg: Config, target: st.Target | None = None) -> dict[str, Any]:
     up = Uploader(cfg, target)
     try:
         counts = up.run(force=True)
+        if counts.get("rebuild"):  # a local bundle file was missing: build it, send again
+            built += build_due(up.conn, cfg, force=True)
+            counts = up.run(force=True)
         link = _link(up.conn)
     finally:
         up.close()

@@ -275,3 +275,22 @@ def test_the_read_queue_and_workflow_sync_action_set_the_priority(site, tmp_path
         "SELECT subject, priority FROM bundles WHERE kind='study'")}
     conn.close()
     assert got == {stat: 0, high: 0, low: 2, plain: 2}
+
+
+def test_a_lost_local_bundle_file_is_rebuilt_and_sent(site, moto, tmp_path):
+    pub = age_identity(tmp_path / "cloud.key")
+    cfg = _sync_cfg(site, moto.url, pub)
+    uid, _ = store_study(site, tmp_path, 3)
+    age_study(site, uid)
+    conn = db.connect(cfg.db_path)
+    sync.build_due(conn, cfg)
+    row = conn.execute("SELECT * FROM bundles WHERE kind='study'").fetchone()
+    (cfg.data_dir / "bundles" / row["path"]).unlink()
+    (cfg.data_dir / "bundles" / f".{row['path']}.999.part").write_bytes(b"left by a crash")
+    conn.close()
+    r = site.cli("sync", "now")  # notices the loss, builds it again under the same id, sends
+    assert r.returncode == 0, r.stdout + r.stderr
+    conn = db.connect(cfg.db_path)
+    assert sync.reconcile(conn) == {"unconfirmed": 0, "duplicated": 0, "instances": 3}
+    conn.close()
+    assert not list((cfg.data_dir / "bundles").iterdir())
