@@ -213,7 +213,8 @@ def test_viewer_is_served_with_our_config(dw: Deployment) -> None:
     assert cfg.status_code == 200 and "/dicom-web" in cfg.text
     assert "investigationalUseDialog: { option: 'never' }" in cfg.text
     if not viewer.installed():
-        pytest.skip("OHIF not fetched (make viewer)")
+        require_tool("OHIF (provisioning/fetch-viewer.sh, make viewer)",
+                     str(viewer.VIEWER_DIR / "index.html"))
     page = s.get(f"{base}/viewer", params={"StudyInstanceUIDs": dw.ours[0]})
     assert page.status_code == 200 and "/viewer/app.bundle." in page.text
     bundle = re.search(r'src="(/viewer/app\.bundle\.[0-9a-f]+\.js)"', page.text).group(1)

@@ -95,7 +95,8 @@ def test_reader_opens_ct_scrolls_to_slice_150_brain_window_and_measures(dicom_si
     from appliance.web import viewer
 
     if not viewer.installed():
-        pytest.fail("OHIF is not installed: run provisioning/fetch-viewer.sh (make viewer)")
+        require_tool("OHIF (provisioning/fetch-viewer.sh, make viewer)",
+                     str(viewer.VIEWER_DIR / "index.html"))
     site = dicom_site
     study_uid, paths = _head_ct(tmp_path / "ct")
     push = subprocess.run([dcmtk["storescu"], "-aec", site.ae_title, "127.0.0.1",
