@@ -154,7 +154,8 @@
     const pc = new RTCPeerConnection({ iceServers, iceTransportPolicy: relayOnly ? "relay" : "all" });
     const now = performance.now();
     const peer = {
-      id, gen, kind: kind || (old && old.kind) || "user", pc, polite: state.me > id,
+      id, gen, pc, polite: state.me > id,
+      kind: kind || (old && old.kind) || (state.roster.find((p) => p.id === id) || {}).kind || "user",
       makingOffer: false, ignoreOffer: false, bytes: 0, lastMedia: now + FIRST_GRACE_MS,
       hadMedia: old ? old.hadMedia : false, stage: old ? old.stage : "ok",
       stageAt: old ? old.stageAt : now, outageAt: old ? old.outageAt : 0, badSince: 0,
@@ -271,7 +272,7 @@
     const order = ["video", "audio_only", "ice_restart", "fresh_pc", "chat_only"];
     let worst = "connecting";
     for (const peer of Object.values(state.peers)) {
-      if (!peer.hadMedia && peer.stage === "ok") continue;
+      if (peer.kind === "media" || (!peer.hadMedia && peer.stage === "ok")) continue;
       const s = peer.stage === "ok" ? (peer.audioOnly ? "audio_only" : "video") : peer.stage;
       if (worst === "connecting" || order.indexOf(s) > order.indexOf(worst)) worst = s;
     }
@@ -323,6 +324,7 @@
         rtt_ms: s.rtt, fps: Math.round(peer.fps * 10) / 10, kbit_s: Math.round(kbps),
         step: worstStep() === "connecting" ? "" : worstStep() });
     }
+    if (peer.kind === "media") return; // the appliance's probe/recorder sends nothing back
     const gap = now - peer.lastMedia;
     // Media is flowing (again).
     if (gap < TICK_MS * 2) {

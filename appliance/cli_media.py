@@ -1,0 +1,71 @@
+"""``appliance media probe|relay-check|turn-config``: the appliance's own consult participant.
+
+``probe`` joins a consult as a receive-only aiortc participant, prints the
+join time to the first video frame, frames and frame rate as JSON, and
+records the join time with the consult's other measurements.
+``relay-check`` says whether the capped aiortc relay would take N more
+streams on this machine (exit 1 with the reason when it would not).
+``turn-config`` writes coturn's config and prints the command that runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from appliance import config, consults, media, turn
+from appliance.cli import CliError
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    cfg = config.load(args.data_dir)
+    if not 1 <= args.seconds <= 3600:
+        raise CliError("--seconds must be between 1 and 3600")
+    try:
+        result = media.probe(cfg, args.consult, args.seconds)
+    except consults.ConsultError as e:
+        raise CliError(str(e)) from None
+    print(media.result_json(result))
+    return 0 if result.frames else 3
+
+
+def cmd_relay_check(args: argparse.Namespace) -> int:
+    cfg = config.load(args.data_dir)
+    try:
+        media.check_relay(args.active, args.streams, cfg["consults"]["relay_max_streams"])
+    except media.MediaError as e:
+        raise CliError(str(e)) from None
+    cap = media.relay_capacity(cfg["consults"]["relay_max_streams"])
+    print(f"ok: {args.active + args.streams} of {cap} relay streams")
+    return 0
+
+
+def cmd_turn_config(args: argparse.Namespace) -> int:
+    cfg = config.load(args.data_dir)
+    try:
+        argv = turn.command(cfg)
+    except FileNotFoundError as e:
+        raise CliError(str(e)) from None
+    print(shlex.join(argv))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p_media = sub.add_parser("media", help="consult media: probes, the capped relay, coturn")
+    s = p_media.add_subparsers(dest="media_cmd", required=True)
+    p = s.add_parser("probe", help="join a consult as a receive-only probe and measure it")
+    p.add_argument("--consult", type=int, required=True, help="consult number")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long to stay (default 10)")
+    p.add_argument("--data-dir", metavar="DIR")
+    p.set_defaults(func=cmd_probe)
+    p = s.add_parser("relay-check", help="would the aiortc relay take N more streams here?")
+    p.add_argument("--streams", type=int, default=1)
+    p.add_argument("--active", type=int, default=0, help="streams already relayed")
+    p.add_argument("--data-dir", metavar="DIR")
+    p.set_defaults(func=cmd_relay_check)
+    p = s.add_parser("turn-config", help="write coturn's config; print the command to run it")
+    p.add_argument("--data-dir", metavar="DIR")
+    p.set_defaults(func=cmd_turn_config)
+
+
+REGISTER = [register]
