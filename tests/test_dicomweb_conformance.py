@@ -11,6 +11,7 @@ import gzip
 import io
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pydicom
@@ -200,6 +201,29 @@ def test_bad_input_and_access(dw: Deployment) -> None:
     denied = scoped.get(f"{dw.url}/studies/{dw.theirs[0]}/metadata")
     assert denied.status_code == 403
     assert scoped.get(f"{dw.url}/studies/{study}/metadata").status_code == 200
+    conn = dw.site.db()
+    assert conn.execute("SELECT 1 FROM audit WHERE actor = 'scoped' AND action = 'dicomweb.denied'"
+                        " AND object = ?", (dw.theirs[0],)).fetchone()
+    # A break-glass grant (typed reason, made at /break-glass) opens that one study.
+    conn.execute("INSERT INTO break_glass (ts, user_id, study_uid, reason, address, expires_at)"
+                 " SELECT ?, id, ?, 'stroke alert, covering', '127.0.0.1', ? FROM users"
+                 " WHERE username = 'scoped'", (time.time(), dw.theirs[0], time.time() + 3600))
+    conn.close()
+    assert scoped.get(f"{dw.url}/studies/{dw.theirs[0]}/metadata").status_code == 200
+
+
+def test_retrievals_are_audited(dw: Deployment) -> None:
+    study, series, paths = dw.ours
+    sop = pydicom.dcmread(paths[1]).SOPInstanceUID
+    s = dw.session()
+    base = f"{dw.url}/studies/{study}/series/{series}/instances/{sop}"
+    assert s.get(f"{base}/frames/1").status_code == 200
+    assert s.get(f"{base}/rendered").status_code == 200
+    conn = dw.site.db()
+    actions = {r["action"] for r in conn.execute(
+        "SELECT action FROM audit WHERE actor = 'reader' AND object = ?", (study,))}
+    conn.close()
+    assert {"dicomweb.frames", "dicomweb.rendered"} <= actions
 
 
 def test_viewer_is_served_with_our_config(dw: Deployment) -> None:

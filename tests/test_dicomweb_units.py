@@ -232,3 +232,17 @@ def test_sweep_fills_metadata_once_in_batches_and_passes_unreadable_files(store:
     _series(store, 1, study_uid=dss[0].StudyInstanceUID)  # only the new instance is read
     assert md.sweep(Cfg) == 1
     assert store.conn.execute("SELECT made_at FROM dicomweb_metadata").fetchall()[:2] == before
+
+
+def test_instances_are_sent_as_stored_or_decompressed(tmp_path: Path) -> None:
+    ds = make_instance(generate_uid(), generate_uid(), 0, rows=16, cols=16)
+    ds.compress(RLELossless)
+    path = tmp_path / "rle.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert b"".join(fr.instance_chunks(path, RLELossless, "*")) == path.read_bytes()
+    assert fr.instance_servable(RLELossless, fr.EXPLICIT_LE) is None
+    plain = pydicom.dcmread(io.BytesIO(b"".join(fr.instance_chunks(path, RLELossless,
+                                                                    fr.EXPLICIT_LE))))
+    assert plain.file_meta.TransferSyntaxUID == fr.EXPLICIT_LE
+    assert np.array_equal(plain.pixel_array, ds.pixel_array)
+    assert "cannot transcode" in fr.instance_servable(fr.EXPLICIT_LE, "1.2.840.10008.1.2.4.80")
