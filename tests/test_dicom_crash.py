@@ -143,3 +143,48 @@ def test_kill_9_mid_push_loses_nothing_acknowledged(tmp_path, dcmtk, series):
                   f"push {t1 - t0:.1f}s, scu {t2 - t1:.1f}s, check {time.monotonic() - t2:.1f}s")
         finally:
             site.stop_all()
+
+
+def node_children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_node_processes_share_the_port_and_a_dead_one_stops_the_node(site, dcmtk):
+    """dicom.processes (2 by default): both accept; one killed takes the node down for a restart."""
+    proc = site.start_dicom()
+    children = node_children(proc.pid)
+    assert len(children) == 1  # the parent serves too: 2 processes
+    for _ in range(6):  # associations land on either process; every one is served
+        echo = subprocess.run([dcmtk["echoscu"], "127.0.0.1", str(site.dicom_port)],
+                              capture_output=True, timeout=30)
+        assert echo.returncode == 0
+    os.kill(children[0], signal.SIGKILL)
+    assert proc.wait(timeout=15) == 1  # the supervisor restarts it with recovery
+    site.procs.pop("dicom")
+    site.start_dicom()  # the port is free again at once: no orphan holds it
+    echo = subprocess.run([dcmtk["echoscu"], "127.0.0.1", str(site.dicom_port)],
+                          capture_output=True, timeout=30)
+    assert echo.returncode == 0
+
+
+def gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped by its new parent counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_parent_killed_alone_takes_its_children_with_it(site):
+    proc = site.start_dicom()
+    (child,) = node_children(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)  # not the group: only the parent
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while not gone(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gone(child), "a node process outlived its parent"
+    site.procs.pop("dicom")
+    site.start_dicom()  # the port was released by the child too
