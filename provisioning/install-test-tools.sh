@@ -18,6 +18,7 @@ command -v debootstrap >/dev/null 2>&1 || need="$need debootstrap"
 command -v age >/dev/null 2>&1 || need="$need age"
 # consult tests: TURN relay (coturn) and network namespaces (iproute2, iptables)
 command -v turnserver >/dev/null 2>&1 || need="$need coturn"
+command -v iptables >/dev/null 2>&1 || need="$need iptables"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing test tools:$need"

@@ -10,7 +10,7 @@
 //   send estimate below the video floor or loss > 10% for 5 s -> audio only (video back by
 //   itself after 5 s of a good link); no media bytes for 2 s -> ICE restart; not back 5 s
 //   later -> a fresh peer connection; no media for 10 s -> chat (already live over SSE) is
-//   brought forward while a fresh connection is tried every 10 s.
+//   brought forward while a fresh connection is tried every 5 s.
 (function () {
   "use strict";
   const root = document.getElementById("consult");
@@ -22,7 +22,7 @@
   const relayOnly = params.get("relay") === "1"; // TURN only (tests, sites that must hide addresses)
   const TICK_MS = 500, SAMPLE_MS = 1000, POST_MS = 3000;
   const AUDIO_AFTER_MS = 5000, RESTART_AFTER_MS = 2000, FRESH_AFTER_MS = 5000;
-  const CHAT_AFTER_MS = 10000, RETRY_EVERY_MS = 10000, FIRST_GRACE_MS = 3000;
+  const CHAT_AFTER_MS = 10000, RETRY_EVERY_MS = 5000, FIRST_GRACE_MS = 3000;
   const LABELS = {
     video: "Video", audio_only: "Audio only (weak link): video comes back by itself",
     ice_restart: "Connection lost: reconnecting (ICE restart)…",
@@ -156,7 +156,8 @@
     const peer = {
       id, gen, pc, polite: state.me > id,
       kind: kind || (old && old.kind) || (state.roster.find((p) => p.id === id) || {}).kind || "user",
-      makingOffer: false, ignoreOffer: false, bytes: 0, lastMedia: now + FIRST_GRACE_MS,
+      makingOffer: false, ignoreOffer: false, bytes: 0,
+      lastMedia: old ? old.lastMedia : now + FIRST_GRACE_MS,
       hadMedia: old ? old.hadMedia : false, stage: old ? old.stage : "ok",
       stageAt: old ? old.stageAt : now, outageAt: old ? old.outageAt : 0, badSince: 0,
       goodSince: 0, audioOnly: false, frames: 0, framesAt: now, lastRetry: now,
@@ -359,7 +360,6 @@
   function freshPeer(peer) {
     const next = makePeer(peer.id, peer.gen + 1);
     next.lastRetry = performance.now();
-    next.lastMedia = peer.lastMedia;
     send(next, { reset: true }); // the other side starts generation gen+1 too
   }
 
