@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from appliance import config
+from appliance import config, turn
 
 log = logging.getLogger("appliance.up")
 
@@ -48,6 +48,8 @@ class Supervisor:
     def __init__(self, cfg: config.Config, names: tuple[str, ...] = COMPONENTS):
         self.cfg = cfg
         self.children = [Child(n, child_argv(n, str(cfg.data_dir))) for n in names]
+        if names == COMPONENTS and turn.binary():  # coturn relays consult media, if installed
+            self.children.append(Child("turn", turn.command(cfg)))
         self.stopping = threading.Event()
 
     def _start(self, child: Child) -> None:
