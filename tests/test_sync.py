@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import re
 import threading
 import time
 
@@ -16,6 +17,7 @@ from test_sync_common import (
     age_study,
     configure_sync,
     moto,
+    set_sweep_interval,
     start_moto,
     store_study,
 )
@@ -47,9 +49,7 @@ def _figures(site):
 def test_worker_ships_a_study_then_only_its_late_instances(site, moto, tmp_path):
     pub = age_identity(tmp_path / "cloud.key")
     configure_sync(site, moto.url, [pub], audit_interval_s=1)
-    text = (site.data_dir / "appliance.yaml").read_text()
-    (site.data_dir / "appliance.yaml").write_text(
-        text.replace("sweep_interval_s: 2", "sweep_interval_s: 0.3"))
+    set_sweep_interval(site, 0.3)
     study_uid, _ = store_study(site, tmp_path, 6)
     site.start("worker")
     _wait(lambda: _figures(site)[1]["unconfirmed"] == 0 and _figures(site)[1]["instances"] == 6,
@@ -155,7 +155,7 @@ def test_folder_target_resumes_and_never_overwrites(site, tmp_path):
     path = site.data_dir / "appliance.yaml"
     text = path.read_text().replace("  target: none", "  target: folder").replace(
         '  folder: ""', f'  folder: "{usb}"').replace("  recipients: []", f"  recipients: [{pub}]")
-    path.write_text(text.replace("quiet_period_s: 30", "quiet_period_s: 1"))
+    path.write_text(re.sub(r"(?m)^(  quiet_period_s:).*$", r"\g<1> 1", text, count=1))
     study_uid, _ = store_study(site, tmp_path, 4)
     age_study(site, study_uid)
     cfg = config.load(site.data_dir)

@@ -90,7 +90,15 @@ def configure_sync(site: Site, url: str, recipients: list[str], **extra) -> None
     for key, value in values.items():
         text, n = re.subn(rf"(?m)^(  {key}:).*$", rf"\g<1> {value}", text, count=1)
         assert n == 1, key
-    text = text.replace("quiet_period_s: 30", "quiet_period_s: 1")
+    text = re.sub(r"(?m)^(  quiet_period_s:).*$", r"\g<1> 1", text, count=1)
+    path.write_text(text)
+
+
+def set_sweep_interval(site: Site, seconds: float) -> None:
+    path = site.data_dir / "appliance.yaml"
+    text, n = re.subn(r"(?m)^(  sweep_interval_s:).*$", rf"\g<1> {seconds}", path.read_text(),
+                      count=1)
+    assert n == 1
     path.write_text(text)
 
 
