@@ -44,6 +44,7 @@ class ProbeResult:
     join_ms: float | None = None
     frames: int = 0
     audio_frames: int = 0
+    video_tracks: int = 0
     fps: float = 0.0
     longest_gap_ms: float = 0.0
     generations: int = 0
@@ -181,6 +182,8 @@ class Participant:
             log.warning("signal from %s: %s", sender, e)
 
     def _consume(self, track) -> None:
+        if track.kind == "video":
+            self.result.video_tracks += 1
         task = asyncio.ensure_future(self._drain(track))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
