@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance import audit
+from appliance import audit, health_series
 from appliance.db import transaction
 
 INVITE_KEY_FILE = "consult-invite.key"
@@ -40,6 +40,7 @@ MAX_SIGNAL_BYTES = 64_000
 EVENT_KINDS = ("signal", "chat", "ladder", "presence", "system")
 # Ladder steps a client reports; "video" is the healthy state.
 LADDER_STEPS = ("video", "audio_only", "ice_restart", "fresh_pc", "chat_only", "dropped")
+JOIN_SLO_MS = 5000
 HOST_ROLES = ("site_staff", "neurologist", "radiologist", "admin", "responder")
 
 
@@ -213,8 +214,17 @@ def end_consult(conn: sqlite3.Connection, consult_id: int, actor: str,
                          " WHERE consult_id = ? AND state IN ('lobby', 'admitted')",
                          (t, consult_id))
             post_event(conn, consult_id, None, "system", {"ended": True, "by": actor}, now=t)
+            health_series.observe(conn, "call_drop", 0.0, not was_dropped(conn, consult_id),
+                                  ts=t)
             audit.record(conn, actor, "consult.end", _audit_obj(row), source=source,
                          detail={"consult": consult_id}, ts=t)
+
+
+def was_dropped(conn: sqlite3.Connection, consult_id: int) -> bool:
+    """A call counts as dropped only when a client reported losing every channel (30 s)."""
+    return conn.execute("SELECT 1 FROM consult_events WHERE consult_id = ? AND kind = 'ladder'"
+                        " AND body LIKE '%\"dropped\"%' LIMIT 1",
+                        (consult_id,)).fetchone() is not None
 
 
 # -- participants ---------------------------------------------------------------------------------------
@@ -489,7 +499,12 @@ def record_ladder(conn: sqlite3.Connection, consult_id: int, sender: sqlite3.Row
     for key in ("join_ms", "after_ms", "peer", "gen"):
         if _num(body.get(key)) is not None:
             clean[key] = _num(body[key])
-    return post_event(conn, consult_id, sender["id"], "ladder", clean, now=now)
+    with transaction(conn):
+        eid = post_event(conn, consult_id, sender["id"], "ladder", clean, now=now)
+        if step == "joined" and "join_ms" in clean:  # the SLO: video join under 5 s
+            health_series.observe(conn, "video_join", clean["join_ms"] / 1000,
+                                  clean["join_ms"] < JOIN_SLO_MS, ts=now)
+    return eid
 
 
 def _percentile(values: list[float], q: float) -> float | None:

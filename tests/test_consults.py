@@ -240,7 +240,18 @@ def test_ladder_and_stats_make_the_call_summary(app: AuthApp):
     conn.close()
     assert s["joins"] == 3 and s["join_ms_p50"] == 500 and s["join_ms_p95"] == 900
     assert s["degraded_share"] == 0.25 and s["drop_rate"] == 0.0
+    # Joins feed the SLO (video join under 5 s); ending the call records it as not dropped.
+    assert nurse.post(f"/consults/{cid}/ladder", json={"step": "joined", "join_ms": 6000},
+                      headers=h1).status_code == 200
+    nurse.post(f"/consults/{cid}/end", json={}, headers=h1)
+    conn = app.db()
+    slo = conn.execute("SELECT slo, value, good FROM slo_observations WHERE slo != 'auth' ORDER BY id").fetchall()
+    conn.close()
+    assert [tuple(r) for r in slo] == [("video_join", 0.3, 1), ("video_join", 0.5, 1),
+                                       ("video_join", 0.9, 1), ("video_join", 6.0, 0),
+                                       ("call_drop", 0.0, 1)]
     record = nurse.get(f"/consults/{cid}/record").get_json()
+    assert record["consult"]["ended_at"] is not None
     assert [p["name"] for p in record["participants"]] == ["Nurse Bed 4", "Dr Neuro"]
     assert audit_rows(app, "consult.view")[0]["actor"] == "nurse"
 

@@ -32,7 +32,7 @@ from flask import (
     session,
 )
 
-from appliance import consults, db
+from appliance import consults, db, metrics
 from appliance.web import auth, get_db
 
 bp = Blueprint("consults", __name__)
@@ -261,7 +261,11 @@ def post_chat(cid: int):
 @auth.public
 def post_ladder(cid: int):
     me, _actor = _caller(cid)
-    return jsonify(id=consults.record_ladder(get_db(), cid, me, _body(), now=_now()))
+    body = _body()
+    eid = consults.record_ladder(get_db(), cid, me, body, now=_now())
+    if body.get("step") == "joined" and isinstance(body.get("join_ms"), (int, float)):
+        metrics.observe_consult(join_seconds=body["join_ms"] / 1000)
+    return jsonify(id=eid)
 
 
 @bp.post("/consults/<int:cid>/stats")
@@ -302,6 +306,7 @@ def post_consent(cid: int):
 def post_end(cid: int):
     consults.end_consult(get_db(), cid, auth.current_user()["username"], now=_now(),
                          source=auth.client_address())
+    metrics.observe_consult(ended=True, dropped=consults.was_dropped(get_db(), cid))
     return jsonify(ok=True)
 
 
