@@ -478,9 +478,10 @@ def _extract(plain: Path, info: BundleInfo, staging: Path) -> dict[str, Any]:
             if member.size != fe["size"]:
                 raise BundleError(f"{fe['name']}: size differs from the manifest")
             dest = staging / fe["name"]
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             h = hashlib.sha256()
-            with open(dest, "wb") as out:
+            with os.fdopen(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                           "wb") as out:  # patient data: private to the user who opened it
                 while chunk := src.read(CHUNK):
                     h.update(chunk)
                     out.write(chunk)
@@ -558,15 +559,20 @@ def open_bundle(path: Path, identities: list, out: Path, ledger: Ledger | None =
     staging = out.parent / f".{out.name}.opening-{os.getpid()}"
     opened = open_to_staging(path, identities, staging, ledger, trusted_key_ids)
     try:
-        durable.ensure_dir(out)
+        if not out.exists():
+            durable.ensure_dir(out)
+            os.chmod(out, 0o700)
         for fe in [{"name": "manifest.json"}, *opened.manifest["files"]]:
             dest = out / fe["name"]
             if fe["name"] != "manifest.json" and dest.exists():
                 raise BundleError(f"{dest} exists already; refusing to overwrite")
         for fe in opened.manifest["files"]:
             dest = out / fe["name"]
-            durable.ensure_dir(dest.parent)
+            for d in reversed([*dest.relative_to(out).parents][:-1]):
+                if not (out / d).exists():
+                    (out / d).mkdir(mode=0o700)
             os.replace(staging / fe["name"], dest)
+        durable.fsync_dir(out)
         os.replace(staging / "manifest.json",
                    out / f"manifest-{opened.info.bundle_id}.json")
         if ledger is not None:

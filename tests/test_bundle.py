@@ -248,6 +248,8 @@ def test_ct_study_round_trip_is_byte_identical_through_the_cli(site, tmp_path):
         original = (site.data_dir / "studies" / r["path"]).read_bytes()
         assert (opened / "dicom" / r["path"]).read_bytes() == original
     assert "bundle.export" in actions and "bundle.open" in actions  # patient data access
+    modes = {oct(p.stat().st_mode & 0o777) for p in opened.rglob("*")}
+    assert modes <= {"0o600", "0o700"}, modes  # opened patient data stays private
     # Opening it again is a replay; a flipped byte is refused with one line; nothing written.
     again = site.cli("bundle", "open", str(out), "--identity", str(tmp_path / "escrow.key"),
                      "--out", str(opened))
@@ -311,8 +313,8 @@ def test_build_memory_is_bounded_whatever_the_study_size(tmp_path):
     pub = age_identity(tmp_path / "k")
     r = subprocess.run([sys.executable, "-c", BUILD_BIG, str(src), sha, str(50 << 20),
                         str(tmp_path / "big.bundle"), pub], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
     peak_mb = int(r.stdout.strip())
     assert (tmp_path / "big.bundle").stat().st_size > 300 << 20
     assert peak_mb < 150, f"peak RSS {peak_mb} MiB for a 300 MiB bundle"
