@@ -6,12 +6,16 @@ clear; only the argon2id hash is kept.
 
 from __future__ import annotations
 
+import base64
+import os
 import secrets
 import sqlite3
 import time
+from pathlib import Path
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 ROLES = ("admin", "responder", "site_staff", "radiologist", "neurologist")
 
@@ -214,3 +218,53 @@ def modify_user(conn: sqlite3.Connection, username: str, role: str | None = None
             conn.execute(f"UPDATE users SET {column} = ? WHERE id = ?", (value, row["id"]))
             changes[column] = [row[column], value]
     return changes
+
+
+# -- keys and sealed TOTP secrets ----------------------------------------------------------
+TOTP_KEY_FILE = "totp.key"
+SEALED_PREFIX = "v1:"
+
+
+def key_file(keys_dir: Path, name: str) -> bytes:
+    """A random 32-byte key kept in ``keys/NAME`` (hex, 0600), made on first use.
+
+    Created by linking a complete temp file into place, so two processes (two
+    gunicorn workers) starting together agree on one key.
+    """
+    path = Path(keys_dir) / name
+    if not path.exists():
+        tmp = path.with_name(f".{name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, secrets.token_bytes(32).hex().encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    return bytes.fromhex(path.read_text().strip())
+
+
+def seal_totp(keys_dir: Path, secret: str, user_id: int) -> str:
+    """Encrypt a TOTP key for the database (AES-GCM, key in ``keys/``, bound to the user).
+
+    A copy of appliance.db alone (a support dump, a stolen disk image of the
+    database) then does not give away anyone's second factor.
+    """
+    nonce = secrets.token_bytes(12)
+    sealed = AESGCM(key_file(keys_dir, TOTP_KEY_FILE)).encrypt(
+        nonce, secret.encode(), str(user_id).encode())
+    return SEALED_PREFIX + base64.b64encode(nonce + sealed).decode()
+
+
+def open_totp(keys_dir: Path, stored: str, user_id: int) -> str:
+    """The TOTP key from its stored form (values written before sealing are read as they are)."""
+    if not stored.startswith(SEALED_PREFIX):
+        return stored
+    raw = base64.b64decode(stored[len(SEALED_PREFIX):])
+    return AESGCM(key_file(keys_dir, TOTP_KEY_FILE)).decrypt(
+        raw[:12], raw[12:], str(user_id).encode()).decode()

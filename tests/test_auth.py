@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyotp
 import pytest
+from cryptography.exceptions import InvalidTag
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -97,12 +98,16 @@ def post_login(client: FlaskClient, username: str, password: str, next_: str = "
 
 
 def totp_secret_of(a: AuthApp, username: str) -> str | None:
+    """The user's enrolled TOTP key, opened with the site's key (the database holds it sealed)."""
     conn = a.db()
     try:
-        return conn.execute("SELECT totp_secret FROM users WHERE username=?",
-                            (username,)).fetchone()[0]
+        row = conn.execute("SELECT id, totp_secret FROM users WHERE username=?",
+                           (username,)).fetchone()
     finally:
         conn.close()
+    if row["totp_secret"] is None:
+        return None
+    return accounts.open_totp(a.data_dir / "keys", row["totp_secret"], row["id"])
 
 
 def login(a: AuthApp, client: FlaskClient, username: str, password: str = PASSWORD) -> None:
@@ -495,3 +500,18 @@ def test_disabled_users_tokens_stop_working(auth_app: AuthApp):
     accounts.set_disabled(conn, "script", True)
     conn.close()
     assert c.get("/account/password", headers=h).status_code == 401
+
+
+def test_totp_keys_are_sealed_in_the_database(auth_app: AuthApp):
+    auth_app.add_user("rad1", "radiologist")
+    login(auth_app, auth_app.client(), "rad1")
+    secret = totp_secret_of(auth_app, "rad1")
+    conn = auth_app.db()
+    dump = "\n".join(conn.iterdump())
+    stored = conn.execute("SELECT id, totp_secret FROM users WHERE username='rad1'").fetchone()
+    conn.close()
+    assert secret and secret not in dump and stored["totp_secret"].startswith("v1:")
+    key = auth_app.data_dir / "keys" / "totp.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    with pytest.raises(InvalidTag):  # bound to the user: copied onto another account it fails
+        accounts.open_totp(auth_app.data_dir / "keys", stored["totp_secret"], stored["id"] + 1)

@@ -112,7 +112,7 @@ def test_radiologist_signs_in_with_totp_sees_countdown_and_claims(dicom_site, dc
 
     conn = site.db()
     claimed = worklist.item_for_study(conn, study_uid)
-    enrolled = conn.execute("SELECT totp_secret FROM users WHERE username='drgrey'").fetchone()[0]
+    user = conn.execute("SELECT id, totp_secret FROM users WHERE username='drgrey'").fetchone()
     conn.close()
     assert claimed["state"] == "claimed" and claimed["claimed_by"] == "drgrey"
-    assert enrolled == secret
+    assert accounts.open_totp(site.data_dir / "keys", user["totp_secret"], user["id"]) == secret

@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
-import os
 import secrets
 import sqlite3
 import time
@@ -405,27 +404,8 @@ def has_break_glass(study_uid: str) -> bool:
 
 # -- app wiring --------------------------------------------------------------------------------
 def load_secret_key(keys_dir: Path) -> bytes:
-    """Flask's signing key, generated once into ``keys/`` (0600); never in git or config.
-
-    Created by linking a complete temp file into place, so two gunicorn
-    workers starting together agree on one key.
-    """
-    path = Path(keys_dir) / SECRET_KEY_FILE
-    if not path.exists():
-        tmp = path.with_name(f".{SECRET_KEY_FILE}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, secrets.token_bytes(32).hex().encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
-    return path.read_bytes().strip()
+    """Flask's signing key, generated once into ``keys/`` (0600); never in git or config."""
+    return accounts.key_file(keys_dir, SECRET_KEY_FILE)
 
 
 def nav_links(user: dict[str, Any] | None) -> list[tuple[str, str]]:

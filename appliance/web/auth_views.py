@@ -168,13 +168,25 @@ def _totp_page(row: sqlite3.Row, secret: str | None, error: str = "", status: in
                            action="/login/totp"), status
 
 
+def _keys_dir():
+    return current_app.config["SITE"].keys_dir
+
+
 def _pending_secret(row: sqlite3.Row) -> str:
-    """The key being enrolled, kept on the session row until a code proves it works."""
+    """The key being enrolled, kept (sealed) on the session row until a code proves it works."""
     if row["totp_pending"]:
-        return row["totp_pending"]
+        return accounts.open_totp(_keys_dir(), row["totp_pending"], row["id"])
     secret = pyotp.random_base32()
-    get_db().execute("UPDATE sessions SET totp_pending = ? WHERE id = ?", (secret, row["sid_hash"]))
+    get_db().execute("UPDATE sessions SET totp_pending = ? WHERE id = ?",
+                     (accounts.seal_totp(_keys_dir(), secret, row["id"]), row["sid_hash"]))
     return secret
+
+
+def _user_secret(row: sqlite3.Row) -> str:
+    """The enrolled key, or the one being enrolled."""
+    if row["totp_secret"]:
+        return accounts.open_totp(_keys_dir(), row["totp_secret"], row["id"])
+    return _pending_secret(row)
 
 
 def matching_step(secret: str, code: str, t: float) -> int | None:
@@ -198,7 +210,7 @@ def totp():
         return redirect("/login")
     if row["second_factor"]:
         return redirect(safe_next(request.values.get("next")))
-    secret = row["totp_secret"] or _pending_secret(row)
+    secret = _user_secret(row)
     if request.method == "GET":
         return _totp_page(row, secret)
     if not auth.csrf_ok():
@@ -213,7 +225,8 @@ def totp():
         return _totp_page(row, secret, "that code is wrong or was already used", 401)
     conn = get_db()
     if not row["totp_secret"]:
-        conn.execute("UPDATE users SET totp_secret = ? WHERE id = ?", (secret, row["id"]))
+        conn.execute("UPDATE users SET totp_secret = ? WHERE id = ?",
+                     (accounts.seal_totp(_keys_dir(), secret, row["id"]), row["id"]))
         audit.record(conn, row["username"], "auth.totp.enrol", row["username"],
                      source=auth.client_address(), ts=auth.now())
     conn.execute("UPDATE users SET totp_last_step = ? WHERE id = ?", (step, row["id"]))
