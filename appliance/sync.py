@@ -488,6 +488,10 @@ class Uploader:
 
         def should_yield() -> bool:
             with self.lock:
+                mine = self.conn.execute("SELECT lease_owner FROM bundles WHERE bundle_id=?",
+                                         (bid,)).fetchone()
+                if mine is None or mine[0] != self.owner:
+                    return True  # our lease ran out and another worker took over: stop
                 r = self.conn.execute(
                     "SELECT 1 FROM bundles WHERE state IN ('built','uploading') AND priority < ?"
                     " AND next_attempt <= ? AND (lease_until <= ? OR lease_owner IS NULL)"
