@@ -148,17 +148,19 @@ def run(cfg: config.Config) -> int:
     log.info("DICOM node ready", extra={"ae_title": dcfg["ae_title"], "port": dcfg["port"],
                                         "processes": dcfg["processes"], **counts})
     code = 0
-    while not done.wait(0.5):
-        dead = _reap(children)
-        if dead:
-            code = 0 if done.is_set() or dead[1] == 0 else 1
-            if code:
-                log.error("DICOM node process %s died (status %s): stopping the node",
-                          dead[0], dead[1])
-            break
-    node.stop()
-    _stop_children(children)
-    stop_beat.set()
+    try:
+        while not done.wait(0.5):
+            dead = _reap(children)
+            if dead:
+                code = 0 if done.is_set() or dead[1] == 0 else 1
+                if code:
+                    log.error("DICOM node process %s died (status %s): stopping the node",
+                              dead[0], dead[1])
+                break
+        node.stop()
+    finally:
+        _stop_children(children)
+        stop_beat.set()
     return code
 
 

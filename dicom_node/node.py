@@ -7,12 +7,14 @@ association; an unexpected error becomes a failure status with a comment.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
 import socketserver
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -269,18 +271,29 @@ def part10_file(event, calling_ae: str) -> bytes:
                      request.DataSet.getvalue()))
 
 
-def listen(bind: str, port: int, backlog: int = 128) -> socket.socket:
+def listen(bind: str, port: int, backlog: int = 128, wait_s: float = 10.0) -> socket.socket:
     """A listening TCP socket that several node processes can accept from.
 
     One process accepts at a time per connection; the kernel wakes whichever
     is waiting, so a busy process (its acceptor thread slow to get the GIL)
     leaves new associations to an idle one.  Non-blocking, so a process that
-    loses the race to ``accept`` just goes back to waiting.
+    loses the race to ``accept`` just goes back to waiting.  A port still
+    held for a moment by the processes of a node that just died (restart by
+    the supervisor) is retried for ``wait_s`` seconds before giving up.
     """
     family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((bind, port))
+    deadline = time.monotonic() + wait_s
+    while True:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((bind, port))
+            break
+        except OSError as e:
+            sock.close()
+            if e.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
     sock.listen(backlog)
     sock.setblocking(False)
     return sock

@@ -26,7 +26,7 @@ from conftest import make_site
 from dicom_data import write_series
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE, _config
-from test_dicom_store import dataset_bytes, indexed
+from test_dicom_store import dataset_bytes, indexed, stop_node
 
 COUNT = 300
 TRIALS = 3
@@ -131,7 +131,7 @@ def test_kill_9_mid_push_loses_nothing_acknowledged(tmp_path, dcmtk, series):
             pusher.start()
             kill_after = rng.randint(20, COUNT - 40)
             pusher.wait_for(kill_after)
-            site.stop("dicom", signal.SIGKILL)
+            stop_node(site, signal.SIGKILL)
             t1 = time.monotonic()
             pusher.join(timeout=30)
             acked = list(pusher.acked)
@@ -145,9 +145,15 @@ def test_kill_9_mid_push_loses_nothing_acknowledged(tmp_path, dcmtk, series):
             site.stop_all()
 
 
-def node_children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
+def node_children(pid: int, expected: int = 1) -> list[int]:
+    """The node's other processes (forked just after the port opens: wait for them)."""
+    deadline = time.monotonic() + 10
+    while True:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            found = [int(p) for p in f.read().split()]
+        if len(found) >= expected or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def test_node_processes_share_the_port_and_a_dead_one_stops_the_node(site, dcmtk):
@@ -160,7 +166,7 @@ def test_node_processes_share_the_port_and_a_dead_one_stops_the_node(site, dcmtk
                               capture_output=True, timeout=30)
         assert echo.returncode == 0
     os.kill(children[0], signal.SIGKILL)
-    assert proc.wait(timeout=15) == 1  # the supervisor restarts it with recovery
+    assert proc.wait(timeout=30) == 1  # the supervisor restarts it with recovery
     site.procs.pop("dicom")
     site.start_dicom()  # the port is free again at once: no orphan holds it
     echo = subprocess.run([dcmtk["echoscu"], "127.0.0.1", str(site.dicom_port)],

@@ -11,8 +11,11 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
+import socket
 import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pydicom
@@ -105,6 +108,24 @@ def associate(site: Site, contexts: list[tuple[str, str]]):
     assoc = ae.associate("127.0.0.1", site.dicom_port, ae_title=site.ae_title)
     assert assoc.is_established
     return assoc
+
+
+def stop_node(site: Site, sig: int = signal.SIGTERM) -> None:
+    """Stop the node and wait until nothing listens on its port any more.
+
+    ``Site.stop`` waits for the parent only; its other node processes may hold
+    the port a moment longer, and a restart must not be mistaken for ready
+    because a dying process still accepted the test's probe.
+    """
+    site.stop("dicom", sig)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", site.dicom_port), timeout=0.5).close()
+        except OSError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"port {site.dicom_port} still open after the node stopped")
 
 
 def status_of(result) -> tuple[int, str]:
@@ -357,7 +378,7 @@ def test_below_low_water_mark_refuses_before_writing_and_keeps_what_is_stored(si
     assoc = associate(site, [(CTImageStorage, EXPLICIT_LE)])
     assert status_of(assoc.send_c_store(paths[0]))[0] == 0
     assoc.release()
-    site.stop("dicom")
+    stop_node(site)
     before = {p: p.read_bytes() for p in stored_files(site)}
     set_low_water(site, 10_000_000)  # ~10 TB: above any free space here
     site.start_dicom()
@@ -424,7 +445,7 @@ def test_start_removes_temp_files_and_indexes_unindexed_files(dicom_site, tmp_pa
     assoc = associate(site, [(CTImageStorage, EXPLICIT_LE)])
     assert status_of(assoc.send_c_store(paths[0]))[0] == 0
     assoc.release()
-    site.stop("dicom")
+    stop_node(site)
     studies = site.data_dir / "studies"
     stored = studies / indexed(site)[str(pydicom.dcmread(paths[0]).SOPInstanceUID)]["path"]
     # What a crash leaves: temp files, and a file renamed into place whose row never committed.
