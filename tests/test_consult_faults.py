@@ -235,3 +235,28 @@ def test_long_udp_block_audio_then_chat_and_chat_arrives_fast(call):
     conn.close()
     assert logged.count("chat_only") >= 2 and "ice_restart" in logged
     assert re.search(r"Video", nurse.inner_text("[data-testid=ladder]"))
+
+
+def test_slow_link_steps_down_to_audio_and_video_comes_back(call):
+    site, ns, nurse, guest = call
+    t0 = time.time()
+    ns.run("tc", "qdisc", "add", "dev", ns.ns_if, "root", "tbf", "rate", "100kbit", "burst",
+           "16kbit", "latency", "400ms")
+    try:
+        guest.do("wait", js="() => window.consult.step === 'audio_only'", timeout=30000)
+        t_audio = time.time()
+        nurse.wait_for_function("() => document.querySelector('[data-testid=remote-ladder]')"
+                                ".textContent.includes('Audio only')", timeout=5000)
+    finally:
+        ns.run("tc", "qdisc", "del", "dev", ns.ns_if, "root")
+    t_fast = time.time()
+    guest.do("wait", js="() => window.consult.step === 'video'", timeout=40000)
+    t_video = time.time()
+    steps = guest.do("eval", js=f"window.consult.ladder.filter(e => e.at >= {t0 * 1000})"
+                     ".map(e => [e.step, e.at / 1000])")
+    print(f"\n100 kbit/s link: audio only after {t_audio - t0:.1f} s; video back"
+          f" {t_video - t_fast:.1f} s after the link recovered; ladder"
+          f" {[(s, round(at - t0, 1)) for s, at in steps]}")
+    assert [s for s, _ in steps][:1] == ["audio_only"]
+    assert t_audio - t0 < 20
+    assert t_video - t_fast < 30

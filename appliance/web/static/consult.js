@@ -363,19 +363,34 @@
     send(next, { reset: true }); // the other side starts generation gen+1 too
   }
 
+  // Audio only: with video off the send estimate cannot climb back (nothing probes it), so
+  // video is tried again on its own: after 10 s of low loss, then 20 s, 40 s, up to 60 s while
+  // trials keep failing. During a trial's first 15 s only loss can send it back down (the
+  // estimate needs time to ramp up).
   function audioLadder(peer, s, now) {
-    const weak = (s.outKbps !== null && s.outKbps < floorKbps) || (s.loss !== null && s.loss > 0.1);
-    const good = (s.outKbps === null || s.outKbps >= floorKbps * 1.2) && (s.loss === null || s.loss < 0.03);
+    const lossBad = s.loss !== null && s.loss > 0.1, lossOk = s.loss === null || s.loss < 0.03;
+    const lowRate = s.outKbps !== null && s.outKbps < floorKbps && now > (peer.trialUntil || 0);
+    const weak = lossBad || lowRate;
+    const good = lossOk && (s.outKbps === null || s.outKbps >= floorKbps * 1.2);
     peer.badSince = weak ? (peer.badSince || now) : 0;
     peer.goodSince = good ? (peer.goodSince || now) : 0;
+    peer.lossOkSince = lossOk ? (peer.lossOkSince || now) : 0;
     if (!peer.audioOnly && peer.badSince && now - peer.badSince >= AUDIO_AFTER_MS) {
       peer.audioOnly = true;
+      const failedTrial = peer.videoAt && now - peer.videoAt < 30000;
+      peer.trialMs = failedTrial ? Math.min((peer.trialMs || 10000) * 2, 60000) : 10000;
+      peer.audioAt = now;
       setVideoActive(peer, false);
       report(peer, "audio_only", { after_ms: Math.round(now - peer.badSince) });
-    } else if (peer.audioOnly && peer.goodSince && now - peer.goodSince >= AUDIO_AFTER_MS) {
+    } else if (peer.audioOnly && ((peer.goodSince && now - peer.goodSince >= AUDIO_AFTER_MS) ||
+               (peer.lossOkSince && now - peer.audioAt >= peer.trialMs &&
+                now - peer.lossOkSince >= AUDIO_AFTER_MS))) {
       peer.audioOnly = false;
+      peer.videoAt = now;
+      peer.trialUntil = now + 15000;
+      peer.badSince = 0;
       setVideoActive(peer, true);
-      report(peer, "video", { after_ms: Math.round(now - peer.goodSince) });
+      report(peer, "video", { after_ms: Math.round(now - peer.audioAt) });
     }
   }
 
