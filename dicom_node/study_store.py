@@ -139,9 +139,10 @@ class StudyStore:
     ) -> StoreResult:
         """Store one Part 10 file (preamble + meta + dataset) given as bytes.
 
-        The bytes go to a temp file and are fsynced in an I/O thread while this
-        thread parses, validates and hashes them (fsync releases the GIL), so
-        the durable write costs little more than the parse.  Nothing is written
+        The bytes go to a temp file and are fsynced in one I/O thread and
+        hashed in another while this thread parses and validates them (fsync
+        and hashlib release the GIL), so the durable write costs little more
+        than the parse.  Nothing is written
         when the disk is below the low-water mark; a temp file whose content
         turns out invalid or a duplicate is removed before we answer.
         """
