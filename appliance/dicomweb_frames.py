@@ -96,6 +96,7 @@ def _split_outside_quotes(s: str, sep: str) -> list[str]:
 
 
 def can_decode(ts: str) -> bool:
+    """Whether pydicom has a working decoder here for ``ts`` (plugins are optional)."""
     from pydicom.pixels import get_decoder
 
     try:
@@ -160,6 +161,7 @@ def parse_frame_list(text: str, count: int) -> list[int]:
 
 
 def frame_count(pixel: dict[str, Any] | None, fallback: int | None) -> int:
+    """Frames in an instance, from its frame index (or the fallback when it has none)."""
     if pixel:
         return int(pixel["n"])
     return int(fallback or 1)
@@ -205,11 +207,13 @@ def decoded_frame(path: Path, n: int) -> bytes:
 
 
 def frame_bytes(path: Path, pixel: dict[str, Any] | None, n: int, plan: FramePlan) -> bytes:
+    """Frame ``n`` as the plan says: stored bytes by offset, or decoded."""
     return decoded_frame(path, n) if plan.decode else read_frame(path, pixel, n)
 
 
 # -- multipart ------------------------------------------------------------------------
 def new_boundary() -> str:
+    """A multipart boundary that cannot occur in DICOM data by accident."""
     return uuid.uuid4().hex
 
 
@@ -223,6 +227,7 @@ def multipart(parts: Iterable[tuple[str, Iterable[bytes]]], boundary: str) -> It
 
 
 def file_chunks(path: Path) -> Iterator[bytes]:
+    """A file in CHUNK-sized pieces, so responses stream instead of loading whole files."""
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             yield chunk
@@ -239,6 +244,7 @@ def gzip_stream(chunks: Iterable[bytes], level: int = 1) -> Iterator[bytes]:
 
 
 def wants_gzip(accept_encoding: str | None) -> bool:
+    """Whether the client accepts gzip (and did not refuse it with q=0)."""
     for item in (accept_encoding or "").split(","):
         name, _, params = item.strip().partition(";")
         if name.strip().lower() == "gzip":
@@ -421,4 +427,5 @@ def _file_window(ds: Any, values: np.ndarray) -> tuple[float, float]:
 
 
 def pixel_info(text: str) -> dict[str, Any] | None:
+    """The frame index kept in ``dicomweb_metadata.pixel`` (None: let pydicom find frames)."""
     return json.loads(text) if text else None
