@@ -144,6 +144,9 @@ def test_login_logout_and_audit(auth_app: AuthApp):
     r = post_login(c, "staff1", PASSWORD, next_="/account/password")
     assert r.status_code == 302 and r.headers["Location"] == "/account/password"
     cookie = r.headers["Set-Cookie"]
+    page = c.get("/login", headers=HTML)
+    assert "script-src 'self'" in page.headers["Content-Security-Policy"]
+    assert page.headers["Cache-Control"] == "no-store"
     assert "Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
     assert PASSWORD not in cookie
     assert c.get("/account/password", headers=HTML).status_code == 200

@@ -16,6 +16,7 @@ from appliance import accounts, audit, permissions
 from appliance.web import auth, get_db
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
+bp.after_request(auth.strict_csp)
 PAGE = 100
 AUDIT_FILTERS = ("actor", "action", "object", "source", "outcome")
 

@@ -22,6 +22,7 @@ from appliance.web import auth, get_db
 
 bp = Blueprint("auth_views", __name__)
 bp.record_once(lambda state: auth.init_app(state.app))
+bp.after_request(auth.strict_csp)
 
 _DUMMY_HASH: list[str] = []  # computed once: equal work for unknown users
 

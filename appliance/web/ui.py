@@ -22,6 +22,7 @@ from appliance import permissions, worklist
 from appliance.web import auth, get_db
 
 bp = Blueprint("ui", __name__)
+bp.after_request(auth.strict_csp)
 POLL_MS = 5000
 LIST_AUDIT_EVERY_S = 300
 PAGE_LIMIT = 100  # the soonest due; filters narrow the rest (a reader works from the top)
