@@ -1,8 +1,10 @@
-"""``appliance media probe|relay-check|turn-config``: the appliance's own consult participant.
+"""``appliance media probe|record|relay-check|turn-config``: the appliance's own consult participant.
 
 ``probe`` joins a consult as a receive-only aiortc participant, prints the
 join time to the first video frame, frames and frame rate as JSON, and
 records the join time with the consult's other measurements.
+``record`` records a consult whose consent was captured, each participant's
+audio and video encrypted with age to ``sync.recipients`` under ``recordings/``.
 ``relay-check`` says whether the capped aiortc relay would take N more
 streams on this machine (exit 1 with the reason when it would not).
 ``turn-config`` writes coturn's config and prints the command that runs it.
@@ -27,6 +29,19 @@ def cmd_probe(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     print(media.result_json(result))
     return 0 if result.frames else 3
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    cfg = config.load(args.data_dir)
+    if not 1 <= args.seconds <= 4 * 3600:
+        raise CliError("--seconds must be between 1 and 14400")
+    try:
+        result, files = media.record(cfg, args.consult, args.seconds)
+    except (consults.ConsultError, media.MediaError) as e:
+        raise CliError(str(e)) from None
+    for f in files:
+        print(f)
+    return 0 if files else 3
 
 
 def cmd_relay_check(args: argparse.Namespace) -> int:
@@ -58,6 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="how long to stay (default 10)")
     p.add_argument("--data-dir", metavar="DIR")
     p.set_defaults(func=cmd_probe)
+    p = s.add_parser("record", help="record a consult (after consent), encrypted to sync.recipients")
+    p.add_argument("--consult", type=int, required=True, help="consult number")
+    p.add_argument("--seconds", type=float, default=600.0, help="how long to record")
+    p.add_argument("--data-dir", metavar="DIR")
+    p.set_defaults(func=cmd_record)
     p = s.add_parser("relay-check", help="would the aiortc relay take N more streams here?")
     p.add_argument("--streams", type=int, default=1)
     p.add_argument("--active", type=int, default=0, help="streams already relayed")

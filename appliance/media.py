@@ -24,6 +24,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from appliance import consults, db
@@ -224,6 +225,97 @@ def probe(cfg: Any, consult_id: int, seconds: float) -> ProbeResult:
         finally:
             conn.close()
         return result
+
+    return asyncio.run(main())
+
+
+class Recorder(Participant):
+    """Receive-only, after consent: each remote participant's audio+video into one file.
+
+    Media is written to a 0600 file under ``recordings/.partial/`` while the call
+    runs, then encrypted with age to ``sync.recipients`` (the same keys every bundle
+    is encrypted to) and the clear file removed, so only ciphertext stays on disk.
+    """
+
+    def __init__(self, cfg: Any, consult_id: int):
+        self.recipients = _recipients(cfg)
+        super().__init__(cfg, consult_id, "recorder")
+        self.partial = Path(cfg.data_dir) / "recordings" / ".partial"
+        self.partial.mkdir(parents=True, mode=0o700, exist_ok=True)
+        self.pending: dict[int, list] = {}
+        self.recorders: list[tuple[Any, Path]] = []
+
+    async def _peer(self, sender: int, gen: int):
+        pc = await super()._peer(sender, gen)
+        if pc is not None and not getattr(pc, "_recording_hooked", False):
+            pc._recording_hooked = True
+            self.pending[id(pc)] = []
+            pc.on("track", lambda track: self.pending[id(pc)].append(track))
+        return pc
+
+    def _consume(self, track) -> None:
+        if track.kind == "video":
+            self.result.video_tracks += 1  # recorded, not drained: see _on_signal
+
+    async def _on_signal(self, sender: int, data: dict) -> None:
+        await super()._on_signal(sender, data)
+        current = self.peers.get(sender)
+        tracks = self.pending.pop(id(current[1]), None) if current else None
+        if tracks:
+            from aiortc.contrib.media import MediaRecorder
+
+            path = self.partial / f"consult-{self.cid}-p{sender}-g{current[0]}.mkv"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.close(fd)
+            rec = MediaRecorder(str(path), format="matroska")
+            for t in tracks:
+                rec.addTrack(t)
+            await rec.start()
+            self.recorders.append((rec, path))
+            if self.result.join_ms is None:
+                self.result.join_ms = round((time.monotonic() - self.started) * 1000)
+
+    async def close(self) -> None:
+        for rec, _path in self.recorders:
+            await rec.stop()
+        await super().close()
+
+    def seal(self) -> list[Path]:
+        """Encrypt every finished part to the recipients; remove the clear files."""
+        import pyrage
+
+        out_dir = self.partial.parent
+        sealed = []
+        for _rec, path in self.recorders:
+            target = out_dir / (path.name + ".age")
+            tmp = out_dir / f".{target.name}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as dst, open(path, "rb") as src:
+                pyrage.encrypt_io(src, dst, self.recipients)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, target)
+            path.unlink()
+            sealed.append(target)
+        return sealed
+
+
+def _recipients(cfg: Any) -> list:
+    from pyrage import x25519
+
+    keys = cfg["sync"]["recipients"]
+    if not keys:
+        raise MediaError("recording needs sync.recipients (age public keys) to encrypt to:"
+                         " nothing is recorded in the clear")
+    return [x25519.Recipient.from_str(k) for k in keys]
+
+
+def record(cfg: Any, consult_id: int, seconds: float) -> tuple[ProbeResult, list[Path]]:
+    """Record a consult (consent first) for ``seconds``; returns what was written, encrypted."""
+    async def main() -> tuple[ProbeResult, list[Path]]:
+        rec = Recorder(cfg, consult_id)
+        result = await rec.run(seconds)
+        return result, rec.seal()
 
     return asyncio.run(main())
 

@@ -1,25 +1,35 @@
 """aiortc as the second, independent WebRTC stack: ``appliance media probe`` joins a consult
 that a Chromium bedside page is in, as the remote side, through coturn (aioice will not use
-127.0.0.1), and receives the bedside camera. Also the capped relay's refusal."""
+127.0.0.1), and receives the bedside camera; then records it after consent, encrypted.
+Also the capped relay's refusal."""
 
 from __future__ import annotations
 
 import json
+import stat
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import require_tool
+from pyrage import x25519
 from test_consult_browser import CHROMIUM_ARGS, PASSWORD, configure_turn, enter
 
 from appliance import accounts, config, consults, media, turn
 
 
-def test_aiortc_probe_joins_a_browser_consult_through_turn(site, artifacts):
+def test_aiortc_probe_joins_a_browser_consult_through_turn(site, artifacts, tmp_path):
     chromium = require_tool("chromium", "/usr/bin/chromium")
     require_tool("turnserver", "/usr/bin/turnserver")
     pytest.importorskip("aiortc")
+    import av
+    import pyrage
     sync_api = pytest.importorskip("playwright.sync_api")
     configure_turn(site)
+    identity = x25519.Identity.generate()
+    yaml_path = site.data_dir / "appliance.yaml"
+    yaml_path.write_text(yaml_path.read_text().replace(
+        "recipients: []", f'recipients: ["{identity.to_public()}"]'))
     cfg = config.load(site.data_dir)
     conn = site.db()
     accounts.add_user(conn, "nurse", "site_staff", PASSWORD, display_name="Nurse Bed 4")
@@ -47,6 +57,14 @@ def test_aiortc_probe_joins_a_browser_consult_through_turn(site, artifacts):
                 result = json.loads(probe.stdout)
                 # The bedside page saw the probe come and go, and kept its own state healthy.
                 assert page.evaluate("window.consult.step") in ("connecting", "video")
+                # Recording: refused before consent; after it, encrypted to the sync keys.
+                refused = site.cli("media", "record", "--consult", str(cid), "--seconds", "2")
+                assert refused.returncode == 1 and "consent" in refused.stderr
+                page.click("[data-testid=consent]")
+                page.wait_for_selector("[data-testid=consent][disabled]")
+                rec = site.cli("media", "record", "--consult", str(cid), "--seconds", "4")
+                assert rec.returncode == 0, rec.stdout + rec.stderr
+                recorded = [Path(line) for line in rec.stdout.split()]
             finally:
                 browser.close()
     finally:
@@ -65,7 +83,18 @@ def test_aiortc_probe_joins_a_browser_consult_through_turn(site, artifacts):
     audited = conn.execute("SELECT count(*) FROM audit WHERE action='consult.probe'").fetchone()[0]
     conn.close()
     assert any(json.loads(r["body"]).get("join_ms") == result["join_ms"] for r in joined)
-    assert [tuple(r) for r in roles] == [("probe", "left")] and audited == 1
+    assert [tuple(r) for r in roles] == [("probe", "left"), ("recorder", "left")]
+    assert audited == 1
+    # One encrypted part (0600), no clear media left behind; it decrypts to real video.
+    assert len(recorded) == 1 and recorded[0].name.endswith(".mkv.age")
+    assert stat.S_IMODE(recorded[0].stat().st_mode) == 0o600
+    assert not list((site.data_dir / "recordings" / ".partial").iterdir())
+    clear = tmp_path / "clear.mkv"
+    clear.write_bytes(pyrage.decrypt(recorded[0].read_bytes(), [identity]))
+    with av.open(str(clear)) as container:
+        assert {st.type for st in container.streams} >= {"video", "audio"}
+        frames = sum(1 for _ in container.decode(video=0))
+    assert frames > 20
 
 
 def test_relay_is_capped_with_a_clear_refusal(site):
