@@ -9,7 +9,8 @@
 # .tgz and the install still proves it is the file we tested. The unpacked
 # build is pruned of what an appliance does not need (source maps, the `ort/`
 # AI runtime, the microscopy viewer: ~204 MB -> ~49 MB) and re-based from `/`
-# to `/viewer/`, because the app's pages own `/`. Our own app-config.js is
+# to `/viewer/<version>/`, because the app's pages own `/` and because a
+# versioned prefix lets browsers keep every file of the build for good. Our own app-config.js is
 # served by appliance/web/viewer.py, so the packaged one is removed.
 set -eu
 
@@ -17,7 +18,7 @@ VERSION="3.13.2"
 SHA256="b189d3963bfc58e9394a9db8c7be75d07beb029ec211dbb126d47b62969dd3f1"
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 DEST="${VIEWER_DEST:-$HERE/appliance/web/static/viewer}"
-PREFIX="/viewer/"
+PREFIX="/viewer/$VERSION/"  # versioned: every file under it can be cached for good
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT

@@ -240,8 +240,12 @@ def test_viewer_is_served_with_our_config(dw: Deployment) -> None:
         require_tool("OHIF (provisioning/fetch-viewer.sh, make viewer)",
                      str(viewer.VIEWER_DIR / "index.html"))
     page = s.get(f"{base}/viewer", params={"StudyInstanceUIDs": dw.ours[0]})
-    assert page.status_code == 200 and "/viewer/app.bundle." in page.text
-    bundle = re.search(r'src="(/viewer/app\.bundle\.[0-9a-f]+\.js)"', page.text).group(1)
+    assert page.status_code == 200 and f"/viewer/{viewer.version()}/app.bundle." in page.text
+    bundle = re.search(r'src="(/viewer/[0-9.]+/app\.bundle\.[0-9a-f]+\.js)"', page.text).group(1)
     js = s.get(base + bundle, headers={"Accept-Encoding": "gzip"}, stream=True)
     assert js.status_code == 200 and "immutable" in js.headers["Cache-Control"]
     assert js.headers["Content-Encoding"] == "gzip"  # the pre-compressed twin
+    css = s.get(f"{base}/viewer/{viewer.version()}/app.bundle.css")  # unhashed, but versioned
+    assert css.status_code == 200 and "immutable" in css.headers["Cache-Control"]
+    cfg = s.get(f"{base}/viewer/{viewer.version()}/app-config.js")
+    assert "no-cache" in cfg.headers["Cache-Control"] and "/dicom-web" in cfg.text

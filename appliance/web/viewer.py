@@ -110,16 +110,37 @@ def viewer_index():
 @bp.get("/viewer/app-config.js")
 @auth.require(*ROLES)
 def viewer_config():
+    """Our OHIF configuration; never cached, so a change reaches readers at once."""
     return Response(APP_CONFIG, mimetype="application/javascript",
                     headers={"Cache-Control": "no-cache"})
+
+
+def version() -> str:
+    """The installed OHIF version: the build's files live under ``/viewer/<version>/``."""
+    try:
+        return (VIEWER_DIR / "OHIF_VERSION").read_text().strip()
+    except OSError:
+        return ""
 
 
 @bp.get("/viewer/<path:name>")
 @auth.require(*ROLES)
 def viewer_file(name: str):
-    """A file of the build (gzip twin when accepted), or the app itself for OHIF's routes."""
+    """A file of the build (gzip twin when accepted), or the app itself for OHIF's routes.
+
+    Under the versioned prefix every file is immutable (a new OHIF version has a
+    new prefix), so a reader's browser fetches the build once and then never
+    asks again, not even to revalidate: on a 300 ms link each revalidation of
+    a lazily loaded chunk would cost a round trip.
+    """
     if not installed():
         return _missing()
+    prefix = version() + "/"
+    versioned = bool(version()) and name.startswith(prefix)
+    if versioned:
+        name = name[len(prefix):]
+    if name == "app-config.js":
+        return viewer_config()
     path = (VIEWER_DIR / name).resolve()
     if not path.is_relative_to(VIEWER_DIR):
         abort(404)
@@ -134,7 +155,8 @@ def viewer_file(name: str):
     if use_gz:
         resp.headers["Content-Encoding"] = "gzip"
     resp.headers["Vary"] = "Accept-Encoding"
-    resp.headers["Cache-Control"] = IMMUTABLE if HASHED.search(path.name) else "no-cache"
+    immutable = versioned or HASHED.search(path.name)
+    resp.headers["Cache-Control"] = IMMUTABLE if immutable else "no-cache"
     return resp
 
 
