@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from flask import Blueprint, abort, redirect, render_template, request
+from flask.typing import ResponseReturnValue
 
 from appliance import accounts, audit, permissions
 from appliance.web import auth, get_db
@@ -40,7 +41,7 @@ def _day_start(text: str, end: bool = False) -> float | None:
 
 @bp.get("/users")
 @auth.require(*permissions.ADMINS)
-def users():
+def users() -> ResponseReturnValue:
     rows = accounts.list_users(get_db())
     return render_template("admin_users.html", users=rows, fmt_time=fmt_time,
                            roles=accounts.ROLES)
@@ -48,7 +49,7 @@ def users():
 
 @bp.post("/users/<username>/disabled")
 @auth.require(*permissions.ADMINS)
-def set_disabled(username: str):
+def set_disabled(username: str) -> ResponseReturnValue:
     disabled = request.form.get("disabled") == "1"
     me = auth.current_user()
     if disabled and me and me["username"] == username:
@@ -84,7 +85,7 @@ def audit_query(args: Any) -> tuple[str, list[Any]]:
 
 @bp.get("/audit")
 @auth.require(*permissions.ADMINS)
-def audit_trail():
+def audit_trail() -> ResponseReturnValue:
     conn = get_db()
     where, params = audit_query(request.args)
     try:
@@ -110,7 +111,7 @@ def audit_trail():
 
 @bp.get("/break-glass")
 @auth.require(*permissions.ADMINS)
-def break_glass_list():
+def break_glass_list() -> ResponseReturnValue:
     rows = [dict(r) for r in get_db().execute(
         "SELECT b.id, b.ts, b.study_uid, b.reason, b.address, b.expires_at, u.username,"
         " u.display_name, u.role, s.patient_name, s.patient_id, s.study_description"

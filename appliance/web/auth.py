@@ -43,6 +43,8 @@ from flask import (
     request,
     session,
 )
+from flask.typing import ResponseReturnValue
+from werkzeug.wrappers import Response
 
 from appliance import accounts, audit, tokens
 from appliance.web import get_db
@@ -241,7 +243,7 @@ def via_token() -> bool:
 
 
 # -- responses -----------------------------------------------------------------------------
-def _error(status: int, message: str, template: str):
+def _error(status: int, message: str, template: str) -> ResponseReturnValue:
     if wants_json():
         resp = jsonify(error=message)
         resp.status_code = status
@@ -251,7 +253,7 @@ def _error(status: int, message: str, template: str):
     return render_template(template, message=message), status
 
 
-def _unauthenticated(auth: _Auth):
+def _unauthenticated(auth: _Auth) -> ResponseReturnValue:
     if wants_json():
         return _error(401, auth.why or "authentication required", "error.html")
     target = request.full_path if request.query_string else request.path
@@ -261,7 +263,7 @@ def _unauthenticated(auth: _Auth):
     return redirect("/login?next=" + quote(target, safe="") + notice)
 
 
-def _forbidden(user: dict[str, Any], roles: tuple[str, ...]):
+def _forbidden(user: dict[str, Any], roles: tuple[str, ...]) -> ResponseReturnValue:
     audit_event("access.denied", request.path, outcome="denied",
                 detail={"method": request.method, "needs": list(roles)})
     return _error(403, f"forbidden: this needs the role {' or '.join(roles)}", "error.html")
@@ -331,7 +333,7 @@ def csrf_ok() -> bool:
     return bool(expected) and hmac.compare_digest(sent.encode(), expected.encode())
 
 
-def _csrf_guard():
+def _csrf_guard() -> ResponseReturnValue | None:
     """Refuse a state-changing browser request without the session's CSRF token.
 
     Bearer requests carry no cookie, so a forged cross-site request cannot
@@ -412,7 +414,7 @@ STRICT_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 
               "connect-src 'self'; form-action 'self'; frame-ancestors 'self'; base-uri 'none'")
 
 
-def strict_csp(resp):
+def strict_csp(resp: Response) -> Response:
     """Content-Security-Policy for pages with no inline script or style (sign-in, worklist,
     admin): an injected ``<script>`` would not run. Blueprints opt in with
     ``bp.after_request(auth.strict_csp)``."""

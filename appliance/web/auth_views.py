@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+from pathlib import Path
 from typing import Any
 
 import pyotp
 import segno
 from flask import Blueprint, current_app, redirect, render_template, request, session
+from flask.typing import ResponseReturnValue
 from werkzeug.wrappers import Response
 
 from appliance import accounts, audit, permissions
@@ -97,7 +99,7 @@ def _fail(username: str, reason: str, action: str = "auth.login") -> None:
 
 
 # -- login --------------------------------------------------------------------------------------
-def _login_page(error: str = "", status: int = 200, username: str = "", notice: str = ""):
+def _login_page(error: str = "", status: int = 200, username: str = "", notice: str = "") -> ResponseReturnValue:
     nxt = safe_next(request.values.get("next"))
     return render_template("login.html", error=error, username=username, next=nxt,
                            notice=notice), status
@@ -105,7 +107,7 @@ def _login_page(error: str = "", status: int = 200, username: str = "", notice: 
 
 @bp.get("/login")
 @auth.public
-def login_form():
+def login_form() -> ResponseReturnValue:
     if auth.current_user() is not None:
         return redirect(safe_next(request.args.get("next")))
     notice = "You were signed out after a period of inactivity." if request.args.get("idle") else ""
@@ -114,7 +116,7 @@ def login_form():
 
 @bp.post("/login")
 @auth.public
-def login():
+def login() -> ResponseReturnValue:
     username = (request.form.get("username") or "").strip()[:64]
     password = request.form.get("password") or ""
     if not auth.csrf_ok():
@@ -158,7 +160,7 @@ def _quoted_next() -> str:
 
 
 # -- TOTP -------------------------------------------------------------------------------------------
-def _totp_page(row: sqlite3.Row, secret: str | None, error: str = "", status: int = 200):
+def _totp_page(row: sqlite3.Row, secret: str | None, error: str = "", status: int = 200) -> ResponseReturnValue:
     enrol = not row["totp_secret"]
     # The site's name as issuer: a reader of several appliances tells their codes apart.
     issuer = current_app.config["SITE"]["site"]["name"] or "Field appliance"
@@ -169,7 +171,7 @@ def _totp_page(row: sqlite3.Row, secret: str | None, error: str = "", status: in
                            action="/login/totp"), status
 
 
-def _keys_dir():
+def _keys_dir() -> Path:
     return current_app.config["SITE"].keys_dir
 
 
@@ -205,7 +207,7 @@ def matching_step(secret: str, code: str, t: float) -> int | None:
 
 @bp.route("/login/totp", methods=["GET", "POST"])
 @auth.public
-def totp():
+def totp() -> ResponseReturnValue:
     row = auth.pending_session()
     if row is None:
         return redirect("/login")
@@ -239,7 +241,7 @@ def totp():
 # -- logout ------------------------------------------------------------------------------------------
 @bp.post("/logout")
 @auth.public
-def logout():
+def logout() -> ResponseReturnValue:
     row = auth.pending_session()
     if row is not None:
         audit.record(get_db(), row["username"], "auth.logout", row["username"],
@@ -251,7 +253,7 @@ def logout():
 # -- home, password ------------------------------------------------------------------------------------
 @bp.get("/")
 @auth.require()
-def home():
+def home() -> ResponseReturnValue:
     """Each role lands on its first area."""
     links = auth.nav_links(auth.current_user())
     return redirect(links[0][0] if links else "/account/password")
@@ -259,7 +261,7 @@ def home():
 
 @bp.route("/account/password", methods=["GET", "POST"])
 @auth.require()
-def change_password():
+def change_password() -> ResponseReturnValue:
     user = auth.current_user()
     row = get_db().execute("SELECT * FROM users WHERE id = ?", (user["id"],)).fetchone()
     page = {"must_change": bool(row["must_change_password"]),

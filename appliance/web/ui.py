@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 from flask import Blueprint, abort, jsonify, render_template, request, session
+from flask.typing import ResponseReturnValue
 
 from appliance import permissions, worklist
 from appliance.web import auth, get_db
@@ -31,7 +32,7 @@ FILTER_STATES = {"open": ["queued", "claimed", "preliminary"], "queued": ["queue
 
 
 @bp.errorhandler(400)
-def _bad_request(e):
+def _bad_request(e) -> ResponseReturnValue:
     """Bad filters: JSON for the page's refresh and scripts, the usual page otherwise."""
     if auth.wants_json():
         return jsonify(error=e.description), 400
@@ -101,7 +102,7 @@ def query_items(args: Any, user: dict[str, Any]) -> list[dict[str, Any]]:
 
 @bp.get("/worklist")
 @auth.require(*permissions.READERS)
-def worklist_page():
+def worklist_page() -> ResponseReturnValue:
     user = auth.current_user()
     rows = query_items(request.args, user)
     _audit_list_view(rows)
@@ -112,7 +113,7 @@ def worklist_page():
 
 @bp.get("/worklist/items")
 @auth.require(*permissions.READERS)
-def worklist_items():
+def worklist_items() -> ResponseReturnValue:
     rows = query_items(request.args, auth.current_user())
     _audit_list_view(rows)
     return jsonify(now=auth.now(), items=rows)
@@ -136,7 +137,7 @@ def _audit_list_view(rows: list[dict[str, Any]]) -> None:
         session["wl_audit_at"] = t
 
 
-def _claim_action(item_id: int, action: str):
+def _claim_action(item_id: int, action: str) -> ResponseReturnValue:
     user = auth.current_user()
     try:
         if action == "claim":
@@ -155,13 +156,13 @@ def _claim_action(item_id: int, action: str):
 
 @bp.post("/worklist/<int:item_id>/claim")
 @auth.require(*permissions.READERS)
-def claim(item_id: int):
+def claim(item_id: int) -> ResponseReturnValue:
     return _claim_action(item_id, "claim")
 
 
 @bp.post("/worklist/<int:item_id>/release")
 @auth.require(*permissions.READERS)
-def release(item_id: int):
+def release(item_id: int) -> ResponseReturnValue:
     return _claim_action(item_id, "release")
 
 
@@ -202,11 +203,11 @@ def dashboard_data() -> dict[str, Any]:
 
 @bp.get("/dashboard")
 @auth.require(*permissions.DASHBOARD)
-def dashboard():
+def dashboard() -> ResponseReturnValue:
     return render_template("dashboard.html", d=dashboard_data(), poll_ms=POLL_MS * 2)
 
 
 @bp.get("/dashboard/data")
 @auth.require(*permissions.DASHBOARD)
-def dashboard_json():
+def dashboard_json() -> ResponseReturnValue:
     return jsonify(dashboard_data())
