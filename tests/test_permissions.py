@@ -8,6 +8,7 @@ as a test artifact (``permissions.md``).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -51,13 +52,23 @@ def _is_public(app, endpoint: str) -> bool:
     return getattr(view, "auth_public", False) or endpoint in permissions.PUBLIC_ENDPOINTS
 
 
+CANDIDATES = ("1.2.3", 1, 1.0, "00000000-0000-0000-0000-000000000000", "a")
+
+
 def _url(app, rule) -> str:
+    """A URL this very rule matches, with dummy values its converters accept."""
     args = {}
     for name, conv in rule._converters.items():
-        args[name] = 1 if type(conv).__name__ in ("IntegerConverter", "NumberConverter") \
-            else "1.2.3"
+        args[name] = next(v for v in CANDIDATES if _accepts(conv, v))
     with app.test_request_context():
         return url_for(rule.endpoint, **args)
+
+
+def _accepts(conv, value) -> bool:
+    try:
+        return re.fullmatch(conv.regex, str(conv.to_url(value))) is not None
+    except Exception:
+        return False
 
 
 def _routes(app):
