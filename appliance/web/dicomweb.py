@@ -38,6 +38,10 @@ bp = Blueprint("dicomweb", __name__, url_prefix="/dicom-web")
 ROLES = ("admin", "radiologist", "neurologist")
 DICOM_JSON = "application/dicom+json"
 IMMUTABLE = "private, max-age=31536000, immutable"
+# Searches and series/study metadata may change as images arrive, but OHIF asks for the
+# same ones several times while it opens a study: a few seconds of freshness saves those
+# round trips (300 ms each on a thin link) and is too short to hide a new series for long.
+BRIEFLY = "private, max-age=10"
 AUDIT_COALESCE_S = 60.0
 GZIP_MIN_BYTES = 1024
 
@@ -121,7 +125,7 @@ def _base_url() -> str:
 
 
 # -- responses -------------------------------------------------------------------------------
-def _json_response(body: bytes, etag: str | None = None, cache: str = "private, no-cache"):
+def _json_response(body: bytes, etag: str | None = None, cache: str = BRIEFLY):
     headers = {"Cache-Control": cache, "Vary": "Accept-Encoding"}
     if etag:
         headers["ETag"] = f'"{etag}"'
@@ -293,7 +297,7 @@ def _metadata(study: str, series: str | None = None, sop: str | None = None):
     _audit("dicomweb.metadata", study, {"series": series, "sop": sop, "instances": len(rows)})
     etag = _etag(rows, _base_url())
     return _json_response(metadata.render(rows, _base_url()), etag=etag,
-                          cache=IMMUTABLE if sop else "private, no-cache")
+                          cache=IMMUTABLE if sop else BRIEFLY)
 
 
 @bp.get("/studies/<study>/metadata")
