@@ -268,6 +268,10 @@ def join_user(conn: sqlite3.Connection, consult_id: int, user: dict[str, Any],
     with transaction(conn):
         existing = user_participant(conn, consult_id, user["id"])
         if existing is not None and existing["state"] == "admitted":
+            # A new page (reload, second tab) takes the seat: a late "leave" from the
+            # old page names the old admitted_at and is ignored (see leave()).
+            conn.execute("UPDATE consult_participants SET admitted_at = ? WHERE id = ?",
+                         (max(t, existing["admitted_at"] + 1e-3), existing["id"]))
             return existing["id"]
         pid = conn.execute(
             "INSERT INTO consult_participants (consult_id, kind, user_id, name, role, state,"
@@ -305,13 +309,19 @@ def rejoin_guest(conn: sqlite3.Connection, consult_id: int, guest: sqlite3.Row,
                  now: float | None = None) -> sqlite3.Row:
     """A guest who was admitted and left (reload, network) comes back without the lobby."""
     t = now if now is not None else time.time()
+    if guest["state"] == "admitted":  # a reload: the new page takes the seat
+        with transaction(conn):
+            conn.execute("UPDATE consult_participants SET admitted_at = ? WHERE id = ?",
+                         (max(t, guest["admitted_at"] + 1e-3), guest["id"]))
+        return participant(conn, guest["id"])
     if guest["state"] != "left" or guest["admitted_at"] is None:
         return guest
     if get_consult(conn, consult_id)["ended_at"] is not None:
         raise ConsultError("this consult has ended")
     with transaction(conn):
-        conn.execute("UPDATE consult_participants SET state = 'admitted', left_at = NULL"
-                     " WHERE id = ? AND state = 'left'", (guest["id"],))
+        conn.execute("UPDATE consult_participants SET state = 'admitted', left_at = NULL,"
+                     " admitted_at = ? WHERE id = ? AND state = 'left'",
+                     (max(t, guest["admitted_at"] + 1e-3), guest["id"]))
         _announce(conn, consult_id, t)
     return participant(conn, guest["id"])
 
@@ -356,13 +366,22 @@ def admit(conn: sqlite3.Connection, consult_id: int, pid: int, actor: str, allow
         _announce(conn, consult_id, t)
 
 
-def leave(conn: sqlite3.Connection, consult_id: int, pid: int, now: float | None = None) -> None:
+def leave(conn: sqlite3.Connection, consult_id: int, pid: int, now: float | None = None,
+          seat: float | None = None) -> bool:
+    """Leave the consult. ``seat`` (the admitted_at the page joined with) makes a late leave
+    from a page already replaced by a reload a no-op; returns whether anyone left."""
     t = now if now is not None else time.time()
     with transaction(conn):
+        row = participant(conn, pid)
+        if row is None or (seat is not None and row["admitted_at"] is not None
+                           and row["admitted_at"] != seat):
+            return False
         if conn.execute("UPDATE consult_participants SET state = 'left', left_at = ? WHERE id = ?"
                         " AND consult_id = ? AND state IN ('lobby', 'admitted')",
                         (t, pid, consult_id)).rowcount:
             _announce(conn, consult_id, t)
+            return True
+    return False
 
 
 def record_consent(conn: sqlite3.Connection, consult_id: int, actor: str,

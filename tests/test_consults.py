@@ -214,6 +214,22 @@ def test_bad_input_is_refused_and_changes_nothing(app: AuthApp):
     assert app.client().post("/consults", json={}).status_code == 401
 
 
+def test_a_late_leave_from_a_reloaded_page_does_not_end_the_new_one(app: AuthApp):
+    nurse = app.client()
+    login(app, nurse, "nurse")
+    h = {"X-CSRF-Token": csrf(nurse)}
+    cid = start_consult(app, nurse)
+    old = nurse.post(f"/consults/{cid}/join", json={}, headers=h).get_json()
+    app.clock.advance(5)
+    new = nurse.post(f"/consults/{cid}/join", json={}, headers=h).get_json()  # the reload
+    assert new["participant"] == old["participant"] and new["seat"] > old["seat"]
+    late = nurse.post(f"/consults/{cid}/leave", json={"seat": old["seat"]}, headers=h)
+    assert late.get_json() == {"ok": True, "left": False}
+    assert [p["state"] for p in new["roster"]] == ["admitted"]
+    assert nurse.post(f"/consults/{cid}/leave", json={"seat": new["seat"]}, headers=h) \
+        .get_json()["left"] is True
+
+
 def test_ladder_and_stats_make_the_call_summary(app: AuthApp):
     nurse, neuro = app.client(), app.client("10.0.0.2")
     login(app, nurse, "nurse")

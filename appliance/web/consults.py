@@ -191,6 +191,7 @@ def join(cid: int):
         if me["state"] not in ("lobby", "admitted"):
             abort(403, "you are not in this consult")
     return jsonify(participant=me["id"], name=me["name"], state=me["state"],
+                   seat=me["admitted_at"],
                    host=user is not None,
                    ice_servers=consults.ice_servers(_cfg(), _host_name(), cid, now=_now()),
                    video_floor_kbit_s=_cfg()["consults"]["video_floor_kbit_s"],
@@ -280,8 +281,10 @@ def post_stats(cid: int):
 @auth.public
 def post_leave(cid: int):
     me, _actor = _caller(cid, lobby_ok=True)
-    consults.leave(get_db(), cid, me["id"], now=_now())
-    return jsonify(ok=True)
+    seat = _body().get("seat")
+    left = consults.leave(get_db(), cid, me["id"], now=_now(),
+                          seat=float(seat) if isinstance(seat, (int, float)) else None)
+    return jsonify(ok=True, left=left)
 
 
 @bp.post("/consults/<int:cid>/admit/<int:pid>")

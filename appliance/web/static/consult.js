@@ -99,6 +99,7 @@
     joinStart = performance.now();
     const info = await post("/join");
     state.me = info.participant;
+    state.seat = info.seat;
     iceServers = info.ice_servers;
     floorKbps = info.video_floor_kbit_s || floorKbps;
     $("check").hidden = true;
@@ -506,7 +507,7 @@
     alert("Could not join: " + e.message);
   }));
   $("share").addEventListener("click", () => shareScreen().catch((e) => console.warn(e)));
-  $("leave").addEventListener("click", () => post("/leave").then(() => {
+  $("leave").addEventListener("click", () => post("/leave", { seat: state.seat }).then(() => {
     closeAll();
     if (source) source.close();
     setStep("left");
@@ -514,7 +515,8 @@
   window.addEventListener("pagehide", () => {
     if (state.me) fetch(`/consults/${cid}/leave`, {
       method: "POST", keepalive: true, credentials: "same-origin",
-      headers: { "X-CSRF-Token": csrf, "Content-Type": "application/json" }, body: "{}" });
+      headers: { "X-CSRF-Token": csrf, "Content-Type": "application/json" },
+      body: JSON.stringify({ seat: state.seat }) });
   });
   hostButtons();
   deviceCheck();
