@@ -248,7 +248,11 @@ def wants_gzip(accept_encoding: str | None) -> bool:
     for item in (accept_encoding or "").split(","):
         name, _, params = item.strip().partition(";")
         if name.strip().lower() == "gzip":
-            return "q=0" not in params.replace(" ", "") or "q=0." in params
+            key, _, value = params.replace(" ", "").partition("=")
+            try:
+                return key != "q" or float(value) > 0
+            except ValueError:
+                return False
     return False
 
 

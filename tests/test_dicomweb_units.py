@@ -246,3 +246,11 @@ def test_instances_are_sent_as_stored_or_decompressed(tmp_path: Path) -> None:
     assert plain.file_meta.TransferSyntaxUID == fr.EXPLICIT_LE
     assert np.array_equal(plain.pixel_array, ds.pixel_array)
     assert "cannot transcode" in fr.instance_servable(fr.EXPLICIT_LE, "1.2.840.10008.1.2.4.80")
+
+
+@pytest.mark.parametrize("header, expected", [
+    ("gzip, deflate, br", True), ("br;q=1.0, gzip;q=0.8", True), ("gzip;q=0", False),
+    ("gzip; q=0.0", False), ("identity", False), (None, False),
+])
+def test_gzip_only_when_accepted(header, expected) -> None:
+    assert fr.wants_gzip(header) is expected
