@@ -9,6 +9,7 @@ audit row right after the commit.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +54,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     (4, "user accounts", accounts.SCHEMA),
     (5, "read queue: read items, history, escalation steps, pending completions, workflow"
         " versions, notification inbox", read_queue_schema.SCHEMA),
+    (6, "auth: sessions, login attempts, API tokens, break-glass", accounts.AUTH_SCHEMA),
     (7, "sync: bundle outbox, items, upload parts, sequence, received ledger",
      sync_schema.SCHEMA),
     (
@@ -70,7 +72,6 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX dicomweb_metadata_series ON dicomweb_metadata(series_uid);
         """,
     ),
-    (6, "auth: sessions, login attempts, API tokens, break-glass", accounts.AUTH_SCHEMA),
     (9, "reports, signed versions, critical findings, delivery outbox", report_schema.SCHEMA),
     (10, "health time series: samples, SLO observations, component starts",
      health_series.SCHEMA),
@@ -194,24 +195,49 @@ def schema_version(conn: sqlite3.Connection) -> int:
     return conn.execute("PRAGMA user_version").fetchone()[0]
 
 
-def migrate(conn: sqlite3.Connection, log: Callable[[str], None] | None = None) -> int:
-    """Apply every migration newer than the database; return the new version.
+_LEDGER = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+    " number INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at REAL NOT NULL)"
+)
 
-    Each migration runs in its own transaction with the version bump, so a
-    crash leaves the database at a whole version.
-    """
+
+def applied_migrations(conn: sqlite3.Connection) -> set[int]:
+    """Numbers already applied: the ledger, or (older databases) all up to user_version."""
+    has_ledger = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone()
+    if has_ledger:
+        return {r[0] for r in conn.execute("SELECT number FROM schema_migrations")}
     current = schema_version(conn)
+    return {n for n, _, _ in MIGRATIONS if n <= current}
+
+
+def migrate(conn: sqlite3.Connection, log: Callable[[str], None] | None = None) -> int:
+    """Apply every migration the database lacks, in number order; return the highest.
+
+    Applied numbers are kept in a ledger table, not inferred from one counter,
+    so a migration numbered below one already applied (areas reserve numbers
+    and may land in any order) is still applied.  Each runs in its own
+    transaction with its ledger row, so a crash leaves whole migrations only.
+    """
+    done = applied_migrations(conn)
     for number, description, sql in sorted(MIGRATIONS, key=lambda m: m[0]):
-        if number <= current:
+        if number in done:
             continue
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if schema_version(conn) >= number:  # another process migrated first
+            conn.execute(_LEDGER)
+            for n in done:  # carry an older database's implied history into the ledger
+                conn.execute("INSERT OR IGNORE INTO schema_migrations VALUES (?, '', 0)", (n,))
+            if conn.execute("SELECT 1 FROM schema_migrations WHERE number = ?",
+                            (number,)).fetchone():  # another process migrated first
                 conn.execute("ROLLBACK")
                 continue
             for statement in _statements(sql):
                 conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={number}")
+            conn.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                         (number, description, time.time()))
+            conn.execute(f"PRAGMA user_version={max(number, schema_version(conn))}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

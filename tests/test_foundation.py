@@ -97,6 +97,29 @@ def test_migrations_are_numbered_and_applied_once(tmp_path):
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_a_migration_landing_below_an_applied_one_is_still_applied(tmp_path, monkeypatch):
+    from appliance import db
+
+    full = list(db.MIGRATIONS)
+    late = full[-2]  # pretend this one landed after the last one was applied
+    monkeypatch.setattr(db, "MIGRATIONS", [m for m in full if m is not late])
+    conn = db.open_db(tmp_path / "x.db")
+    assert late[0] not in db.applied_migrations(conn)
+    monkeypatch.setattr(db, "MIGRATIONS", full)
+    db.migrate(conn)
+    assert late[0] in db.applied_migrations(conn)
+    assert {n for n, _, _ in full} == db.applied_migrations(conn)
+
+
+def test_an_old_database_without_the_ledger_is_not_migrated_twice(tmp_path):
+    from appliance import db
+
+    conn = db.open_db(tmp_path / "x.db")
+    conn.execute("DROP TABLE schema_migrations")  # as made before the ledger existed
+    assert db.migrate(conn) == db.MIGRATIONS[-1][0]  # would fail re-creating tables
+    assert db.applied_migrations(conn) == {n for n, _, _ in db.MIGRATIONS}
+
+
 def test_up_runs_every_component_and_stops_on_sigterm(tmp_path, dcmtk):
     site = make_site(tmp_path)
     proc = subprocess.Popen(appliance_cmd("up", "--data-dir", str(site.data_dir)),
