@@ -148,30 +148,17 @@ write_etc() {
   # The site config stays in the data directory (edits are atomic renames there);
   # /etc/appliance shows it where an administrator looks first.
   ln -sfn "$DATA_DIR/appliance.yaml" "$ETC/appliance.yaml"
-  if [ -x /usr/bin/turnserver ] && [ ! -f "$ETC/turnserver.conf" ]; then
-    secret=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
-    umask 077
-    cat > "$ETC/turnserver.conf" <<EOF
-# coturn for consult media (appliance-turn.service). Written once by install.sh.
-listening-port=3478
-fingerprint
-use-auth-secret
-static-auth-secret=$secret
-realm=field-appliance
-no-cli
-no-tlsv1
-no-tlsv1_1
-no-multicast-peers
-denied-peer-ip=0.0.0.0-0.255.255.255
-pidfile=/run/appliance-turn/turnserver.pid
-EOF
-    umask 022
-    getent group turnserver >/dev/null && chgrp turnserver "$ETC/turnserver.conf" \
-      && chmod 0640 "$ETC/turnserver.conf"
-    printf '%s\n' "$secret" > "$DATA_DIR/keys/turn.secret"
-    chown appliance:appliance "$DATA_DIR/keys/turn.secret"
-    chmod 0600 "$DATA_DIR/keys/turn.secret"
+  # coturn's config (with the TURN shared secret the web app signs credentials with) is
+  # written from appliance.yaml into the data directory, 0600; shown in /etc/appliance too.
+  if [ -x /usr/bin/turnserver ] && has_command media turn-config; then
+    as_appliance "$PREFIX/venv/bin/appliance" media turn-config >/dev/null
+    ln -sfn "$DATA_DIR/turn/turnserver.conf" "$ETC/turnserver.conf"
   fi
+}
+
+# Does the installed appliance have this command (e.g. "media serve")?
+has_command() {
+  "$PREFIX/venv/bin/appliance" "$@" --help >/dev/null 2>&1
 }
 
 install_units() {
@@ -186,9 +173,8 @@ install_units() {
   # Debian's own coturn service would take port 3478 from ours.
   systemctl disable --now coturn.service >/dev/null 2>&1 || true
   units="appliance-dicom.service appliance-web.service appliance-worker.service"
-  "$PREFIX/venv/bin/appliance" media --help >/dev/null 2>&1 && \
-    units="$units appliance-media.service"
-  [ -f "$ETC/turnserver.conf" ] && units="$units appliance-turn.service"
+  has_command media serve && units="$units appliance-media.service"
+  [ -e "$ETC/turnserver.conf" ] && units="$units appliance-turn.service"
   if [ "$START" = 1 ]; then
     say "starting: $units"
     # shellcheck disable=SC2086

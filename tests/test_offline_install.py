@@ -123,6 +123,11 @@ def test_fresh_debian_offline_install_then_echo_and_store(tmp_path, dcmtk):
     assert (root / "etc" / "appliance" / "appliance.yaml").is_symlink()
     assert (root / "etc" / "systemd" / "system" / "appliance-dicom.service").is_file()
     assert (data / "keys" / "identity.key").stat().st_mode & 0o777 == 0o600
+    turn_conf = root / "etc" / "appliance" / "turnserver.conf"
+    if (root / "usr" / "bin" / "turnserver").exists():  # coturn came from the kit
+        assert turn_conf.is_symlink()
+        real = data / "turn" / "turnserver.conf"
+        assert real.stat().st_mode & 0o777 == 0o600 and "static-auth-secret=" in real.read_text()
 
     up = subprocess.Popen(
         in_chroot(root, "runuser", "-u", "appliance", "--", "/opt/appliance/venv/bin/appliance",
