@@ -268,9 +268,11 @@ def test_sign_ins_are_timed_for_the_slo_and_metrics(site):
     total, bad = health_series.observations(conn, "auth", time.time() - 60)
     conn.close()
     assert (total, bad) == (2, 0)  # both answered well under 3 s
+    client.get("/dicom-web/studies", base_url="https://localhost")  # a QIDO search, timed too
     text = client.get("/metrics", base_url="https://localhost").get_data(as_text=True)
     assert "appliance_auth_seconds_count 2.0" in text
     assert "appliance_auth_failures_total 1.0" in text
+    assert 'appliance_dicomweb_seconds_count{service="qido"} 1.0' in text
 
 
 def test_uptime_counts_missing_minutes_as_down_but_not_the_current_one(report_env):
