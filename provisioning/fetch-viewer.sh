@@ -26,6 +26,10 @@ trap 'rm -rf "$work"' EXIT
 if [ -n "${VIEWER_TARBALL:-}" ]; then
   cp "$VIEWER_TARBALL" "$work/ohif.tgz"
 else
+  if ! command -v npm >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing npm (Debian) to fetch the viewer"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null
+  fi
   command -v npm >/dev/null 2>&1 || { echo "error: npm is needed to fetch the viewer (apt-get install npm)" >&2; exit 1; }
   (cd "$work" && npm pack --silent "@ohif/app@$VERSION" >/dev/null)
   mv "$work"/ohif-app-"$VERSION".tgz "$work/ohif.tgz"
