@@ -36,6 +36,19 @@ def require_tool(name: str, path: str | None = None) -> str:
     pytest.skip(message)
 
 
+def require_module(name: str):
+    """Import a test dependency; fail under CI when it is missing, skip elsewhere."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        message = f"{name} is not importable ({e}); make test installs the test extras"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,9 +13,8 @@ import subprocess
 import time
 
 import pyotp
-import pytest
 import requests
-from conftest import require_tool
+from conftest import require_module, require_tool
 from dicom_data import write_series
 
 from appliance import accounts, config, read_queue, worklist
@@ -28,7 +27,7 @@ PASSWORD = "reader-password-e2e"
 def test_radiologist_signs_in_with_totp_sees_countdown_and_claims(dicom_site, dcmtk, artifacts,
                                                                   tmp_path):
     chromium = require_tool("chromium", "/usr/bin/chromium")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = require_module("playwright.sync_api")
     site = dicom_site
     # 1. A head CT arrives from the "scanner".
     study_uid, _, paths = write_series(tmp_path / "ct", 8, modality="CT", body_part="HEAD",

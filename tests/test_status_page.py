@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import require_tool
+from conftest import require_module, require_tool
 from dicom_data import write_series
 from test_health import fetch, start_all, wait_ready
 
@@ -37,7 +37,7 @@ def _store(site, dcmtk, tmp_path, n: int = 2, calling: str = "SCANNER1", modalit
 
 def test_status_page_in_chromium_during_a_fault(site, dcmtk, artifacts, tmp_path):
     chromium = require_tool("chromium", "/usr/bin/chromium")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = require_module("playwright.sync_api")
     start_all(site)
     _store(site, dcmtk, tmp_path)
     token = _token(site)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyotp
 import pytest
-from conftest import require_tool
+from conftest import require_module, require_tool
 from dicom_data import make_instance
 from pydicom.uid import generate_uid
 
@@ -91,7 +91,7 @@ def _scroll_to(page, index: int) -> None:
 def test_reader_opens_ct_scrolls_to_slice_150_brain_window_and_measures(dicom_site, dcmtk,
                                                                         artifacts, tmp_path):
     chromium = require_tool("chromium", "/usr/bin/chromium")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = require_module("playwright.sync_api")
     from appliance.web import viewer
 
     if not viewer.installed():
