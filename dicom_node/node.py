@@ -54,6 +54,14 @@ STORAGE_TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.203",  # HTJ2K
 ]
 
+# pynetdicom's DUL thread sleeps this long between polls of an idle socket (its default
+# is 1 ms, and its code says: higher uses less CPU when idle, lower answers sooner).
+# Measured here with storescu (300 × 0.5 MB, TCP_NODELAY=1, one association):
+# 1 ms → 145-150 inst/s, 0.2 ms → 171-185 inst/s; echoscu 27-28 ms → 22-24 ms
+# (Orthanc ~20 ms).  The cost: an idle association uses ~11% of a core instead of
+# ~6%, for at most the network timeout (60 s), after which pynetdicom drops it.
+DUL_POLL_S = 0.0002
+
 # DIMSE statuses (PS3.4 Annex B / C).
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
@@ -151,6 +159,7 @@ class DicomNode:
         except (AttributeError, OSError):
             return
         asock.recv = _quickack_receiver(asock.socket)
+        event.assoc.dul._run_loop_delay = DUL_POLL_S
 
     def _on_requested(self, event) -> None:
         assoc = event.assoc
