@@ -176,13 +176,18 @@ def push_storescu(server: Server, files: list[Path], parallel: int, env: dict[st
 
 def store_latencies(server: Server, files: list[Path]) -> list[float]:
     """Per-instance C-STORE round trip (seconds) with a pynetdicom SCU on one association."""
-    from pynetdicom import AE, _config
+    from pynetdicom import AE, _config, evt
     from pynetdicom.sop_class import CTImageStorage
 
     _config.STORE_SEND_CHUNKED_DATASET = True  # send the file's bytes, no re-encoding
     ae = AE(ae_title=CALLING_AE)
     ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
-    assoc = ae.associate("127.0.0.1", server.port, ae_title=server.aet)
+
+    def nodelay(event) -> None:  # pynetdicom leaves Nagle on; the SCU must not be the limit
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    assoc = ae.associate("127.0.0.1", server.port, ae_title=server.aet,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)])
     if not assoc.is_established:
         raise RuntimeError(f"association to {server.name} failed")
     out = []
