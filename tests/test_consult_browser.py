@@ -146,6 +146,18 @@ def _run(b1, b2, base: str, artifacts) -> None:
                             timeout=5000)
     assert "NIHSS 14" in nurse.inner_text("[data-testid=messages]")
 
+    # Screen share (the CT in the viewer): the nurse's video sender switches to the screen.
+    nurse.click("[data-testid=share]")
+    nurse.wait_for_function("() => document.querySelector('[data-testid=share]').textContent"
+                            ".includes('Stop sharing')", timeout=10000)
+    sent_label = nurse.evaluate("Object.values(window.consult.peers)[0].pc.getSenders()"
+                                ".find(s => s.track && s.track.kind === 'video').track.label")
+    assert sent_label != nurse.evaluate("document.getElementById('local').srcObject"
+                                        ".getVideoTracks()[0].label")
+    nurse.click("[data-testid=share]")  # stop: back to the camera
+    nurse.wait_for_function("() => document.querySelector('[data-testid=share]').textContent"
+                            ".includes('Share screen')")
+
     # Relay only: every packet through coturn.
     relay_joins = []
     for _ in range(3):

@@ -184,6 +184,8 @@ def test_slow_link_steps_down_to_audio_and_video_comes_back(call):
     print(f"\n100 kbit/s link: audio only after {t_audio - t0:.1f} s; video back"
           f" {t_video - t_fast:.1f} s after the link recovered; ladder"
           f" {[(s, round(at - t0, 1)) for s, at in steps]}")
-    assert [s for s, _ in steps][:1] == ["audio_only"]
+    # (a "video" entry may come first: the previous test's recovery, reported late)
+    assert [s for s, _ in steps if s != "video"][:1] == ["audio_only"]
+    assert steps[-1][0] == "video"
     assert t_audio - t0 < 20
     assert t_video - t_fast < 30
