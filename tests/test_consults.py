@@ -103,6 +103,11 @@ def test_start_from_study_invite_guest_lobby_admit_chat(app: AuthApp):
     guest = app.client("10.9.9.9")
     page = guest.get(path, headers=HTML)
     assert page.status_code == 200 and 'name="name"' in page.get_data(as_text=True)
+    assert "/login?next=/consults/join/" in page.get_data(as_text=True)  # readers: TOTP path
+    neuro = app.client("10.9.9.10")
+    login(app, neuro, "neuro")
+    straight = neuro.get(path, headers=HTML)  # signed in: no lobby
+    assert straight.status_code == 302 and straight.headers["Location"] == f"/consults/{cid}"
     gtoken = guest_csrf(guest, path)
     bad = guest.post(path, data={"name": " ", "csrf_token": gtoken}, headers=HTML)
     assert bad.status_code == 400 and "type your name" in bad.get_data(as_text=True)
