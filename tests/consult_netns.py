@@ -45,6 +45,11 @@ class Netns:
         for chain in ("INPUT", "OUTPUT"):
             self.run("iptables", "-I", chain, "-p", "udp", "-j", "DROP")
 
+    def block_all(self) -> None:
+        """Every packet in or out of the namespace, TCP (the app's own channel) included."""
+        self.run("iptables", "-I", "INPUT", "!", "-i", "lo", "-j", "DROP")
+        self.run("iptables", "-I", "OUTPUT", "!", "-o", "lo", "-j", "DROP")
+
     def lose_udp(self, p: float) -> None:
         for chain in ("INPUT", "OUTPUT"):
             self.run("iptables", "-I", chain, "-p", "udp", "-m", "statistic", "--mode", "random",

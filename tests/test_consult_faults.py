@@ -189,3 +189,30 @@ def test_slow_link_steps_down_to_audio_and_video_comes_back(call):
     assert steps[-1][0] == "video"
     assert t_audio - t0 < 20
     assert t_video - t_fast < 30
+
+
+def test_every_channel_down_over_30s_counts_as_a_dropped_call(call):
+    """The product's definition: media and the app's own channel lost for more than 30 s."""
+    site, ns, nurse, guest = call
+    t0 = time.time()
+    ns.block_all()
+    try:
+        # The guest's page can still be asked: playwright talks to it over a pipe.
+        guest.do("wait", js="() => window.consult.droppedAt > 0", timeout=45000)
+        t_dropped = time.time()
+        assert "Call dropped" in guest.do("eval", js="document.querySelector("
+                                          "'[data-testid=ladder]').textContent")
+    finally:
+        ns.heal()
+    nurse.wait_for_function("() => window.consult.remoteSteps && Object.values("
+                            "window.consult.remoteSteps).includes('dropped')", timeout=30000)
+    guest.do("wait", js="() => window.consult.step === 'video'", timeout=30000)
+    print(f"\nall channels down: dropped declared after {t_dropped - t0:.1f} s; reported and"
+          f" media back {time.time() - t0:.1f} s after the block began")
+    assert 30 <= t_dropped - t0 <= 40
+    conn = site.db()
+    cid = conn.execute("SELECT id FROM consults").fetchone()[0]
+    consults.end_consult(conn, cid, "nurse")
+    drop = conn.execute("SELECT good FROM slo_observations WHERE slo = 'call_drop'").fetchone()
+    conn.close()
+    assert drop["good"] == 0  # counted against the 2 % drop SLO

@@ -227,7 +227,7 @@ def events(cid: int):
                     yield f"id: {ev['id']}\ndata: {json.dumps(ev, separators=(',', ':'))}\n\n"
                 if time.monotonic() - last_sent > KEEPALIVE_S:
                     last_sent = time.monotonic()
-                    yield ": keepalive\n\n"
+                    yield "event: ping\ndata: {}\n\n"  # the page sees its channel is alive
                 time.sleep(POLL_S)
         finally:
             conn.close()

@@ -23,6 +23,7 @@
   const TICK_MS = 500, SAMPLE_MS = 1000, POST_MS = 3000;
   const AUDIO_AFTER_MS = 5000, RESTART_AFTER_MS = 2000, FRESH_AFTER_MS = 5000;
   const CHAT_AFTER_MS = 10000, RETRY_EVERY_MS = 5000, FIRST_GRACE_MS = 3000;
+  const DROP_AFTER_MS = 30000;
   const LABELS = {
     video: "Video", audio_only: "Audio only (weak link): video comes back by itself",
     ice_restart: "Connection lost: reconnecting (ICE restart)…",
@@ -123,7 +124,11 @@
   function openEvents(after) {
     // Only what happens from now on; the chat so far came with the join answer.
     source = new EventSource(`/consults/${cid}/events?after=${after || 0}`);
-    source.onmessage = (m) => onEvent(JSON.parse(m.data));
+    const alive = () => { state.appChannelAt = performance.now(); };
+    alive();
+    source.onopen = alive;
+    source.addEventListener("ping", alive);
+    source.onmessage = (m) => { alive(); onEvent(JSON.parse(m.data)); };
     source.addEventListener("gone", () => { source.close(); setStep("left"); });
   }
 
@@ -407,9 +412,27 @@
   function tick() {
     const now = performance.now();
     Promise.all(Object.values(state.peers).map((p) => tickPeer(p, now))).then(() => {
+      checkDropped(now);
       const step = worstStep();
       if (step !== state.step && !["ended", "left"].includes(state.step)) setStep(step);
     });
+  }
+
+  // A call is dropped only when every channel is gone for over 30 s: media down and the
+  // app's channel (chat, signaling) silent too. Reported when the channel is back.
+  function checkDropped(now) {
+    const peers = Object.values(state.peers).filter((p) => p.kind !== "media" && p.hadMedia);
+    const mediaDown = peers.length && peers.every((p) => p.stage !== "ok");
+    const appDown = now - (state.appChannelAt || now) > DROP_AFTER_MS;
+    if (mediaDown && appDown && !state.droppedAt) {
+      state.droppedAt = now;
+      const el = $("status");
+      if (el) el.textContent = "Call dropped: every channel is down; still retrying";
+    } else if (state.droppedAt && !appDown) {
+      const peer = peers[0] || { id: 0, gen: 0 };
+      report(peer, "dropped", { after_ms: Math.round(now - state.droppedAt + DROP_AFTER_MS) });
+      state.droppedAt = 0;
+    }
   }
 
   function flushSamples() {
