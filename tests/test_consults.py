@@ -57,7 +57,7 @@ def read_events(client, cid: int, want: int, after: int = 0) -> list[dict]:
     try:
         for chunk in resp.response:
             for line in chunk.decode().splitlines():
-                if line.startswith("data: "):
+                if line.startswith("data: ") and line != "data: {}":  # {}: a ping
                     out.append(json.loads(line[6:]))
             if len(out) >= want:
                 break
