@@ -271,6 +271,10 @@ def test_ladder_and_stats_make_the_call_summary(app: AuthApp):
     assert [tuple(r) for r in slo] == [("video_join", 0.3, 1), ("video_join", 0.5, 1),
                                        ("video_join", 0.9, 1), ("video_join", 6.0, 0),
                                        ("call_drop", 0.0, 1)]
+    figures = nurse.get("/consults/summary?days=1").get_json()
+    assert figures["joins"] == 4 and figures["join_ms_p95"] == 6000
+    assert figures["degraded_share"] == 0.25 and figures["calls"] == 1
+    assert nurse.get("/consults/summary?days=x").status_code == 400
     record = nurse.get(f"/consults/{cid}/record").get_json()
     assert record["consult"]["ended_at"] is not None
     assert [p["name"] for p in record["participants"]] == ["Nurse Bed 4", "Dr Neuro"]

@@ -313,6 +313,20 @@ def post_end(cid: int):
     return jsonify(ok=True)
 
 
+@bp.get("/consults/summary")
+@auth.require(*HOSTS)
+def summary():
+    """Call quality over the last ``days`` (30): join p50/p95, drop rate, share of time degraded.
+
+    No patient data: figures only (for the status page and responders).
+    """
+    try:
+        days = float(request.args.get("days", 30))
+    except ValueError:
+        raise consults.ConsultError("days must be a number") from None
+    return jsonify(consults.call_summary(get_db(), since=_now() - days * 86400))
+
+
 @bp.get("/consults/<int:cid>/record")
 @auth.require(*HOSTS)
 def record(cid: int):
