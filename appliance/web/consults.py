@@ -39,7 +39,7 @@ bp = Blueprint("consults", __name__)
 HOSTS = consults.HOST_ROLES
 STREAM_S = 25.0
 POLL_S = 0.05  # a message waits at most this long in the table
-KEEPALIVE_S = 10.0
+KEEPALIVE_S = 2.0  # a ping this often: a page knows its channel is silent within 2 s
 
 
 @bp.errorhandler(consults.ConsultError)

@@ -125,10 +125,17 @@
     // Only what happens from now on; the chat so far came with the join answer.
     source = new EventSource(`/consults/${cid}/events?after=${after || 0}`);
     const alive = () => { state.appChannelAt = performance.now(); };
-    alive();
+    if (!state.appChannelAt) alive(); // reopening is not hearing from the server
     source.onopen = alive;
     source.addEventListener("ping", alive);
-    source.onmessage = (m) => { alive(); onEvent(JSON.parse(m.data)); };
+    source.onmessage = (m) => {
+      alive();
+      const ev = JSON.parse(m.data);
+      state.cursor = Math.max(state.cursor || 0, ev.id);
+      onEvent(ev);
+    };
+    state.cursor = Math.max(state.cursor || 0, after || 0);
+    state.reopenedAt = performance.now();
     source.addEventListener("gone", () => { source.close(); setStep("left"); });
   }
 
@@ -413,6 +420,7 @@
     const now = performance.now();
     Promise.all(Object.values(state.peers).map((p) => tickPeer(p, now))).then(() => {
       checkDropped(now);
+      checkChannel(now);
       const step = worstStep();
       if (step !== state.step && !["ended", "left"].includes(state.step)) setStep(step);
     });
@@ -420,6 +428,16 @@
 
   // A call is dropped only when every channel is gone for over 30 s: media down and the
   // app's channel (chat, signaling) silent too. Reported when the channel is back.
+  // A silent channel (pings come every 2 s) is reopened every 5 s on a fresh connection, so
+  // it is back soon after the network is, instead of after TCP's retransmission backoff.
+  function checkChannel(now) {
+    if (!source || state.step === "left" || state.step === "ended") return;
+    if (now - state.appChannelAt > 6000 && now - state.reopenedAt > 5000) {
+      source.close();
+      openEvents(state.cursor);
+    }
+  }
+
   function checkDropped(now) {
     const peers = Object.values(state.peers).filter((p) => p.kind !== "media" && p.hadMedia);
     const mediaDown = peers.length && peers.every((p) => p.stage !== "ok");
