@@ -23,7 +23,7 @@
   const TICK_MS = 500, SAMPLE_MS = 1000, POST_MS = 3000;
   const AUDIO_AFTER_MS = 5000, RESTART_AFTER_MS = 2000, FRESH_AFTER_MS = 5000;
   const CHAT_AFTER_MS = 10000, RETRY_EVERY_MS = 5000, FIRST_GRACE_MS = 3000;
-  const DROP_AFTER_MS = 30000;
+  const DROP_AFTER_MS = 32000; // 30 s, plus the 2 s between pings: never declared early
   const LABELS = {
     video: "Video", audio_only: "Audio only (weak link): video comes back by itself",
     ice_restart: "Connection lost: reconnecting (ICE restart)…",
