@@ -119,10 +119,12 @@ def test_claim_and_release_in_one_click(wl: AuthApp):
     assert c1.post(f"/worklist/{item_id}/claim", json={}).status_code == 400
     conn = wl.db()
     assert worklist.get_item(conn, item_id)["state"] == "queued"
+    wl.app.config["SITE"]["worker"]["claim_lease_s"] = 600  # the site's lease, not a default
     r = c1.post(f"/worklist/{item_id}/claim", json={}, headers={"X-CSRF-Token": token1})
     assert r.status_code == 200
     got = r.get_json()["item"]
     assert got["state"] == "claimed" and got["mine"] and got["claimed_by"] == "rad1"
+    assert got["claim_expires_at"] == wl.clock.t + 600
     token2 = re.search(r'name="csrf-token" content="([^"]+)"',
                        c2.get("/worklist", headers=HTML).get_data(as_text=True)).group(1)
     r = c2.post(f"/worklist/{item_id}/claim", json={}, headers={"X-CSRF-Token": token2})

@@ -16,7 +16,7 @@ import datetime as dt
 from typing import Any
 from urllib.parse import quote
 
-from flask import Blueprint, abort, jsonify, render_template, request, session
+from flask import Blueprint, abort, current_app, jsonify, render_template, request, session
 from flask.typing import ResponseReturnValue
 
 from appliance import permissions, worklist
@@ -141,7 +141,8 @@ def _claim_action(item_id: int, action: str) -> ResponseReturnValue:
     user = auth.current_user()
     try:
         if action == "claim":
-            item = worklist.claim(get_db(), item_id, user, now=auth.now(),
+            lease_s = float(current_app.config["SITE"]["worker"]["claim_lease_s"])
+            item = worklist.claim(get_db(), item_id, user, now=auth.now(), lease_s=lease_s,
                                   source=auth.client_address())
         else:
             item = worklist.release(get_db(), item_id, user, now=auth.now(),
