@@ -89,6 +89,8 @@ def test_radiologist_signs_in_with_totp_sees_countdown_and_claims(dicom_site, dc
             assert page.locator("tr[data-testid=item] button[data-action=release]").count() == 1
             href = page.locator("tr[data-testid=item] a").first.get_attribute("href")
             assert href == f"/viewer?StudyInstanceUIDs={study_uid}"
+            report = page.locator("tr[data-testid=item] a.report-link")
+            assert report.get_attribute("href").startswith("/reports/item/")
             page.screenshot(path=str(artifacts / "worklist-claimed.png"), full_page=True)
         finally:
             browser.close()

@@ -80,6 +80,12 @@
       const a = document.createElement("a");
       a.href = it.open_url; a.textContent = it.eligible ? "Open" : "Open (break-glass)";
       act.appendChild(a);
+      if (it.mine && (it.state === "claimed" || it.state === "preliminary")) {
+        // The reader holding the study writes the report beside the images.
+        const r = document.createElement("a");
+        r.href = "/reports/item/" + it.id; r.textContent = "Report"; r.className = "report-link";
+        act.append(" "); act.appendChild(r);
+      }
       fresh.appendChild(tr);
     }
     if (!items.length) {
