@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
+from conftest import require_module, require_tool
 from pyrage import x25519
 from test_consult_browser import CHROMIUM_ARGS, PASSWORD, configure_turn, enter
 
@@ -21,10 +21,10 @@ from appliance import accounts, config, consults, media, turn
 def test_aiortc_probe_joins_a_browser_consult_through_turn(site, artifacts, tmp_path):
     chromium = require_tool("chromium", "/usr/bin/chromium")
     require_tool("turnserver", "/usr/bin/turnserver")
-    pytest.importorskip("aiortc")
+    require_module("aiortc")
     import av
     import pyrage
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = require_module("playwright.sync_api")
     configure_turn(site)
     identity = x25519.Identity.generate()
     yaml_path = site.data_dir / "appliance.yaml"

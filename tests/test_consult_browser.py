@@ -13,8 +13,7 @@ import re
 import statistics
 import subprocess
 
-import pytest
-from conftest import free_port, require_tool
+from conftest import free_port, require_module, require_tool
 
 from appliance import accounts, config, turn
 
@@ -65,7 +64,7 @@ def rejoin(page, url: str) -> int:
 def test_two_browsers_join_by_invite_link_with_lobby_chat_and_turn(site, artifacts):
     chromium = require_tool("chromium", "/usr/bin/chromium")
     require_tool("turnserver", "/usr/bin/turnserver")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = require_module("playwright.sync_api")
     configure_turn(site)
     cfg = config.load(site.data_dir)
     conn = site.db()
