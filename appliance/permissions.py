@@ -9,6 +9,7 @@ fails for a route that is neither required nor listed here.
 from __future__ import annotations
 
 from appliance.accounts import ROLES
+from appliance.consults import HOST_ROLES as CONSULT_HOSTS
 
 ALL = ROLES
 READERS = ("radiologist", "neurologist")
@@ -32,6 +33,7 @@ NAV: list[tuple[str, str, tuple[str, ...]]] = [
     ("/worklist", "Worklist", READERS),
     ("/critical", "Critical findings", ("site_staff", "responder", "admin")),
     ("/reports", "Reports", ("site_staff",)),
+    ("/consults", "Consults", CONSULT_HOSTS),
     ("/dashboard", "Turnaround", DASHBOARD),
     ("/status", "Status", OPERATORS),
     ("/admin/users", "Users", ADMINS),
