@@ -22,7 +22,6 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import sqlite3
 import statistics
@@ -30,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from appliance import audit, health_series
+from appliance import accounts, audit, health_series
 from appliance.db import transaction
 
 INVITE_KEY_FILE = "consult-invite.key"
@@ -50,27 +49,12 @@ class ConsultError(Exception):
 
 # -- keys ---------------------------------------------------------------------------------------
 def load_key(keys_dir: Path, name: str) -> bytes:
-    """A 32-byte random key in ``keys/NAME`` (0600), created once.
+    """A 32-byte random key in ``keys/NAME`` (0600), created once, as its hex text.
 
-    Written to a temp file and linked into place, so two gunicorn workers
-    starting at once agree on one key.
+    The hex text itself is the HMAC key of invite links and coturn's shared
+    secret (coturn reads text), so callers get the ASCII form.
     """
-    path = Path(keys_dir) / name
-    if not path.exists():
-        tmp = path.with_name(f".{name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, secrets.token_hex(32).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
-    return path.read_bytes().strip()
+    return accounts.key_file(keys_dir, name).hex().encode("ascii")
 
 
 def turn_secret(keys_dir: Path) -> str:
