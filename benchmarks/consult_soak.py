@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    sys.path.pop(0)  # benchmarks/queue.py would shadow the standard library's queue
+    sys.path.pop(0)  # a benchmark named like a standard module (it was queue.py) would shadow it
 
 import argparse  # noqa: E402
 import random  # noqa: E402

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 # ruff: noqa: E402  (the path fix below must run before the imports)
-# benchmarks/queue.py would shadow the standard library's queue (urllib3 needs it).
+# a benchmark named like a standard module (it was queue.py) would shadow it.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse

@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Run as a script, this folder is sys.path[0]: drop it so a sibling benchmark's module
-# name (benchmarks/queue.py) cannot shadow the standard library's.
+# name (it was queue.py) cannot shadow the standard library's.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 sys.path.insert(0, str(ROOT / "tests"))
 

@@ -23,8 +23,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, this folder is sys.path[0], and benchmarks/queue.py would shadow the
-# standard library's queue (which urllib3 imports).
+# Run as a script, this folder is sys.path[0]: a benchmark named like a standard module
+# (it was queue.py, which urllib3 imports) would shadow it.
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
