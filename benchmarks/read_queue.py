@@ -19,7 +19,7 @@ The clock is simulated (the sweep takes ``now``); every database write is
 real (WAL, synchronous=FULL) on this machine's disk.  There is no peer on
 the machine that queues reads, so figures are printed against their target.
 
-Run: ``.venv/bin/python benchmarks/queue.py [--studies 250] [--items 10000]``.
+Run: ``.venv/bin/python benchmarks/read_queue.py [--studies 250] [--items 10000]``.
 """
 
 from __future__ import annotations
