@@ -131,6 +131,16 @@ class Site:
         return db.connect(self.data_dir / "appliance.db")
 
 
+_SITES: list[Site] = []  # every site a test made, so none of their processes outlive the run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_every_site() -> Iterator[None]:
+    yield
+    for s in _SITES:
+        s.stop_all()
+
+
 def make_site(base: Path, **init_args: str) -> Site:
     data_dir = base / "site"
     dicom_port, web_port = free_port(), free_port()
@@ -143,7 +153,9 @@ def make_site(base: Path, **init_args: str) -> Site:
     # Tests run on tmpfs-sized disks too: no low-water refusal unless a test sets one.
     cfg = data_dir / "appliance.yaml"
     cfg.write_text(cfg.read_text().replace("low_water_mb: 500", "low_water_mb: 0"))
-    return Site(data_dir, dicom_port, web_port, password)
+    made = Site(data_dir, dicom_port, web_port, password)
+    _SITES.append(made)
+    return made
 
 
 @pytest.fixture

@@ -78,7 +78,7 @@ def _qido(site) -> list:
         conn.close()
 
 
-def test_restore_rebuilds_a_fresh_appliance_from_the_cloud(site, moto, tmp_path, dcmtk):
+def test_restore_rebuilds_a_fresh_appliance_from_the_cloud(site, moto, tmp_path, dcmtk, request):
     key_file = tmp_path / "cloud.key"
     escrow = tmp_path / "escrow.key"
     configure_sync(site, moto.url, [age_identity(key_file), age_identity(escrow)])
@@ -98,6 +98,7 @@ def test_restore_rebuilds_a_fresh_appliance_from_the_cloud(site, moto, tmp_path,
     fresh_base = tmp_path / "replacement"
     fresh_base.mkdir()
     fresh = make_site(fresh_base)
+    request.addfinalizer(fresh.stop_all)  # its DICOM node must not outlive the test
     restore_args = ["restore", "--from", f"s3://{BUCKET}", "--endpoint-url", moto.url,
                     "--credentials-file", str(site.data_dir / "keys" / "s3.credentials"),
                     "--trust", signer]
