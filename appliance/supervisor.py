@@ -40,6 +40,20 @@ class Child:
     history: list[float] = field(default_factory=list)
 
 
+def _die_with_supervisor() -> None:
+    """In the child before exec: get SIGTERM when the supervisor dies, even by SIGKILL.
+
+    Otherwise a killed ``appliance up`` leaves its children holding the ports,
+    and the next ``appliance up`` cannot start.  Linux only; elsewhere a no-op.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def child_argv(name: str, data_dir: str) -> list[str]:
     return [sys.executable, "-m", "appliance", name, "--data-dir", data_dir]
 
@@ -54,7 +68,8 @@ class Supervisor:
 
     def _start(self, child: Child) -> None:
         env = dict(os.environ, APPLIANCE_DATA_DIR=str(self.cfg.data_dir), PYTHONUNBUFFERED="1")
-        child.proc = subprocess.Popen(child.argv, env=env, start_new_session=True)
+        child.proc = subprocess.Popen(child.argv, env=env, start_new_session=True,
+                                      preexec_fn=_die_with_supervisor)
         child.started_at = time.monotonic()
         log.info("started %s (pid %d)", child.name, child.proc.pid)
 

@@ -161,6 +161,37 @@ def test_up_runs_every_component_and_stops_on_sigterm(tmp_path, dcmtk):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_children_stop_when_the_supervisor_is_killed(tmp_path):
+    site = make_site(tmp_path)
+    proc = subprocess.Popen(appliance_cmd("up", "--data-dir", str(site.data_dir)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_for_port(site.dicom_port, proc=proc)
+        wait_for_port(site.web_port, proc=proc)
+        os.kill(proc.pid, signal.SIGKILL)  # no chance to stop its children itself
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if not _listening(site.dicom_port) and not _listening(site.web_port):
+                break
+            time.sleep(0.2)
+        assert not _listening(site.dicom_port) and not _listening(site.web_port)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def test_health_endpoints_answer_json(tmp_path):
     import ssl
     import urllib.request
