@@ -100,8 +100,26 @@ def test_4s_udp_outage_media_back_within_3s(call):
     guest.do("wait", js="() => window.consult.step === 'video'", timeout=10000)
 
 
+def _wait_for_steady_video(page, fps: float = 15.0, timeout: float = 30.0) -> float:
+    """The rate over 2 s windows once it reaches ``fps``: a fault test starts from a healthy call.
+
+    Right after the previous test's outage the sender's congestion control is still ramping
+    back up; measuring loss from there would blame the loss for the ramp.
+    """
+    deadline = time.monotonic() + timeout
+    rate = 0.0
+    while time.monotonic() < deadline:
+        f0, t0 = page.evaluate("window.consult.framesDecoded"), time.monotonic()
+        time.sleep(2.0)
+        rate = (page.evaluate("window.consult.framesDecoded") - f0) / (time.monotonic() - t0)
+        if rate >= fps:
+            return rate
+    raise AssertionError(f"video did not recover to {fps} fps before the test (last {rate:.1f})")
+
+
 def test_5_percent_loss_keeps_12_fps_or_steps_down(call):
     site, ns, nurse, guest = call
+    _wait_for_steady_video(nurse)
     t0 = time.time()
     frames0 = nurse.evaluate("window.consult.framesDecoded")
     ns.lose_udp(0.05)
