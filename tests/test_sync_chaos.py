@@ -194,12 +194,14 @@ def test_link_chaos_keeps_local_ingest_fast_and_loses_nothing(dicom_site, dcmtk,
             latency[mode] = _paired(storescu, site.dicom_port, twin.dicom_port,
                                     batches[mode, "site"], batches[mode, "twin"])
             if _p95(latency[mode][0]) > _p95(latency[mode][1]) * 1.2:
-                # The build machine is shared (load average ~10 on 2 cores): one retry of a
-                # phase with fresh instances, under the same link condition.
+                # The build machine is shared (load average ~10 on 2 cores) and a batch's time
+                # is mostly storescu's start-up: one retry of a phase with fresh instances,
+                # under the same link condition, with twice the batches so that its p95 is
+                # not simply the one slowest process start.
                 latency[mode] = _paired(
                     storescu, site.dicom_port, twin.dicom_port,
-                    _batches(tmp_path / f"{mode}-site-retry", 3, 6, 2),
-                    _batches(tmp_path / f"{mode}-twin-retry", 3, 6, 2))
+                    _batches(tmp_path / f"{mode}-site-retry", 6, 6, 2),
+                    _batches(tmp_path / f"{mode}-twin-retry", 6, 6, 2))
         proxy.set("up")  # the link returns: sync resumes by itself, no command needed
         deadline = time.monotonic() + 120
         rec = _reconcile(site)
