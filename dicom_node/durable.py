@@ -47,28 +47,11 @@ def atomic_write(path: str | os.PathLike, data: bytes | memoryview, mode: int = 
     """Write ``data`` to ``path`` atomically and durably (temp + fsync + rename + fsync dir)."""
     path = Path(path)
     ensure_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident():x}{TMP_SUFFIX}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _unlink_quietly(tmp)
-        raise
-    os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    fsync_dir(path.parent)
+    move_into_place(write_temp(path.parent, data, mode), path)
 
 
-def write_temp(directory: str | os.PathLike, data: bytes | memoryview) -> Path:
+def write_temp(directory: str | os.PathLike, data: bytes | memoryview,
+               mode: int = 0o644) -> Path:
     """Write ``data`` to a new temp file in ``directory`` and fsync it; return its path.
 
     The first half of :func:`atomic_write`, split out so a caller can overlap
@@ -78,7 +61,7 @@ def write_temp(directory: str | os.PathLike, data: bytes | memoryview) -> Path:
     """
     directory = Path(directory)
     tmp = directory / f".{os.getpid()}.{threading.get_ident():x}.{next(_counter)}{TMP_SUFFIX}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         view = memoryview(data)
         while view:
