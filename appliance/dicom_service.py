@@ -203,13 +203,32 @@ def _fork_child(cfg: config.Config, listener) -> int:
         done = _stop_on_signals()
         node = build_node(cfg)
         node.start(listener=listener)
-        done.wait()
+        while not done.wait(0.5):  # the parent's death signal, or its absence noticed
+            if os.getppid() != parent:
+                log.error("DICOM node parent %s is gone: stopping", parent)
+                break
+        _exit_if_stuck(STOP_GRACE_S)
         node.stop()
         code = 0
     except BaseException:
         log.exception("DICOM node process failed")
     finally:
         os._exit(code)
+
+
+STOP_GRACE_S = 5.0
+
+
+def _exit_if_stuck(grace_s: float) -> None:
+    """End this process after ``grace_s`` even if stopping the node hangs.
+
+    A node process that outlives its parent holds the shared port and blocks
+    the supervisor's restart; what it acknowledged is already durable, so a
+    stop that does not finish in time is cut short.
+    """
+    timer = threading.Timer(grace_s, os._exit, args=(1,))
+    timer.daemon = True
+    timer.start()
 
 
 def _die_with_parent(parent: int) -> None:
