@@ -7,6 +7,7 @@ clear; only the argon2id hash is kept.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import secrets
 import sqlite3
@@ -16,6 +17,8 @@ from pathlib import Path
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+log = logging.getLogger("appliance.accounts")
 
 ROLES = ("admin", "responder", "site_staff", "radiologist", "neurologist")
 
@@ -172,6 +175,50 @@ def end_sessions(conn: sqlite3.Connection, user_id: int, reason: str,
         "UPDATE sessions SET ended_at = ?, end_reason = ? WHERE user_id = ? AND ended_at IS NULL",
         (time.time() if at is None else at, reason, user_id),
     ).rowcount
+
+
+# What sign-in leaves behind is kept long enough to investigate an incident
+# (the audit log keeps every sign-in and logoff for good) and then deleted, so
+# a password-guessing attack cannot grow the database without bound.
+ATTEMPTS_KEEP_S = 7 * 86400
+SESSIONS_KEEP_S = 30 * 86400
+PRUNE_EVERY_S = 3600.0
+_last_prune = 0.0
+
+
+def prune_auth_records(conn: sqlite3.Connection, now: float) -> dict[str, int]:
+    """Delete sign-in attempts older than 7 days and sessions over 30 days gone.
+
+    A session counts as gone from when it ended, or, never ended, from when it
+    was last seen (idle logoff and the session's maximum age are both far
+    shorter). The lockout and rate-limit windows are minutes, so nothing they
+    count is deleted.
+    """
+    attempts = conn.execute("DELETE FROM login_attempts WHERE ts < ?",
+                            (now - ATTEMPTS_KEEP_S,)).rowcount
+    sessions = conn.execute(
+        "DELETE FROM sessions WHERE coalesce(ended_at, last_seen) < ?", (now - SESSIONS_KEEP_S,),
+    ).rowcount
+    return {"login_attempts": attempts, "sessions": sessions}
+
+
+def sweep(cfg) -> None:
+    """Called by the worker's sweep: prune sign-in records, at most once an hour."""
+    global _last_prune
+    from appliance import db
+
+    now = time.time()
+    if now - _last_prune < PRUNE_EVERY_S:
+        return
+    conn = db.connect(cfg.db_path)
+    try:
+        with db.transaction(conn):
+            pruned = prune_auth_records(conn, now)
+    finally:
+        conn.close()
+    _last_prune = now
+    if any(pruned.values()):
+        log.info("pruned old sign-in records", extra=pruned)
 
 
 def set_disabled(conn: sqlite3.Connection, username: str, disabled: bool) -> None:

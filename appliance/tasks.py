@@ -29,6 +29,7 @@ SWEEP_MODULES = (
     "appliance.sync",  # bundles and cloud sync
     "appliance.health_series",  # a health sample a minute, component restarts (status page)
     "appliance.dicomweb_metadata",  # DICOMweb metadata kept per instance after ingest
+    "appliance.accounts",  # old sign-in attempts and sessions pruned (hourly)
 )
 
 
