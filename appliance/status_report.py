@@ -15,12 +15,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from appliance import components, health_series, readiness
+from appliance import components, consults, health_series, readiness
 
 RESTART_LOOP_COUNT = 3
 RESTART_LOOP_WINDOW_S = 600
 DISK_FORECAST_WARN_H = 24
 CERT_WARN_DAYS = 14
+CONSULT_WINDOW_S = 30 * 86400  # consult figures (join p50/p95, drops, degraded) over 30 days
 
 
 @dataclass
@@ -196,6 +197,14 @@ def _modality_alerts(cfg, conn: sqlite3.Connection, now: float) -> list[Alert]:
                   f"allowed: {', '.join(sorted(allowed))}") for mod, uids in sorted(seen.items())]
 
 
+def consult_figures(conn: sqlite3.Connection, now: float) -> dict[str, Any] | None:
+    """Consult join time p50/p95, drop rate and share of time degraded (last 30 days)."""
+    try:
+        return consults.call_summary(conn, since=now - CONSULT_WINDOW_S)
+    except sqlite3.OperationalError:  # a build without consults
+        return None
+
+
 def collect(cfg, conn: sqlite3.Connection, now: float | None = None) -> dict[str, Any]:
     """Everything the status page and /status.json show."""
     now = now or time.time()
@@ -213,6 +222,7 @@ def collect(cfg, conn: sqlite3.Connection, now: float | None = None) -> dict[str
                    "starts_24h": starts.get(name, 0)} for name, c in sorted(comps.items())},
         "slos": [s.as_dict() for s in slos(conn, now)],
         "alerts": [asdict(a) for a in found],
+        "consults": consult_figures(conn, now),
         "series": {name: health_series.series(conn, name, now - 86400)
                    for name in health_series.SERIES},
     }

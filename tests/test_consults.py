@@ -347,3 +347,46 @@ def _wait_udp_turn(uclient: str, port: int) -> None:
             except OSError:
                 pass
     raise TimeoutError("coturn did not answer STUN")
+
+
+def test_status_page_and_metrics_show_consult_figures(app: AuthApp):
+    """Known joins, stats and a dropped call come back as p50/p95, drop rate and degraded share
+    from /status.json, the /status page and /metrics alike."""
+    import time
+
+    now = time.time()
+    conn = app.db()
+    calm = consults.create_consult(conn, "nurse", title="calm", now=now - 60)
+    rough = consults.create_consult(conn, "nurse", title="rough", now=now - 50)
+    pid = consults.join_user(conn, calm, {"id": 1, "username": "nurse", "role": "site_staff"},
+                             now=now - 40)
+    me = consults.participant(conn, pid)
+    for ms in (400, 800, 1200, 3000):
+        consults.record_ladder(conn, calm, me, {"step": "joined", "join_ms": ms}, now=now - 30)
+    consults.record_stats(conn, calm, pid, [
+        {"ts": now - 20 + i, "step": step} for i, step in
+        enumerate(("video", "video", "video", "audio_only", "chat_only", "video", "video",
+                   "video"))])
+    other = consults.participant(conn, consults.join_user(
+        conn, rough, {"id": 2, "username": "neuro", "role": "neurologist"}, now=now - 40))
+    consults.record_ladder(conn, rough, other, {"step": "dropped", "after_ms": 31000},
+                           now=now - 10)
+    conn.close()
+    client = app.client()
+    login(app, client, "admin2")
+    report = client.get("/status.json").get_json()
+    assert report["detailed"]
+    figures = report["consults"]
+    assert (figures["calls"], figures["joins"]) == (2, 4)
+    assert (figures["join_ms_p50"], figures["join_ms_p95"]) == (1200, 3000)
+    assert figures["drop_rate"] == 0.5 and figures["degraded_share"] == 0.25
+    page = client.get("/status", headers=HTML).get_data(as_text=True)
+    shown = dict(re.findall(r'data-figure="(\w+)">([^<]*)<', page))
+    assert shown == {"calls": "2", "joins": "4", "join_p50": "1.20 s", "join_p95": "3.00 s",
+                     "drop_rate": "50.0%", "degraded": "25.0%"}
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'appliance_consult_join_quantile_seconds{quantile="0.5"} 1.2' in metrics
+    assert 'appliance_consult_join_quantile_seconds{quantile="0.95"} 3.0' in metrics
+    assert "appliance_consult_drop_ratio 0.5" in metrics
+    assert "appliance_consult_degraded_ratio 0.25" in metrics
+    assert "appliance_consult_calls_30d 2.0" in metrics

@@ -175,6 +175,26 @@ def _sql_families(conn, now, Gauge, Counter):
     r = rows("SELECT COALESCE(SUM(bytes_sent), 0) FROM bundles")
     if r:
         yield Counter("appliance_sync_bytes", "Bytes uploaded to the sync target", value=r[0][0])
+    yield from _consult_families(conn, now, Gauge)
+
+
+def _consult_families(conn, now, Gauge):
+    """Consult join time p50/p95, drop rate, share of time degraded (30 days, from SQLite)."""
+    figures = status_report.consult_figures(conn, now)
+    if figures is None:
+        return
+    join = Gauge("appliance_consult_join_quantile_seconds",
+                 "Consult join to first frame over 30 days, by quantile", labels=["quantile"])
+    for q, key in (("0.5", "join_ms_p50"), ("0.95", "join_ms_p95")):
+        if figures[key] is not None:
+            join.add_metric([q], figures[key] / 1000)
+    yield join
+    yield Gauge("appliance_consult_calls_30d", "Consults started in the last 30 days",
+                value=figures["calls"])
+    yield Gauge("appliance_consult_drop_ratio", "Share of consults (30 days) that dropped",
+                value=figures["drop_rate"])
+    yield Gauge("appliance_consult_degraded_ratio",
+                "Share of sampled consult time (30 days) below video", value=figures["degraded_share"])
 
 
 @bp.get("/metrics")
@@ -226,12 +246,16 @@ def status_html():
     user = _user()
     report = _report(detailed=user is not None)
     html = render_template_string(PAGE, r=report, user=user, plots=_plots(report),
-                                  fmt_pct=_pct, when=_when)
+                                  fmt_pct=_pct, when=_when, ms=_ms)
     return html, (200 if report["status"] != "red" else 503), {"Refresh": "30"}
 
 
 def _pct(x: float | None, digits: int = 2) -> str:
     return "—" if x is None else f"{x * 100:.{digits}f}%"
+
+
+def _ms(x: float | None) -> str:
+    return "—" if x is None else f"{x / 1000:.2f} s"
 
 
 def _when(ts: float) -> str:
@@ -326,6 +350,16 @@ background:#fffbeb} .plots{display:flex;flex-wrap:wrap;gap:16px}
 <td class="{{ 'ok' if s.budget_left > 0 else 'bad' }}">{{ fmt_pct(s.budget_left, 0) }}</td>
 <td>{{ s.total }} {{ 'minutes' if s.key == 'uptime' else 'events' }}</td></tr>{% endfor %}
 </table></section>
+{% if r.consults %}<section id="consults"><h2>Consults (last 30 days)</h2><table>
+<tr><th>calls</th><th>joins measured</th><th>join p50</th><th>join p95</th><th>drop rate</th>
+<th>time degraded</th></tr>
+<tr><td data-figure="calls">{{ r.consults.calls }}</td>
+<td data-figure="joins">{{ r.consults.joins }}</td>
+<td data-figure="join_p50">{{ ms(r.consults.join_ms_p50) }}</td>
+<td data-figure="join_p95">{{ ms(r.consults.join_ms_p95) }}</td>
+<td data-figure="drop_rate">{{ fmt_pct(r.consults.drop_rate, 1) }}</td>
+<td data-figure="degraded">{{ fmt_pct(r.consults.degraded_share, 1) }}</td></tr>
+</table></section>{% endif %}
 <section id="plots"><h2>Last 24 hours</h2><div class="plots">
 {% for title, svg, last in plots %}<figure><figcaption>{{ title }} — {{ last }}</figcaption>
 {{ svg }}</figure>{% endfor %}</div></section>
