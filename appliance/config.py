@@ -60,6 +60,18 @@ def _choice(*options: str):
     return check
 
 
+def _public_url(v: str) -> str | None:
+    """Empty, or an http(s) address with a host: links the appliance hands out start with it."""
+    from urllib.parse import urlsplit
+
+    if not v:
+        return None
+    u = urlsplit(v)
+    if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment:
+        return "must be empty or an address like https://pacs.example.org:8443"
+    return None
+
+
 def _positive(v: float) -> str | None:
     return None if v > 0 else "must be greater than 0"
 
@@ -113,7 +125,7 @@ SCHEMA: dict[str, Any] = {
         "port": Leaf(int, 8443, _port),
         "bind": Leaf(str, "0.0.0.0"),
         "workers": Leaf(int, 2, _positive),
-        "public_url": Leaf(str, ""),
+        "public_url": Leaf(str, "", _public_url),
     },
     "worker": {
         "quiet_period_s": Leaf((int, float), 30, _positive),

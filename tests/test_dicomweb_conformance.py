@@ -13,6 +13,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urljoin
 
 import pydicom
 import pytest
@@ -111,10 +112,9 @@ def test_retrieve_metadata_frames_rendered_bulkdata(dw: Deployment) -> None:
     one = next(m for m in meta if m["00080018"]["Value"] == [sop])
     assert one["00100010"]["Value"][0]["Alphabetic"] == str(files[sop].PatientName)
     bulk_uri = one["7FE00010"]["BulkDataURI"]
-    # dicomweb-client sends "Host: localhost" without the port, so our absolute URI lacks it.
-    assert bulk_uri.startswith("https://localhost") and "/dicom-web/studies/" in bulk_uri
-    bulk_uri = dw.url + bulk_uri.split("/dicom-web", 1)[1]
-    assert client.retrieve_bulkdata(bulk_uri)[0] == files[sop].PixelData
+    # No web.public_url configured: a path-absolute reference, resolved against our address.
+    assert bulk_uri.startswith(f"/dicom-web/studies/{study}/series/{series}/instances/{sop}/")
+    assert client.retrieve_bulkdata(urljoin(dw.url, bulk_uri))[0] == files[sop].PixelData
     assert len(client.retrieve_study_metadata(study)) == len(paths)
     assert client.retrieve_instance_metadata(study, series, sop)["00080018"]["Value"] == [sop]
 
@@ -123,6 +123,51 @@ def test_retrieve_metadata_frames_rendered_bulkdata(dw: Deployment) -> None:
     png = client.retrieve_instance_rendered(study, series, sop, media_types=("image/png",))
     img = Image.open(io.BytesIO(png))
     assert img.format == "PNG" and img.size == (48, 64)
+
+
+def test_urls_never_come_from_the_host_header(dw: Deployment) -> None:
+    """A forged Host header must not steer the links we hand out; web.public_url does."""
+    from appliance import config
+    from appliance.web import create_app
+
+    study, series, paths = dw.ours
+    s = dw.session()
+    evil = {"Host": "evil.example"}
+    found = s.get(f"{dw.url}/studies", params={"StudyInstanceUID": study}, headers=evil)
+    meta = s.get(f"{dw.url}/studies/{study}/series/{series}/metadata", headers=evil)
+    stow = s.post(f"{dw.url}/studies", headers={**evil, "Content-Type":
+                  'multipart/related; type="application/dicom"; boundary=XX'},
+                  data=b"--XX\r\nContent-Type: application/dicom\r\n\r\nbad\r\n--XX--\r\n")
+    assert found.status_code == 200 and meta.status_code == 200 and stow.status_code == 409
+    for r in (found, meta, stow):
+        assert "evil.example" not in r.text
+    assert found.json()[0]["00081190"]["Value"] == [f"/dicom-web/studies/{study}"]
+    uris = {m["7FE00010"]["BulkDataURI"] for m in meta.json()}
+    assert len(uris) == len(paths) and all(u.startswith("/dicom-web/studies/") for u in uris)
+
+    cfg = config.load(dw.site.data_dir)
+    cfg["web"]["public_url"] = "https://pacs.example.org:8443/"
+    client = create_app(cfg).test_client()
+    auth = {"Authorization": s.headers["Authorization"], "Host": "evil.example"}
+    meta = client.get(f"/dicom-web/studies/{study}/series/{series}/metadata", headers=auth,
+                      base_url="https://evil.example")
+    assert meta.status_code == 200 and "evil.example" not in meta.get_data(as_text=True)
+    assert all(m["7FE00010"]["BulkDataURI"].startswith(
+        f"https://pacs.example.org:8443/dicom-web/studies/{study}/") for m in meta.json)
+
+
+def test_public_url_must_be_an_address(dw: Deployment) -> None:
+    from appliance import config
+
+    path = dw.site.data_dir / "appliance.yaml"
+    text = path.read_text()
+    assert 'public_url: ""' in text
+    bad = dw.site.data_dir.parent / "bad-public-url"
+    bad.mkdir()
+    (bad / "appliance.yaml").write_text(text.replace('public_url: ""',
+                                                     'public_url: "pacs.example.org"'))
+    with pytest.raises(config.ConfigError, match="public_url"):
+        config.load(bad)
 
 
 def test_frames_stored_syntax_gzip_and_etag(dw: Deployment) -> None:

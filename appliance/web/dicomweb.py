@@ -119,9 +119,16 @@ def _audit(action: str, study_uid: str, detail: dict[str, Any], coalesce_key: st
 
 
 def _base_url() -> str:
-    public = current_app.config["SITE"]["web"].get("public_url", "")
-    root = public.rstrip("/") if public else request.host_url.rstrip("/")
-    return root + bp.url_prefix
+    """Where URLs we emit (BulkDataURI, RetrieveURL) point: never the request's Host header.
+
+    A client chooses its Host header, so URLs built from it would let anyone
+    make the appliance hand out links to another server (into a shared cache,
+    a report, a log). With ``web.public_url`` set they are absolute under it;
+    without, they are path-absolute (``/dicom-web/…``), which OHIF 3.13 and
+    any RFC 3986 client resolve against the address they already use.
+    """
+    public = str(current_app.config["SITE"]["web"].get("public_url") or "")
+    return public.rstrip("/") + bp.url_prefix
 
 
 # -- responses -------------------------------------------------------------------------------
