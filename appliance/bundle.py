@@ -58,7 +58,7 @@ MAX_TRAILER = 64 * 1024
 MAX_MANIFEST = 64 * 1024 * 1024
 CHUNK = 1024 * 1024
 BUNDLE_ID_RE = re.compile(r"^(?P<site>[a-z0-9][a-z0-9-]{0,39})\.(?P<seq>[0-9]{10})\.[0-9a-f]{12}$")
-MEMBER_RE = re.compile(r"^(dicom|records)/[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+){0,3}$")
+MEMBER_RE = re.compile(r"^(dicom|records|recordings)/[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+){0,3}$")
 
 PRIORITY_STAT, PRIORITY_RECORDS, PRIORITY_ROUTINE = 0, 1, 2
 

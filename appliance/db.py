@@ -136,6 +136,98 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX consult_stats_consult ON consult_stats(consult_id, ts);
         """,
     ),
+    (
+        15,
+        "consult media: work for `appliance media serve` (recordings, probes, relays), sealed"
+        " recordings; bundles may carry kind 'recording' (outbox tables rebuilt for the wider"
+        " CHECK)",
+        """
+        CREATE TABLE consult_media_jobs (
+            id INTEGER PRIMARY KEY,
+            consult_id INTEGER NOT NULL REFERENCES consults(id),
+            kind TEXT NOT NULL CHECK (kind IN ('record', 'probe', 'relay')),
+            state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'failed',
+                                                 'refused', 'cancelled')),
+            requested_by TEXT NOT NULL,
+            requested_at REAL NOT NULL,
+            seconds REAL NOT NULL,
+            streams INTEGER NOT NULL DEFAULT 0,
+            participant_id INTEGER,
+            lease_owner TEXT,
+            lease_until REAL NOT NULL DEFAULT 0,
+            started_at REAL,
+            finished_at REAL,
+            result TEXT NOT NULL DEFAULT '{}'
+        );
+        CREATE INDEX consult_media_jobs_due ON consult_media_jobs(state, requested_at);
+        CREATE TABLE consult_recordings (
+            id INTEGER PRIMARY KEY,
+            consult_id INTEGER NOT NULL,
+            study_uid TEXT NOT NULL DEFAULT '',
+            name TEXT NOT NULL UNIQUE,
+            sha256 TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            sealed_at REAL NOT NULL,
+            complete INTEGER NOT NULL DEFAULT 1,
+            origin TEXT NOT NULL DEFAULT 'local'
+        );
+        CREATE INDEX consult_recordings_consult ON consult_recordings(consult_id);
+        CREATE TABLE bundles_v15 (
+            bundle_id TEXT PRIMARY KEY,
+            site_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('study', 'report', 'audit', 'recording')),
+            subject TEXT NOT NULL DEFAULT '',
+            priority INTEGER NOT NULL,
+            state TEXT NOT NULL CHECK (state IN
+                ('building', 'built', 'uploading', 'uploaded', 'confirmed')),
+            path TEXT NOT NULL,
+            size INTEGER,
+            sha256 TEXT,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt REAL NOT NULL DEFAULT 0,
+            lease_owner TEXT,
+            lease_until REAL NOT NULL DEFAULT 0,
+            bytes_sent INTEGER NOT NULL DEFAULT 0,
+            target_key TEXT,
+            upload_id TEXT,
+            last_error TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            built_at REAL,
+            uploaded_at REAL,
+            confirmed_at REAL,
+            UNIQUE (site_id, seq)
+        );
+        INSERT INTO bundles_v15 SELECT * FROM bundles;
+        CREATE TABLE bundle_items_v15 (
+            bundle_id TEXT NOT NULL REFERENCES bundles_v15(bundle_id),
+            item_kind TEXT NOT NULL,
+            item_id TEXT NOT NULL,
+            version TEXT NOT NULL DEFAULT '',
+            path TEXT NOT NULL DEFAULT '',
+            size INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (item_kind, item_id, version)
+        );
+        INSERT INTO bundle_items_v15 SELECT * FROM bundle_items;
+        CREATE TABLE bundle_parts_v15 (
+            bundle_id TEXT NOT NULL REFERENCES bundles_v15(bundle_id),
+            part_number INTEGER NOT NULL,
+            etag TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            sent_at REAL NOT NULL,
+            PRIMARY KEY (bundle_id, part_number)
+        );
+        INSERT INTO bundle_parts_v15 SELECT * FROM bundle_parts;
+        DROP TABLE bundle_parts;
+        DROP TABLE bundle_items;
+        DROP TABLE bundles;
+        ALTER TABLE bundles_v15 RENAME TO bundles;
+        ALTER TABLE bundle_items_v15 RENAME TO bundle_items;
+        ALTER TABLE bundle_parts_v15 RENAME TO bundle_parts;
+        CREATE INDEX bundles_due ON bundles(state, priority, seq);
+        CREATE INDEX bundle_items_bundle ON bundle_items(bundle_id);
+        """,
+    ),
 ]
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from appliance import consults, db
+from appliance import consult_recordings, consults, db
 
 log = logging.getLogger("appliance.media")
 POLL_S = 0.05
@@ -234,14 +234,15 @@ class Recorder(Participant):
 
     Media is written to a 0600 file under ``recordings/.partial/`` while the call
     runs, then encrypted with age to ``sync.recipients`` (the same keys every bundle
-    is encrypted to) and the clear file removed, so only ciphertext stays on disk.
+    is encrypted to), the clear file removed and the sealed file indexed
+    (:mod:`appliance.consult_recordings`), so only ciphertext stays on disk and sync
+    bundles carry it. ``job_id`` names the media-service job (0 from the CLI).
     """
 
-    def __init__(self, cfg: Any, consult_id: int):
+    def __init__(self, cfg: Any, consult_id: int, job_id: int = 0):
         self.recipients = _recipients(cfg)
         super().__init__(cfg, consult_id, "recorder")
-        self.partial = Path(cfg.data_dir) / "recordings" / ".partial"
-        self.partial.mkdir(parents=True, mode=0o700, exist_ok=True)
+        self.job_id = job_id
         self.pending: dict[int, list] = {}
         self.recorders: list[tuple[Any, Path]] = []
 
@@ -264,9 +265,8 @@ class Recorder(Participant):
         if tracks:
             from aiortc.contrib.media import MediaRecorder
 
-            path = self.partial / f"consult-{self.cid}-p{sender}-g{current[0]}.mkv"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.close(fd)
+            path = consult_recordings.partial_path(self.cfg.data_dir, self.cid, self.job_id,
+                                                   sender, current[0])
             rec = MediaRecorder(str(path), format="matroska")
             for t in tracks:
                 rec.addTrack(t)
@@ -281,22 +281,22 @@ class Recorder(Participant):
         await super().close()
 
     def seal(self) -> list[Path]:
-        """Encrypt every finished part to the recipients; remove the clear files."""
-        import pyrage
-
-        out_dir = self.partial.parent
+        """Encrypt every finished part to the recipients, remove the clear files, index them."""
         sealed = []
-        for _rec, path in self.recorders:
-            target = out_dir / (path.name + ".age")
-            tmp = out_dir / f".{target.name}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as dst, open(path, "rb") as src:
-                pyrage.encrypt_io(src, dst, self.recipients)
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, target)
-            path.unlink()
-            sealed.append(target)
+        conn = db.connect(self.cfg.db_path)
+        try:
+            for _rec, path in self.recorders:
+                if not path.exists():
+                    continue
+                if path.stat().st_size == 0:  # nothing arrived: nothing to keep
+                    path.unlink()
+                    continue
+                target = consult_recordings.seal_file(path, self.recipients)
+                consult_recordings.register(conn, target)
+                sealed.append(target)
+        finally:
+            conn.close()
+        self.recorders = []
         return sealed
 
 

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from appliance import audit, db, identity
+from appliance import audit, consult_recordings, db, identity
 from appliance import bundle as bnd
 from appliance import sync_targets as st
 from appliance.config import Config
@@ -210,6 +210,7 @@ def plan(conn: sqlite3.Connection, cfg: Config, now: float, force: bool = False,
             items = [("instance", r["sop_uid"], r["sha256"], r["path"], r["size"]) for r in rs]
             made.append(_create(conn, cfg, "study", study_uid, prio, items, owner))
         made += _plan_reports(conn, cfg, owner)
+        made += _plan_recordings(conn, cfg, owner)
         made += _plan_audit(conn, cfg, now, force, owner)
     return made
 
@@ -227,6 +228,8 @@ def _anything_due(conn: sqlite3.Connection, cfg: Config, quiet_before: float) ->
             " WHERE b.item_kind='report_version' AND b.item_id = CAST(v.id AS TEXT))"
             " LIMIT 1").fetchone():
         return True
+    if _table_exists(conn, "consult_recordings") and consult_recordings.unbundled(conn):
+        return True
     last = conn.execute("SELECT MAX(b.created_at) FROM bundle_items i JOIN bundles b"
                         " USING (bundle_id) WHERE i.item_kind='audit'").fetchone()[0] or 0
     return time.time() - last >= cfg["sync"]["audit_interval_s"]
@@ -243,6 +246,16 @@ def _plan_reports(conn: sqlite3.Connection, cfg: Config, owner: str) -> list[str
         made.append(_create(conn, cfg, "report", str(r["report_id"]), bnd.PRIORITY_RECORDS,
                             [("report_version", str(r["id"]), r["sha256"], "", 0)], owner))
     return made
+
+
+def _plan_recordings(conn: sqlite3.Connection, cfg: Config, owner: str) -> list[str]:
+    """One bundle per sealed consult recording (already age-encrypted; carried as it is)."""
+    if not _table_exists(conn, "consult_recordings"):
+        return []
+    return [_create(conn, cfg, "recording", r["study_uid"] or f"consult:{r['consult_id']}",
+                    bnd.PRIORITY_RECORDS,
+                    [("recording", r["name"], r["sha256"], f"recordings/{r['name']}", r["size"])],
+                    owner) for r in consult_recordings.unbundled(conn)]
 
 
 def _plan_audit(conn: sqlite3.Connection, cfg: Config, now: float, force: bool,
@@ -283,6 +296,10 @@ def _entries(conn: sqlite3.Connection, cfg: Config, bundle_id: str) -> list[bnd.
                 "SELECT * FROM audit WHERE id BETWEEN ? AND ? ORDER BY id", (first, last))]
             out.append(bnd.Entry.record(f"records/audit-{first:010d}-{last:010d}.json", rows,
                                         type="audit", first=first, last=last))
+        elif it["item_kind"] == "recording":
+            out.append(bnd.Entry(it["path"], it["version"], it["size"],
+                                 source=cfg.data_dir / it["path"],
+                                 meta=consult_recordings.bundle_meta(conn, it["item_id"])))
     return out
 
 
@@ -654,7 +671,7 @@ def restore(cfg: Config, target: st.Target, identities: list, trusted: list[str]
     conn = db.open_db(cfg.db_path)
     store = StudyStore(cfg.studies_dir, cfg.db_path, connect=db.connect)
     counts = {"bundles": 0, "skipped": 0, "rejected": 0, "instances": 0, "reports": 0,
-              "audit_rows": 0}
+              "audit_rows": 0, "recordings": 0}
     objs = []
     for o in target.list(f"{site_id}/" if site_id else ""):
         name = o.key.rsplit("/", 1)[-1]
@@ -719,6 +736,10 @@ def _apply(conn: sqlite3.Connection, cfg: Config, store, opened: bnd.Opened,
                                  path.read_bytes(), 0o600)
             counts["audit_rows"] += len(json.loads(path.read_bytes()))
             items.append(("audit", str(fe["last"]), str(fe["first"]), "", 0))
+        elif fe.get("type") == "recording":
+            consult_recordings.restore_file(conn, cfg.data_dir, path, fe)
+            items.append(("recording", path.name, fe["sha256"], fe["name"], fe["size"]))
+            counts["recordings"] += 1
     info = opened.info
     with db.transaction(conn):
         bnd.DbLedger(conn).record(info)
