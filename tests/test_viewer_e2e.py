@@ -1,10 +1,14 @@
 """End to end in Chromium: a radiologist opens a pushed 300-slice CT head from the worklist in OHIF.
 
 Debian's ``/usr/bin/chromium`` driven by Python playwright (never ``playwright
-install``) against ``appliance web`` over HTTPS. The CT's InstanceNumbers are
-a permutation of its slice positions, so "slice 150" is checked by position
-(what OHIF orders by), not by number. The Brain preset must set the
-viewport's VOI to W80/L40 (range 0..80), and a length measurement is drawn.
+install``) against ``appliance web`` over HTTPS. The study holds a 2-image
+localizer series (series 1, what OHIF's default protocol would hang) and the
+300-slice axial stack: our CT head (stroke) hanging protocol must hang the
+axial stack, in the brain window W80/L40, at its middle slice, without a
+click. The CT's InstanceNumbers are a permutation of its slice positions, so
+"slice 150" is checked by position (what OHIF orders by), not by number. The
+window presets still work (Soft tissue, then Brain back to 0..79), a length
+measurement is drawn, and a chest CT then opens with OHIF's default protocol.
 """
 
 from __future__ import annotations
@@ -33,7 +37,36 @@ VIEWPORT_JS = ("() => { const e = window.cornerstone && window.cornerstone.getRe
                " return e ? e.getViewports()[0] : null; }")
 
 
-def _head_ct(out: Path) -> tuple[str, list[Path]]:
+def _localizer(out: Path, study: str) -> list[Path]:
+    """Two lateral scout images, series 1: what a scanner sends before the axial stack."""
+    series, paths = generate_uid(), []
+    for i in range(2):
+        ds = make_instance(study, series, i, rows=SIZE, cols=SIZE, patient_name="VIEWER^E2E",
+                           study_description="CT HEAD STROKE VIEWER", body_part="HEAD",
+                           series_description="SCOUT")
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.ImageOrientationPatient = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]
+        ds.ImagePositionPatient = [float(i), -64.0, 64.0]
+        path = out / f"scout{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _chest_ct(out: Path, count: int = 20) -> str:
+    """A small chest CT in its own soft-tissue window (W400/L40): OHIF's default protocol."""
+    study, series = generate_uid(), generate_uid()
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        ds = make_instance(study, series, i, rows=64, cols=64, patient_name="CHEST^E2E",
+                           study_description="CT CHEST", body_part="CHEST",
+                           series_description="AXIAL 1MM")
+        ds.WindowCenter, ds.WindowWidth = 40, 400
+        ds.save_as(out / f"chest{i:03d}.dcm", enforce_file_format=True)
+    return study
+
+
+def _head_ct(out: Path) -> tuple[str, str, list[Path]]:
     """A 300-slice CT head phantom: skull ring, brain, a bar whose length encodes the slice."""
     study, series = generate_uid(), generate_uid()
     y, x = np.mgrid[-SIZE // 2:SIZE // 2, -SIZE // 2:SIZE // 2]
@@ -44,7 +77,10 @@ def _head_ct(out: Path) -> tuple[str, list[Path]]:
     paths = []
     for i in range(SLICES):
         ds = make_instance(study, series, i, rows=SIZE, cols=SIZE, patient_name="VIEWER^E2E",
-                           study_description="CT HEAD STROKE VIEWER", body_part="HEAD")
+                           study_description="CT HEAD STROKE VIEWER", body_part="HEAD",
+                           series_description="AXIAL 0.5MM")
+        ds.SeriesNumber = 2
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.InstanceNumber = (i * 7) % SLICES + 1  # not the position order
         ds.WindowCenter, ds.WindowWidth = 300, 1500  # so picking Brain visibly changes the VOI
         img = base.copy()
@@ -53,7 +89,7 @@ def _head_ct(out: Path) -> tuple[str, list[Path]]:
         path = out / f"ct{i:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
-    return study, paths
+    return study, series, paths + _localizer(out, study)
 
 
 def _sign_in(page, base: str) -> None:
@@ -68,11 +104,38 @@ def _sign_in(page, base: str) -> None:
     page.wait_for_url(re.compile(r"/worklist"))
 
 
-def _pick_brain_preset(page) -> None:
-    """The viewport's window/level menu → Modality Window Presets → Brain (80 / 40)."""
+def _pick_preset(page, name: str) -> None:
+    """The viewport's window/level menu → Modality Window Presets → ``name`` (e.g. Brain)."""
     page.locator("[data-cy=windowLevelMenu-btn]").first.click()
     page.get_by_text("Modality Window Presets").first.click()
-    page.get_by_text(re.compile(r"^Brain")).first.click()
+    page.get_by_text(re.compile(rf"^{name}")).first.click()
+
+
+def _wait_voi_width(page, low: float, high: float) -> dict:
+    """Wait until the viewport's VOI range is between ``low`` and ``high`` wide; return it."""
+    page.wait_for_function(
+        f"() => {{ const r = ({VIEWPORT_JS})().getProperties().voiRange;"
+        f" return r && r.upper - r.lower >= {low} && r.upper - r.lower <= {high}; }}",
+        timeout=10_000)
+    return page.evaluate(f"() => ({VIEWPORT_JS})().getProperties().voiRange")
+
+
+def _hung(page) -> dict:
+    """What the hanging protocol put on screen: protocol name, series, slice index, VOI."""
+    return page.evaluate(
+        f"() => {{ const v = ({VIEWPORT_JS})(); const id = v.getCurrentImageId();"
+        " const hp = window.services.hangingProtocolService.getActiveProtocol();"
+        " return { protocol: hp.protocol && hp.protocol.name, index: v.getCurrentImageIdIndex(),"
+        " count: v.getImageIds().length, voi: v.getProperties().voiRange,"
+        " series: window.cornerstone.metaData.get('generalSeriesModule', id).seriesInstanceUID"
+        " }; }")
+
+
+def _wait_first_image(page, count: int) -> None:
+    page.wait_for_function(
+        f"() => {{ const v = ({VIEWPORT_JS})(); return v && v.getCurrentImageId"
+        f" && v.getCurrentImageId() && v.getImageIds().length === {count}"
+        " && v.getImageData && v.getImageData(); }", timeout=60_000)
 
 
 def _scroll_to(page, index: int) -> None:
@@ -88,8 +151,8 @@ def _scroll_to(page, index: int) -> None:
     raise AssertionError(f"could not scroll to slice {index + 1} (at {current + 1})")
 
 
-def test_reader_opens_ct_scrolls_to_slice_150_brain_window_and_measures(dicom_site, dcmtk,
-                                                                        artifacts, tmp_path):
+def test_ct_head_hangs_axial_in_brain_window_reader_scrolls_measures_chest_gets_default(
+        dicom_site, dcmtk, artifacts, tmp_path):
     chromium = require_tool("chromium", "/usr/bin/chromium")
     sync_api = require_module("playwright.sync_api")
     from appliance.web import viewer
@@ -98,10 +161,12 @@ def test_reader_opens_ct_scrolls_to_slice_150_brain_window_and_measures(dicom_si
         require_tool("OHIF (provisioning/fetch-viewer.sh, make viewer)",
                      str(viewer.VIEWER_DIR / "index.html"))
     site = dicom_site
-    study_uid, paths = _head_ct(tmp_path / "ct")
+    study_uid, axial_uid, paths = _head_ct(tmp_path / "ct")
+    chest_uid = _chest_ct(tmp_path / "chest")
     push = subprocess.run([dcmtk["storescu"], "-aec", site.ae_title, "127.0.0.1",
-                           str(site.dicom_port), *map(str, paths)], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "TCP_NODELAY": "1"})
+                           str(site.dicom_port), "+sd", *map(str, paths),
+                           str(tmp_path / "chest")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "TCP_NODELAY": "1"})
     assert push.returncode == 0, push.stderr
     cfg = config.load(site.data_dir)
     read_queue.sweep(cfg, now=time.time() + cfg["worker"]["quiet_period_s"] + 1)
@@ -120,10 +185,16 @@ def test_reader_opens_ct_scrolls_to_slice_150_brain_window_and_measures(dicom_si
             link = page.locator(f"a[href='/viewer?StudyInstanceUIDs={study_uid}']").first
             link.click()
             page.wait_for_url(re.compile(r"/viewer\?StudyInstanceUIDs="))
-            page.wait_for_function(  # the first image is on screen
-                f"() => {{ const v = ({VIEWPORT_JS})(); return v && v.getCurrentImageId"
-                "&& v.getCurrentImageId() && v.getImageIds().length === 300; }",
-                timeout=60_000)
+            _wait_first_image(page, SLICES)
+
+            # Hung by our protocol without a click: the axial stack (not series 1, the
+            # localizer), the brain window, the middle slice.
+            hung = _hung(page)
+            assert hung["protocol"] == "CT head (stroke)"
+            assert hung["series"] == axial_uid and hung["count"] == SLICES
+            assert hung["index"] in (SLICES // 2 - 1, SLICES // 2)
+            # W80/L40 with the DICOM linear function: 40 - 0.5 -/+ (80 - 1) / 2 = 0 .. 79.
+            assert hung["voi"]["lower"] == pytest.approx(0) and hung["voi"]["upper"] in (79, 80)
 
             # Scroll to the 150th slice by position with the mouse wheel over the image.
             pane = page.locator("[data-cy=viewport-pane]").first
@@ -138,15 +209,12 @@ def test_reader_opens_ct_scrolls_to_slice_150_brain_window_and_measures(dicom_si
             # which is not InstanceNumber 150.
             assert zs[0] in (0.0, (SLICES - 1) * 0.5)
             assert abs(zs[1] - zs[0]) == pytest.approx(149 * 0.5)
-            before = page.evaluate(f"() => ({VIEWPORT_JS})().getProperties().voiRange")
-            assert before["upper"] - before["lower"] > 1000  # the file's own 1500-wide window
 
-            _pick_brain_preset(page)
-            page.wait_for_function(
-                f"() => {{ const r = ({VIEWPORT_JS})().getProperties().voiRange;"
-                " return r && r.upper - r.lower < 100; }", timeout=10_000)
-            voi = page.evaluate(f"() => ({VIEWPORT_JS})().getProperties().voiRange")
-            # W80/L40 with the DICOM linear function: 40 - 0.5 -/+ (80 - 1) / 2 = 0 .. 79.
+            # The presets still work: Soft tissue (W400), then Brain (W80) again.
+            _pick_preset(page, "Soft tissue")
+            _wait_voi_width(page, 300, 500)
+            _pick_preset(page, "Brain")
+            voi = _wait_voi_width(page, 70, 90)
             assert voi["lower"] == pytest.approx(0) and voi["upper"] in (79, 80)
 
             page.locator("[data-cy=Length-btn], [data-cy=Length]").first.click()
@@ -161,5 +229,13 @@ def test_reader_opens_ct_scrolls_to_slice_150_brain_window_and_measures(dicom_si
                 " && Object.values(a.data.cachedStats).some(s => s.length > 0))",
                 timeout=10_000)
             page.screenshot(path=str(artifacts / "viewer-ct-slice150-brain-length.png"))
+
+            # A chest CT keeps OHIF's default: first slice, the file's own W400/L40.
+            chest = page.context.new_page()
+            chest.goto(f"{base}/viewer?StudyInstanceUIDs={chest_uid}")
+            _wait_first_image(chest, 20)
+            hung = _hung(chest)
+            assert hung["protocol"] == "Default" and hung["index"] == 0
+            assert hung["voi"]["upper"] - hung["voi"]["lower"] == pytest.approx(399, abs=1)
         finally:
             browser.close()

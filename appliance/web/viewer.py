@@ -28,59 +28,8 @@ VIEWER_DIR = Path(__file__).resolve().parent / "static" / "viewer"
 HASHED = re.compile(r"\.[0-9a-f]{16,}\.|^[0-9a-f]{16,}\.")  # webpack content-hashed names
 IMMUTABLE = "public, max-age=31536000, immutable"
 
-APP_CONFIG = """/* OHIF configuration written by the appliance (appliance/web/viewer.py). */
-window.config = {
-  name: 'appliance',
-  routerBasename: '/',
-  showStudyList: false,
-  extensions: [],
-  modes: [],
-  // No splash ("investigational use") dialog and no onboarding tour.
-  investigationalUseDialog: { option: 'never' },
-  customizationService: { 'ohif.tours': { $set: [] } },
-  showWarningMessageForCrossOrigin: false,
-  showCPUFallbackMessage: true,
-  showLoadingIndicator: true,
-  strictZSpacingForVolumeViewport: true,
-  maxNumberOfWebWorkers: 3,
-  // HTTP/1.1 with keep-alive: a few connections fetch frames in parallel.
-  maxNumRequests: { interaction: 100, thumbnail: 5, prefetch: 10 },
-  // Load the whole stack after the first image (a CT head is read by scrolling).
-  studyPrefetcher: { enabled: true, displaySetsCount: 1, maxNumPrefetchRequests: 10,
-                     order: 'closest' },
-  defaultDataSourceName: 'appliance',
-  dataSources: [
-    {
-      namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
-      sourceName: 'appliance',
-      configuration: {
-        friendlyName: 'This appliance',
-        name: 'appliance',
-        wadoUriRoot: window.location.origin + '/dicom-web',
-        qidoRoot: window.location.origin + '/dicom-web',
-        wadoRoot: window.location.origin + '/dicom-web',
-        qidoSupportsIncludeField: true,
-        supportsReject: false,
-        imageRendering: 'wadors',
-        thumbnailRendering: 'wadors',
-        enableStudyLazyLoad: true,
-        supportsFuzzyMatching: true,
-        supportsWildcard: true,
-        staticWado: false,
-        singlepart: 'bulkdata,video',
-        bulkDataURI: { enabled: true },
-        omitQuotationForMultipartRequest: true,
-      },
-    },
-  ],
-  httpErrorHandler: error => {
-    if (error && error.status === 401) {
-      window.location.assign('/login?next=' + encodeURIComponent(
-        window.location.pathname + window.location.search));
-    }
-  },
-};
-"""
+# Our OHIF configuration, with the CT head (stroke) hanging protocol (see that file).
+APP_CONFIG = (Path(__file__).resolve().parent / "static" / "viewer-app-config.js").read_text()
 
 
 def installed() -> bool:
