@@ -12,25 +12,26 @@ import logging
 import os
 import socket
 import socketserver
-import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pynetdicom import (
-    AE,
-    ALL_TRANSFER_SYNTAXES,
-    PYNETDICOM_IMPLEMENTATION_UID,
-    PYNETDICOM_IMPLEMENTATION_VERSION,
-    _config,
-    evt,
-)
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.study_store import INVALID, NO_SPACE, StudyStore
+from dicom_node import store_association as fast
+from dicom_node.store_association import (  # noqa: F401  (statuses named here since before)
+    CANNOT_UNDERSTAND,
+    DATASET_MISMATCH,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    part10,
+    store_status,
+)
+from dicom_node.study_store import StudyStore
 
 log = logging.getLogger("dicom_node")
 
@@ -62,11 +63,6 @@ STORAGE_TRANSFER_SYNTAXES = [
 # ~6%, for at most the network timeout (60 s), after which pynetdicom drops it.
 DUL_POLL_S = 0.0002
 
-# DIMSE statuses (PS3.4 Annex B / C).
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_MISMATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
 REFUSED_NOT_AUTHORIZED = 0x0124  # PS3.7 "Refused: Not Authorized"
 
 
@@ -90,6 +86,11 @@ class NodeSettings:
     max_associations: int = 16
     # Called on every association so edits to the site's known AEs apply at once.
     peers: Callable[[], list[Peer]] = field(default=lambda: [])
+    # Storage-only associations served by dicom_node.store_association instead of
+    # pynetdicom's reactor (same negotiation, responses and durability; see there).
+    fast_store: bool = False
+    network_timeout_s: float = 60  # idle association → A-ABORT
+    acse_timeout_s: float = 30  # A-ASSOCIATE-RQ must arrive within this
 
 
 def peer_named(settings: NodeSettings, ae_title: str) -> Peer | None:
@@ -130,6 +131,7 @@ class DicomNode:
             *(extra_handlers or []),
         ]
         self.server = None
+        self._own_listener: socket.socket | None = None
         self._stopped = threading.Event()
 
     def _build_ae(self) -> AE:
@@ -139,9 +141,9 @@ class DicomNode:
         _config.LOG_HANDLER_LEVEL = "none"
         ae = AE(ae_title=self.settings.ae_title)
         ae.maximum_associations = self.settings.max_associations
-        ae.network_timeout = 60
+        ae.network_timeout = self.settings.network_timeout_s
         ae.dimse_timeout = 60
-        ae.acse_timeout = 30
+        ae.acse_timeout = self.settings.acse_timeout_s
         ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs from the sender
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
         for cx in AllStoragePresentationContexts:
@@ -161,23 +163,33 @@ class DicomNode:
         asock.recv = _quickack_receiver(asock.socket)
         event.assoc.dul._run_loop_delay = DUL_POLL_S
 
+    def refusal(self, calling: str, address: str) -> str | None:
+        """Why an association from ``calling`` at ``address`` is refused, or None.
+
+        Both paths ask this before accepting; a refusal is logged and handed
+        to ``on_reject`` (the appliance audits it) here, once.
+        """
+        if self.settings.store_from != "known":
+            return None
+        if peer_allowed(peer_named(self.settings, calling), address):
+            return None
+        reason = f"calling AE {calling!r} from {address} is not a known AE"
+        log.warning("association rejected: %s", reason)
+        self.on_reject(calling, address, reason)
+        return reason
+
     def _on_requested(self, event) -> None:
         assoc = event.assoc
         # requestor.ae_title is filled in only after this event; read the request itself.
         calling = str(assoc.requestor.primitive.calling_ae_title or "").strip()
         address = assoc.requestor.address
         log.info("association requested", extra={"calling_ae": calling, "address": address})
-        if self.settings.store_from == "known":
-            peer = peer_named(self.settings, calling)
-            if not peer_allowed(peer, address):
-                reason = f"calling AE {calling!r} from {address} is not a known AE"
-                log.warning("association rejected: %s", reason)
-                self.on_reject(calling, address, reason)
-                # 0x01 rejected-permanent, source 0x01 service-user, reason 0x03 calling AE not recognized
-                assoc.acse.send_reject(0x01, 0x01, 0x03)
-                # As pynetdicom does after its own rejections: wait until the RJ PDU has
-                # left, or the socket closes first and the caller sees an abort instead.
-                assoc.kill()
+        if self.refusal(calling, address):
+            # 0x01 rejected-permanent, source 0x01 service-user, reason 0x03 calling AE not recognized
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            # As pynetdicom does after its own rejections: wait until the RJ PDU has
+            # left, or the socket closes first and the caller sees an abort instead.
+            assoc.kill()
 
     # -- services ----------------------------------------------------------------
     def handle_echo(self, event) -> int:
@@ -188,30 +200,24 @@ class DicomNode:
     def handle_store(self, event):
         """C-STORE: store the bytes exactly as received; Success only once durable."""
         calling = event.assoc.requestor.ae_title.strip()
-        address = event.assoc.requestor.address
-        try:
-            if not self.store.has_space():
-                log.error("C-STORE refused: disk below low-water mark")
-                return _status(OUT_OF_RESOURCES, "Out of resources: free disk below low-water mark")
-            data = part10_file(event, calling)
-            result = self.store.store(
-                data, calling_ae=calling, remote_addr=address,
-                expected_sop_uid=str(event.request.AffectedSOPInstanceUID or ""),
-            )
-        except Exception as e:  # never raise into the association
-            log.exception("C-STORE handler error")
-            return _status(0xA701, f"Out of resources: {e}"[:64])
-        if result.success:
-            return SUCCESS
-        log.warning("C-STORE failed: %s (%s)", result.outcome, result.comment,
-                    extra={"calling_ae": calling, "address": address})
-        if result.outcome == NO_SPACE:
-            return _status(OUT_OF_RESOURCES, result.comment)
-        if result.outcome == INVALID:
-            code = DATASET_MISMATCH if "missing" in result.comment or "differs" in result.comment \
-                else CANNOT_UNDERSTAND
-            return _status(code, result.comment)
-        return _status(0xA701, result.comment)
+        request = event.request
+        code, comment = store_status(
+            self.store,
+            lambda: part10(str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID),
+                           str(event.context.transfer_syntax), calling,
+                           [request.DataSet.getvalue()]),
+            calling, event.assoc.requestor.address, str(request.AffectedSOPInstanceUID or ""),
+        )
+        return SUCCESS if code == SUCCESS else _status(code, comment)
+
+    def fast_hooks(self, contexts: list[PresentationContext]) -> fast.Hooks:
+        """What a storage association served by :mod:`store_association` needs of this node."""
+        return fast.Hooks(
+            store=self.store, refusal=self.refusal, supported_contexts=contexts,
+            network_timeout=self.ae.network_timeout, acse_timeout=self.ae.acse_timeout,
+            implementation_class_uid=self.ae.implementation_class_uid,
+            implementation_version_name=self.ae.implementation_version_name or "",
+        )
 
     # -- running -------------------------------------------------------------------
     def start(self, block: bool = False, listener: socket.socket | None = None):
@@ -222,16 +228,13 @@ class DicomNode:
         the node binds its own, as pynetdicom does.
         """
         if listener is None:
-            self.server = self.ae.start_server(
-                (self.settings.bind, self.settings.port), block=False, evt_handlers=self.handlers,
-            )
-        else:
-            self.server = self.ae.make_server(
-                listener.getsockname()[:2], evt_handlers=self.handlers,
-                server_class=SharedListenerServer, listener=listener,
-            )
-            threading.Thread(target=self.server.serve_forever, name="dicom-acceptor",
-                             daemon=True).start()
+            listener = self._own_listener = listen(self.settings.bind, self.settings.port)
+        self.server = self.ae.make_server(
+            listener.getsockname()[:2], evt_handlers=self.handlers,
+            server_class=SharedListenerServer, listener=listener, node=self,
+        )
+        threading.Thread(target=self.server.serve_forever, name="dicom-acceptor",
+                         daemon=True).start()
         log.info("DICOM node listening", extra={"ae_title": self.settings.ae_title,
                                                 "port": self.settings.port, "pid": os.getpid()})
         if block:
@@ -241,43 +244,10 @@ class DicomNode:
     def stop(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+        if self._own_listener is not None:
+            self._own_listener.close()
+            self._own_listener = None
         self._stopped.set()
-
-
-def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
-    """One explicit VR little endian element of group 0002 (short or long length form)."""
-    if vr in (b"OB", b"UN"):
-        return struct.pack("<HH2sHI", 0x0002, element, vr, 0, len(value)) + value
-    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
-
-
-def _padded(text: str, pad: bytes) -> bytes:
-    raw = text.encode("ascii", "replace")
-    return raw + pad if len(raw) % 2 else raw
-
-
-def part10_file(event, calling_ae: str) -> bytes:
-    """The received C-STORE dataset as a Part 10 file: preamble, our File Meta, the bytes.
-
-    The dataset bytes are exactly those received.  pynetdicom's
-    ``event.encoded_dataset()`` builds the same meta through a pydicom
-    Dataset, about a sixth of the node's CPU per instance when profiled; this
-    writes the seven elements directly.  (0002,0016) Source AE names the sender.
-    """
-    request = event.request
-    syntax = str(event.context.transfer_syntax)
-    body = b"".join((
-        _meta_element(0x0001, b"OB", b"\x00\x01"),
-        _meta_element(0x0002, b"UI", _padded(str(request.AffectedSOPClassUID), b"\0")),
-        _meta_element(0x0003, b"UI", _padded(str(request.AffectedSOPInstanceUID), b"\0")),
-        _meta_element(0x0010, b"UI", _padded(syntax, b"\0")),
-        _meta_element(0x0012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\0")),
-        _meta_element(0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
-        _meta_element(0x0016, b"AE", _padded(calling_ae or "UNKNOWN", b" ")),
-    ))
-    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body))
-    return b"".join((b"\0" * 128, b"DICM", group_length, body,
-                     request.DataSet.getvalue()))
 
 
 def listen(bind: str, port: int, backlog: int = 128, wait_s: float = 10.0) -> socket.socket:
@@ -330,10 +300,22 @@ class _CheaplyCopiedContexts(list):
 
 
 class SharedListenerServer(ThreadedAssociationServer):
-    """pynetdicom's threaded association server on a listening socket it was handed."""
+    """pynetdicom's threaded association server on a listening socket it was handed.
 
-    def __init__(self, *args, listener: socket.socket, **kwargs):
+    With ``node.settings.fast_store`` each new connection's A-ASSOCIATE-RQ is
+    peeked at (not read) in the connection's own thread: a storage-only
+    association is served there by :class:`store_association.StoreAssociation`,
+    anything else is handed to pynetdicom exactly as before.  The association
+    limit counts both kinds.
+    """
+
+    daemon_threads = True  # an idle association must not keep a stopping node alive
+
+    def __init__(self, *args, listener: socket.socket, node: DicomNode | None = None, **kwargs):
         self._listener = listener
+        self._node = node
+        self._fast_active = 0
+        self._admission = threading.Lock()
         super().__init__(*args, **kwargs)
         self.contexts = _CheaplyCopiedContexts(self.contexts)
 
@@ -353,12 +335,71 @@ class SharedListenerServer(ThreadedAssociationServer):
             client = self.ssl_context.wrap_socket(client, server_side=True)
         return client, address
 
+    def process_request_thread(self, request, client_address) -> None:
+        """Route one new connection: our storage path, pynetdicom, or a rejection."""
+        node = self._node
+        if node is None or not node.settings.fast_store or self.ssl_context:
+            super().process_request_thread(request, client_address)
+            return
+        try:
+            first = fast.peek_pdu(request, self.ae.acse_timeout)
+        except OSError:
+            first = None
+        if first is None:  # nothing (whole) arrived in time, or the peer left: ARTIM expiry
+            _close_quietly(request)
+            return
+        rq = fast.decode_request(first)
+        storage = rq is None or fast.is_storage_request(rq)  # garbage: aborted by our path
+        with self._admission:
+            full = self._fast_active + len(self.active_associations) \
+                >= self.ae.maximum_associations
+            if not full and not storage:
+                # Under the lock until pynetdicom's Association thread exists (and counts).
+                super().process_request_thread(request, client_address)
+                return
+            if not full:
+                self._fast_active += 1
+        if full:
+            if rq is not None:
+                self._refuse_over_limit(request, client_address, len(first))
+            else:
+                _close_quietly(request)
+            return
+        try:
+            fast.StoreAssociation(request, client_address[0],
+                                  node.fast_hooks(self.contexts)).run()
+        finally:
+            with self._admission:
+                self._fast_active -= 1
+
+    def _refuse_over_limit(self, request: socket.socket, client_address, size: int) -> None:
+        """A-ASSOCIATE-RJ: rejected-transient, presentation-related, local limit exceeded."""
+        log.warning("association rejected: %d associations already open",
+                    self.ae.maximum_associations, extra={"address": client_address[0]})
+        try:
+            request.recv(size, socket.MSG_WAITALL)  # the A-ASSOCIATE-RQ, known to be buffered
+            request.sendall(fast.reject_pdu(0x02, 0x03, 0x02))
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(5)
+            while request.recv(4096):
+                pass
+        except OSError:
+            pass
+        _close_quietly(request)
+
     def server_close(self) -> None:
         pass  # the listener belongs to the caller (and the other processes)
 
     def shutdown(self) -> None:
         # Not registered with AE._servers (made by make_server, not start_server).
         socketserver.BaseServer.shutdown(self)
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 def _quickack_receiver(sock: socket.socket) -> Callable[[int], bytearray]:
