@@ -88,7 +88,7 @@ class NodeSettings:
     peers: Callable[[], list[Peer]] = field(default=lambda: [])
     # Storage-only associations served by dicom_node.store_association instead of
     # pynetdicom's reactor (same negotiation, responses and durability; see there).
-    fast_store: bool = False
+    fast_store: bool = True
     network_timeout_s: float = 60  # idle association → A-ABORT
     acse_timeout_s: float = 30  # A-ASSOCIATE-RQ must arrive within this
 
