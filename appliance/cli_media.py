@@ -8,6 +8,9 @@ audio and video encrypted with age to ``sync.recipients`` under ``recordings/``.
 ``relay-check`` says whether the capped aiortc relay would take N more
 streams on this machine (exit 1 with the reason when it would not).
 ``turn-config`` writes coturn's config and prints the command that runs it.
+``serve`` is the media service ``appliance up`` starts (appliance/media_service.py):
+recordings asked for in the consult page, scheduled probes, the capped relay.
+``recover`` seals (or discards, when empty) what a killed recorder left.
 """
 
 from __future__ import annotations
@@ -55,6 +58,26 @@ def cmd_relay_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from appliance import logs, media_service
+
+    cfg = config.load(args.data_dir)
+    logs.setup("media", cfg.logs_dir, cfg["logging"]["level"])
+    return media_service.serve(cfg)
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from appliance import media_service
+
+    cfg = config.load(args.data_dir)
+    found = media_service.MediaService(cfg).recover()
+    for name in found["sealed"]:
+        print(f"sealed (incomplete) {name}")
+    for name in found["discarded"]:
+        print(f"discarded (empty) {name}")
+    return 0
+
+
 def cmd_turn_config(args: argparse.Namespace) -> int:
     cfg = config.load(args.data_dir)
     try:
@@ -83,6 +106,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--active", type=int, default=0, help="streams already relayed")
     p.add_argument("--data-dir", metavar="DIR")
     p.set_defaults(func=cmd_relay_check)
+    p = s.add_parser("serve", help="the media service: recordings, probes, relay (appliance up"
+                     " runs it)")
+    p.add_argument("--data-dir", metavar="DIR")
+    p.set_defaults(func=cmd_serve)
+    p = s.add_parser("recover", help="seal what a killed recorder left (serve does this too)")
+    p.add_argument("--data-dir", metavar="DIR")
+    p.set_defaults(func=cmd_recover)
     p = s.add_parser("turn-config", help="write coturn's config; print the command to run it")
     p.add_argument("--data-dir", metavar="DIR")
     p.set_defaults(func=cmd_turn_config)

@@ -76,6 +76,11 @@ def _positive(v: float) -> str | None:
     return None if v > 0 else "must be greater than 0"
 
 
+def _probe_interval(v: float) -> str | None:
+    """consults.probe_interval_s: 0 (off), or often enough to matter but not every call."""
+    return None if v == 0 or v >= 10 else "0 (off) or at least 10 seconds"
+
+
 def _non_negative(v: float) -> str | None:
     return None if v >= 0 else "must not be negative"
 
@@ -116,6 +121,7 @@ SCHEMA: dict[str, Any] = {
         "store_from": Leaf(str, "any", _choice("any", "known")),
         "max_associations": Leaf(int, 16, _positive),
         "processes": Leaf(int, 2, lambda v: None if 1 <= v <= 32 else "must be between 1 and 32"),
+        "fast_store": Leaf(bool, True),
         "low_water_mb": Leaf(int, 500, _non_negative),
         "known_aes": Leaf((list,), []),
         "allowed_modalities": Leaf((list,), [], lambda v: None if all(
@@ -186,6 +192,7 @@ SCHEMA: dict[str, Any] = {
         "invite_minutes": Leaf(int, 60, _positive),
         "video_floor_kbit_s": Leaf(int, 150, _positive),
         "relay_max_streams": Leaf(int, 2, _non_negative),
+        "probe_interval_s": Leaf((int, float), 0, _probe_interval),
     },
 }
 
@@ -471,6 +478,9 @@ dicom:
   # Node processes sharing the port: one Python process ingests on about one
   # core, so parallel senders need more than one. Usually the number of cores.
   processes: 2
+  # Serve storage-only associations (scanners sending images) on the node's
+  # own lean receive path; false hands every association to pynetdicom.
+  fast_store: true
   # Refuse new images (Out of Resources, 0xA700) when free disk in the data
   # directory drops below this many MiB, so what is stored stays intact.
   low_water_mb: 500
@@ -608,4 +618,8 @@ consults:
   # Streams `appliance media` may relay itself (aiortc re-encodes each one,
   # about a fifth of a core at 640x480); beyond this it refuses, with a message.
   relay_max_streams: 2
+  # `appliance media` joins each consult that has someone in it as a synthetic
+  # probe this often (seconds) to measure join time for the SLO dashboard;
+  # 0 = off. Participants see the probe come and go in the roster.
+  probe_interval_s: 0
 """

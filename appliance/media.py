@@ -32,6 +32,11 @@ from appliance import consult_recordings, consults, db
 log = logging.getLogger("appliance.media")
 POLL_S = 0.05
 STREAM_CPU_SHARE = 0.2  # measured: one 640x480 relayed stream, re-encoded by aiortc
+# Matroska as libav writes it by default keeps everything in memory until the end when one
+# stream is late (interleaving) and clusters of up to 5 s: a recorder killed mid-call would
+# leave an empty file. A cluster a second, written through at once, bounds the loss to ~1 s.
+RECORDER_FLUSH = {"cluster_time_limit": "1000", "flush_packets": "1",
+                  "max_interleave_delta": "1000000"}
 
 
 class MediaError(Exception):
@@ -100,11 +105,18 @@ class Participant:
         self.tasks: set[asyncio.Task] = set()
         self.last_frame = 0.0
 
+    deadline = 0.0
+
+    def stop(self) -> None:
+        """Leave at the next poll (the media service stopping, a recording stopped)."""
+        self.deadline = 0.0
+
     async def run(self, seconds: float) -> ProbeResult:
-        """Stay in the consult ``seconds``, then leave; returns what was measured."""
-        deadline = time.monotonic() + seconds
+        """Stay in the consult ``seconds`` (or until :meth:`stop`), then leave; returns what
+        was measured."""
+        self.deadline = time.monotonic() + seconds
         try:
-            while time.monotonic() < deadline:
+            while time.monotonic() < self.deadline:
                 me = consults.participant(self.conn, self.pid)
                 if me is None or me["state"] != "admitted":
                     self.result.errors.append("removed from the consult")
@@ -114,7 +126,7 @@ class Participant:
                     if ev["kind"] == "signal":
                         await self._on_signal(ev["sender"], ev["body"])
                     elif ev["kind"] == "system" and ev["body"].get("ended"):
-                        deadline = 0
+                        self.deadline = 0.0
                 await asyncio.sleep(POLL_S)
         finally:
             await self.close()
@@ -165,8 +177,7 @@ class Participant:
             desc = data.get("description")
             if desc and desc.get("type") == "offer":
                 await pc.setRemoteDescription(RTCSessionDescription(desc["sdp"], "offer"))
-                for t in pc.getTransceivers():
-                    t.direction = "recvonly"
+                self._before_answer(pc, sender)
                 await pc.setLocalDescription(await pc.createAnswer())
                 local = pc.localDescription
                 self._send(sender, {"gen": gen, "description": {"type": local.type,
@@ -181,6 +192,11 @@ class Participant:
         except Exception as e:  # a bad message must not end the probe
             self.result.errors.append(f"{type(e).__name__}: {e}")
             log.warning("signal from %s: %s", sender, e)
+
+    def _before_answer(self, pc, sender: int) -> None:
+        """Receive only: the probe and the recorder send nothing back."""
+        for t in pc.getTransceivers():
+            t.direction = "recvonly"
 
     def _consume(self, track) -> None:
         if track.kind == "video":
@@ -267,7 +283,7 @@ class Recorder(Participant):
 
             path = consult_recordings.partial_path(self.cfg.data_dir, self.cid, self.job_id,
                                                    sender, current[0])
-            rec = MediaRecorder(str(path), format="matroska")
+            rec = MediaRecorder(str(path), format="matroska", options=RECORDER_FLUSH)
             for t in tracks:
                 rec.addTrack(t)
             await rec.start()
@@ -298,6 +314,137 @@ class Recorder(Participant):
             conn.close()
         self.recorders = []
         return sealed
+
+
+class RelayCapacity:
+    """Streams the media service relays at once, against :func:`check_relay`'s ceiling."""
+
+    def __init__(self, max_streams: int, cpus: int | None = None):
+        self.max_streams, self.cpus, self.active = max_streams, cpus, 0
+
+    def take(self, n: int = 1) -> None:
+        check_relay(self.active, n, self.max_streams, self.cpus)
+        self.active += n
+
+    def release(self, n: int = 1) -> None:
+        self.active = max(0, self.active - n)
+
+
+def _forward_track(kind: str, relay: Any, pick, on_frame):
+    """A track sent to one endpoint that carries another endpoint's incoming track.
+
+    It exists before the other side's media does (the answer needs it), waits for a
+    source, and follows a new source when the other side reconnects (a fresh peer
+    connection). MediaRelay lets the recorder or a second consumer share a source.
+    """
+    from aiortc import MediaStreamTrack
+    from aiortc.mediastreams import MediaStreamError
+
+    class Forward(MediaStreamTrack):
+        def __init__(self) -> None:
+            super().__init__()
+            self.kind = kind
+            self._src = self._sub = None
+
+        async def recv(self):
+            while self.readyState == "live":
+                src = pick()
+                if src is not self._src:
+                    self._src = src
+                    self._sub = relay.subscribe(src, buffered=False) if src else None
+                if self._sub is None:
+                    await asyncio.sleep(0.02)
+                    continue
+                try:
+                    frame = await self._sub.recv()
+                except MediaStreamError:
+                    self._src = self._sub = None
+                    await asyncio.sleep(0.02)
+                    continue
+                on_frame(kind)
+                return frame
+            raise MediaStreamError
+
+    return Forward()
+
+
+class Relay(Participant):
+    """The relay of last resort: each endpoint sends to the appliance, which forwards it on.
+
+    For endpoints that cannot reach each other even through TURN. Each endpoint
+    offers to the relay participant; the answer carries, per kind, a track that
+    forwards the other endpoint's incoming track (decoded and re-encoded by aiortc,
+    about a fifth of a core per 640x480 video stream). Every endpoint taken costs
+    one stream of the service-wide :class:`RelayCapacity`; beyond it the endpoint
+    is refused with :func:`check_relay`'s message (a signal to it, and a system
+    event the whole consult sees), and nothing else changes.
+    """
+
+    def __init__(self, cfg: Any, consult_id: int, capacity: RelayCapacity):
+        super().__init__(cfg, consult_id, "relay")
+        from aiortc.contrib.media import MediaRelay
+
+        self.capacity, self.relay = capacity, MediaRelay()
+        self.incoming: dict[int, dict[str, Any]] = {}
+        self.endpoints: set[int] = set()
+        self.refused: set[int] = set()
+        self.forwarded = {"video": 0, "audio": 0}
+
+    async def _peer(self, sender: int, gen: int):
+        pc = await super()._peer(sender, gen)
+        if pc is not None and not getattr(pc, "_relay_hooked", False):
+            pc._relay_hooked = True
+            pc.on("track", lambda track: self.incoming.setdefault(sender, {}).__setitem__(
+                track.kind, track))
+        return pc
+
+    def _consume(self, track) -> None:
+        if track.kind == "video":
+            self.result.video_tracks += 1  # forwarded, not drained: MediaRelay reads it
+
+    def _pick(self, to: int, kind: str):
+        for sender, tracks in sorted(self.incoming.items()):
+            track = tracks.get(kind)
+            if sender != to and sender in self.endpoints and track is not None \
+                    and track.readyState == "live":
+                return track
+        return None
+
+    def _counted(self, kind: str) -> None:
+        self.forwarded[kind] += 1
+        if kind == "video":
+            self.result.frames += 1
+            if self.first_frame_at is None:
+                self.first_frame_at = time.monotonic()
+                self.result.join_ms = round((self.first_frame_at - self.started) * 1000)
+
+    def _before_answer(self, pc, sender: int) -> None:
+        for t in pc.getTransceivers():
+            if t.sender.track is None and t.kind in ("audio", "video"):
+                pc.addTrack(_forward_track(t.kind, self.relay,
+                                           lambda k=t.kind: self._pick(sender, k), self._counted))
+
+    async def _on_signal(self, sender: int, data: dict) -> None:
+        if sender in self.refused:
+            return
+        if sender not in self.endpoints:
+            try:
+                self.capacity.take(1)
+            except MediaError as e:
+                self.refused.add(sender)
+                self.result.errors.append(str(e))
+                self._send(sender, {"gen": data.get("gen") or 0, "error": str(e)})
+                consults.post_event(self.conn, self.cid, None, "system",
+                                    {"relay_refused": str(e), "participant": sender})
+                log.warning("consult %s: %s", self.cid, e)
+                return
+            self.endpoints.add(sender)
+        await super()._on_signal(sender, data)
+
+    async def close(self) -> None:
+        self.capacity.release(len(self.endpoints))
+        self.endpoints.clear()
+        await super().close()
 
 
 def _recipients(cfg: Any) -> list:

@@ -8,6 +8,7 @@ first, SIGKILL for any still running after the grace period.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import signal
@@ -64,6 +65,9 @@ class Supervisor:
         self.children = [Child(n, child_argv(n, str(cfg.data_dir))) for n in names]
         if names == COMPONENTS and turn.binary():  # coturn relays consult media, if installed
             self.children.append(Child("turn", turn.command(cfg)))
+        if names == COMPONENTS and importlib.util.find_spec("aiortc"):  # consult media service
+            self.children.append(Child("media", [sys.executable, "-m", "appliance", "media",
+                                                 "serve", "--data-dir", str(cfg.data_dir)]))
         self.stopping = threading.Event()
 
     def _start(self, child: Child) -> None:

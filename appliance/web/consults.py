@@ -32,7 +32,7 @@ from flask import (
     session,
 )
 
-from appliance import consults, db, metrics
+from appliance import consults, db, media_jobs, metrics
 from appliance.web import auth, get_db
 
 bp = Blueprint("consults", __name__)
@@ -302,6 +302,36 @@ def post_consent(cid: int):
     consults.record_consent(get_db(), cid, auth.current_user()["username"], now=_now(),
                             source=auth.client_address())
     return jsonify(ok=True)
+
+
+@bp.post("/consults/<int:cid>/recording")
+@auth.require(*HOSTS)
+def post_recording(cid: int):
+    """Ask the media service to record (after consent; refused with the reason otherwise)."""
+    seconds = _body().get("seconds", media_jobs.MAX_SECONDS["record"])
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        raise consults.ConsultError("seconds must be a number")
+    jid = media_jobs.request(get_db(), cid, "record", auth.current_user()["username"],
+                             float(seconds), now=_now(), source=auth.client_address())
+    return jsonify(job=jid, state=media_jobs.get(get_db(), jid)["state"]), 202
+
+
+@bp.post("/consults/<int:cid>/recording/stop")
+@auth.require(*HOSTS)
+def post_recording_stop(cid: int):
+    n = media_jobs.cancel(get_db(), cid, "record", auth.current_user()["username"], now=_now(),
+                          source=auth.client_address())
+    return jsonify(stopped=n)
+
+
+@bp.post("/consults/<int:cid>/relay")
+@auth.public
+def post_relay(cid: int):
+    """A participant whose media cannot get through even TURN asks for the appliance relay."""
+    _me, actor = _caller(cid)
+    jid = media_jobs.request(get_db(), cid, "relay", actor, media_jobs.MAX_SECONDS["relay"],
+                             now=_now(), source=auth.client_address())
+    return jsonify(job=jid), 202
 
 
 @bp.post("/consults/<int:cid>/end")

@@ -149,6 +149,8 @@
 
   function onRoster(roster) {
     state.roster = roster;
+    const rec = $("recording");
+    if (rec) rec.hidden = !roster.some((p) => p.kind === "media" && p.role === "recorder");
     const mine = roster.find((p) => p.id === state.me);
     if (mine && mine.state === "admitted") enterCall();
     if (!mine || mine.state !== "admitted") return;
@@ -512,7 +514,18 @@
       $("invite-url").value = r.url;
       $("invite-url").select();
     };
-    $("consent").onclick = () => post("/consent").then(() => { $("consent").disabled = true; });
+    $("consent").onclick = () => post("/consent").then(() => {
+      $("consent").disabled = true;
+      $("record").disabled = false;
+    });
+    // The appliance's media service joins as a receive-only recorder; it shows in the roster.
+    $("record").onclick = () => {
+      const on = $("record").dataset.on === "1";
+      post(on ? "/recording/stop" : "/recording", {}).then(() => {
+        $("record").dataset.on = on ? "0" : "1";
+        $("record").textContent = on ? "Record" : "Stop recording";
+      }).catch((e) => alert(e.message));
+    };
     $("end").onclick = () => { if (confirm("End the consult for everyone?")) post("/end"); };
   }
 
