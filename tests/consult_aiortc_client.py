@@ -42,6 +42,12 @@ def _pattern_track():
     return Pattern()
 
 
+def _strip(sdp: str) -> str:
+    """The SDP without any ICE candidate: the other side gets no address to reach us at."""
+    return "".join(line + "\r\n" for line in sdp.splitlines()
+                   if not line.startswith("a=candidate"))
+
+
 class Endpoint:
     """One aiortc participant: joins, offers to others, counts what arrives."""
 
@@ -85,8 +91,7 @@ class Endpoint:
         sdp = pc.localDescription.sdp
         if strip_candidates:
             self.strip.add(to)
-            sdp = "".join(line + "\r\n" for line in sdp.splitlines()
-                          if not line.startswith("a=candidate"))
+            sdp = _strip(sdp)
         self.pcs[to] = pc
         me = consults.participant(self.conn, self.pid)
         consults.signal(self.conn, self.cid, me, to,
@@ -125,11 +130,32 @@ class Endpoint:
             if body.get("error"):
                 self.errors.append(body["error"])
             desc = body.get("description")
+            if desc and desc.get("type") == "offer":
+                await self._answer(ev["sender"], desc["sdp"])
             if pc is not None and desc and desc.get("type") == "answer":
                 try:
                     await pc.setRemoteDescription(RTCSessionDescription(desc["sdp"], "answer"))
                 except Exception as e:  # noqa: BLE001 - the test reads the reason
                     self.errors.append(f"{type(e).__name__}: {e}")
+
+    async def _answer(self, sender: int, sdp: str) -> None:
+        """Answer another endpoint's offer (stripped of candidates if it stripped its own)."""
+        from aiortc import AudioStreamTrack, RTCPeerConnection, RTCSessionDescription
+
+        pc = RTCPeerConnection(self._config())
+        pc.on("track", self._on_track)
+        self.pcs[sender] = pc
+        await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
+        if self.send:
+            pc.addTrack(_pattern_track())
+            pc.addTrack(AudioStreamTrack())
+        await pc.setLocalDescription(await pc.createAnswer())
+        answer = pc.localDescription.sdp
+        if "a=candidate" not in sdp:
+            answer = _strip(answer)
+        me = consults.participant(self.conn, self.pid)
+        consults.signal(self.conn, self.cid, me, sender,
+                        {"gen": 0, "description": {"type": "answer", "sdp": answer}})
 
     async def run_until(self, done, timeout: float) -> bool:
         """Pump signaling until ``done()`` is true or ``timeout`` passes."""
@@ -148,7 +174,8 @@ class Endpoint:
         for task in list(self.tasks):
             task.cancel()
         for pc in self.pcs.values():
-            await pc.close()
+            if pc is not None:
+                await pc.close()
         consults.leave(self.conn, self.cid, self.pid)
         self.conn.close()
 
