@@ -12,6 +12,10 @@ Debian chromium instances (fake camera and microphone) in one consult:
 * **aiortc relay ceiling**: what one 640×480 stream costs aiortc: decoding (``appliance media
   probe`` receiving the call, its process CPU) plus VP8 re-encoding (aiortc's encoder on 640×480
   frames in this process); streams 80 % of the cores carry, next to ``relay_capacity``.
+* **CPU in relay mode**: ``appliance media serve`` joined as the relay of last resort between
+  two aiortc endpoints (640×480 moving pattern + audio each way, the test client of
+  tests/consult_aiortc_client.py), the service process's CPU per relayed consult over
+  ``--seconds``, next to that ceiling.
 
 Browsers share the 2 cores with the appliance: figures are pessimistic; compare runs here.
 Run: ``.venv/bin/python benchmarks/consult.py [--joins 20] [--seconds 10]``.
@@ -39,6 +43,7 @@ from fractions import Fraction  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))  # the aiortc consult endpoint the tests use
 
 from appliance import accounts, config, consults, db, media, turn  # noqa: E402
 
@@ -156,6 +161,55 @@ def encode_share(frames: int = 150) -> float:
     return (time.process_time() - t0) / frames * 30
 
 
+def relay_mode(cfg, data: Path, seconds: float) -> dict:
+    """CPU of ``appliance media serve`` relaying one consult between two aiortc endpoints."""
+    import asyncio
+
+    from consult_aiortc_client import Endpoint, wait_for_media_participant
+
+    from appliance import media_jobs
+
+    conn = db.connect(cfg.db_path)
+    cid = consults.create_consult(conn, "nurse", title="Relayed benchmark consult")
+    media_jobs.request(conn, cid, "relay", "nurse", 3600)
+    conn.close()
+    service = subprocess.Popen([sys.executable, "-m", "appliance", "media", "serve",
+                                "--data-dir", str(data)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+
+    async def phase() -> dict:
+        ice = consults.ice_servers(cfg, "127.0.0.1", cid)
+        a = Endpoint(cfg, cid, {"id": 1, "username": "nurse", "role": "site_staff"},
+                     ice_servers=ice, size=(640, 480))
+        b = Endpoint(cfg, cid, {"id": 2, "username": "neuro", "role": "neurologist"},
+                     ice_servers=ice, size=(640, 480))
+        try:
+            relay = await wait_for_media_participant(a, "relay", timeout=60)
+            t0 = time.monotonic()
+            await a.offer(relay)
+            await b.offer(relay)
+            both = lambda: a.frames["video"] > 30 and b.frames["video"] > 30  # noqa: E731
+            await a.run_until(both, 60)
+            up = time.monotonic() - t0
+            f0, c0, w0 = (a.frames["video"], b.frames["video"]), cpu_seconds([service.pid]), \
+                time.monotonic()
+            await asyncio.gather(a.run_until(lambda: False, seconds),
+                                 b.run_until(lambda: False, seconds))
+            wall = time.monotonic() - w0
+            return {"cpu": (cpu_seconds([service.pid]) - c0) / wall, "up_s": up,
+                    "fps": ((a.frames["video"] - f0[0]) / wall,
+                            (b.frames["video"] - f0[1]) / wall)}
+        finally:
+            await a.close()
+            await b.close()
+
+    try:
+        return asyncio.run(phase())
+    finally:
+        os.killpg(service.pid, signal.SIGTERM)
+        service.wait(timeout=20)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--joins", type=int, default=20)
@@ -219,6 +273,7 @@ def main() -> int:
                 ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
                 b1.close()
                 b2.close()
+            relayed = relay_mode(cfg, data, args.seconds)
         finally:
             os.killpg(web.pid, signal.SIGTERM)
             coturn.terminate()
@@ -246,6 +301,14 @@ def main() -> int:
           f" = {per_stream:.0%} of a core -> ceiling {ceiling} relayed streams on"
           f" {os.cpu_count()} cores; configured cap {media.relay_capacity(cfg['consults']['relay_max_streams'])}")
     print(f"ratio aiortc relay / coturn relay CPU per stream: {per_stream / max(relay_turn, 1e-6):.0f}x")
+    consults_ceiling = (os.cpu_count() or 1) * 0.8 / max(relayed["cpu"], 1e-6)
+    print(f"CPU in relay mode (appliance media serve relaying one consult, 2 x 640x480 video +"
+          f" audio, both ways): {relayed['cpu']:.0%} of a core; media up through the relay in"
+          f" {relayed['up_s']:.1f} s; {relayed['fps'][0]:.1f} / {relayed['fps'][1]:.1f} fps"
+          f" delivered -> {consults_ceiling:.1f} relayed consults in 80% of {os.cpu_count()}"
+          f" cores, next to the ceiling of {ceiling} relayed streams"
+          f" ({ceiling // 2} consults) and the configured cap of"
+          f" {media.relay_capacity(cfg['consults']['relay_max_streams'])} streams")
     return 0
 
 

@@ -18,7 +18,7 @@ from appliance import consults, db
 SENDER_FPS = 15
 
 
-def _pattern_track():
+def _pattern_track(width: int = 320, height: int = 240):
     """A moving synthetic camera (encoders skip a still green picture almost to nothing)."""
     import fractions
 
@@ -32,9 +32,9 @@ def _pattern_track():
         async def recv(self):
             pts, time_base = await self.next_timestamp()
             self.n += 1
-            img = np.zeros((240, 320, 3), dtype=np.uint8)
-            img[:, (self.n * 4) % 320:, 1] = 200
-            img[(self.n * 2) % 240:, :, 2] = 120
+            img = np.zeros((height, width, 3), dtype=np.uint8)
+            img[:, (self.n * 4) % width:, 1] = 200
+            img[(self.n * 2) % height:, :, 2] = 120
             frame = av.VideoFrame.from_ndarray(img, format="bgr24")
             frame.pts, frame.time_base = pts, time_base or fractions.Fraction(1, 90000)
             return frame
@@ -52,8 +52,9 @@ class Endpoint:
     """One aiortc participant: joins, offers to others, counts what arrives."""
 
     def __init__(self, cfg: Any, consult_id: int, user: dict[str, Any],
-                 ice_servers: list[dict] | None = None, send: bool = True):
-        self.cfg, self.cid, self.send = cfg, consult_id, send
+                 ice_servers: list[dict] | None = None, send: bool = True,
+                 size: tuple[int, int] = (320, 240)):
+        self.cfg, self.cid, self.send, self.size = cfg, consult_id, send, size
         self.conn = db.connect(cfg.db_path)
         self.pid = consults.join_user(self.conn, consult_id, user)
         self.cursor = consults.cursor(self.conn, consult_id)
@@ -82,7 +83,7 @@ class Endpoint:
         pc = RTCPeerConnection(self._config())
         pc.on("track", self._on_track)
         if self.send:
-            pc.addTrack(_pattern_track())
+            pc.addTrack(_pattern_track(*self.size))
             pc.addTrack(AudioStreamTrack())
         else:
             pc.addTransceiver("video", direction="recvonly")
@@ -147,7 +148,7 @@ class Endpoint:
         self.pcs[sender] = pc
         await pc.setRemoteDescription(RTCSessionDescription(sdp, "offer"))
         if self.send:
-            pc.addTrack(_pattern_track())
+            pc.addTrack(_pattern_track(*self.size))
             pc.addTrack(AudioStreamTrack())
         await pc.setLocalDescription(await pc.createAnswer())
         answer = pc.localDescription.sdp
