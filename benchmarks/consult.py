@@ -189,7 +189,7 @@ def relay_mode(cfg, data: Path, seconds: float) -> dict:
             await a.offer(relay)
             await b.offer(relay)
             both = lambda: a.frames["video"] > 30 and b.frames["video"] > 30  # noqa: E731
-            await a.run_until(both, 60)
+            await asyncio.gather(a.run_until(both, 60), b.run_until(both, 60))
             up = time.monotonic() - t0
             f0, c0, w0 = (a.frames["video"], b.frames["video"]), cpu_seconds([service.pid]), \
                 time.monotonic()
@@ -210,11 +210,42 @@ def relay_mode(cfg, data: Path, seconds: float) -> dict:
         service.wait(timeout=20)
 
 
+def print_relay(relayed: dict, cfg, ceiling: int | None = None) -> None:
+    per_consult = relayed["cpu"]
+    ceiling_txt = "" if ceiling is None else \
+        f" next to the ceiling of {ceiling} relayed streams ({ceiling // 2} consults) and"
+    print(f"CPU in relay mode (appliance media serve relaying one consult, 2 x 640x480 video +"
+          f" audio, both ways): {per_consult:.0%} of a core; media up through the relay in"
+          f" {relayed['up_s']:.1f} s; {relayed['fps'][0]:.1f} / {relayed['fps'][1]:.1f} fps"
+          f" delivered -> {(os.cpu_count() or 1) * 0.8 / max(per_consult, 1e-6):.1f} relayed"
+          f" consults in 80% of {os.cpu_count()} cores,{ceiling_txt} the configured cap of"
+          f" {media.relay_capacity(cfg['consults']['relay_max_streams'])} streams")
+
+
+def relay_only(seconds: float) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        data, _web_port = make_site(Path(tmp))
+        cfg = config.load(data)
+        coturn = subprocess.Popen(turn.command(cfg), stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            relayed = relay_mode(cfg, data, seconds)
+        finally:
+            coturn.terminate()
+            coturn.wait(timeout=10)
+    print_relay(relayed, cfg)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--joins", type=int, default=20)
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--relay-only", action="store_true",
+                    help="only the aiortc relay phase (no browsers)")
     args = ap.parse_args()
+    if args.relay_only:
+        return relay_only(args.seconds)
     from playwright.sync_api import sync_playwright
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -301,14 +332,7 @@ def main() -> int:
           f" = {per_stream:.0%} of a core -> ceiling {ceiling} relayed streams on"
           f" {os.cpu_count()} cores; configured cap {media.relay_capacity(cfg['consults']['relay_max_streams'])}")
     print(f"ratio aiortc relay / coturn relay CPU per stream: {per_stream / max(relay_turn, 1e-6):.0f}x")
-    consults_ceiling = (os.cpu_count() or 1) * 0.8 / max(relayed["cpu"], 1e-6)
-    print(f"CPU in relay mode (appliance media serve relaying one consult, 2 x 640x480 video +"
-          f" audio, both ways): {relayed['cpu']:.0%} of a core; media up through the relay in"
-          f" {relayed['up_s']:.1f} s; {relayed['fps'][0]:.1f} / {relayed['fps'][1]:.1f} fps"
-          f" delivered -> {consults_ceiling:.1f} relayed consults in 80% of {os.cpu_count()}"
-          f" cores, next to the ceiling of {ceiling} relayed streams"
-          f" ({ceiling // 2} consults) and the configured cap of"
-          f" {media.relay_capacity(cfg['consults']['relay_max_streams'])} streams")
+    print_relay(relayed, cfg, ceiling)
     return 0
 
 
