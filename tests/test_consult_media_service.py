@@ -24,7 +24,16 @@ from conftest import require_module, require_tool
 from consult_aiortc_client import Endpoint
 from test_consult_recording_bundle import configure_recording_site
 
-from appliance import bundle, components, config, consult_recordings, consults, media_jobs, turn
+from appliance import (
+    bundle,
+    components,
+    config,
+    consult_recordings,
+    consults,
+    media_jobs,
+    status_report,
+    turn,
+)
 
 
 def start_media(site) -> subprocess.Popen:
@@ -119,8 +128,10 @@ def test_media_service_probes_records_survives_kill9_and_seals(site, tmp_path):
         asyncio.run(scenario())
         conn = site.db()
         beat = components.read(conn).get("media")
+        shown = status_report.collect(cfg, conn)["components"].get("media")  # /status, /readyz
         conn.close()
         assert beat is not None and beat["up"], beat
+        assert shown is not None and shown["up"] and shown["pid"] == site.procs["media"].pid
         assert beat["detail"]["relay_capacity"] >= 1
         site.procs["media"].send_signal(signal.SIGTERM)  # 6. graceful stop
         assert site.procs["media"].wait(timeout=20) == 0
