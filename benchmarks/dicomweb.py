@@ -190,7 +190,33 @@ class Target:
         return s
 
 
-def start_ours(work: Path, paths: list[Path], big_index: bool) -> Target:
+def copies(paths: list[Path], count: int) -> list[tuple[str, list[bytes]]]:
+    """``count`` more studies with the CT's pixels under new UIDs (other patients' scans).
+
+    The browser step opens a different study each time, as a reader does: the
+    same study again would be answered from the browser's cache.
+    """
+    import io
+
+    import pydicom
+
+    out = []
+    for k in range(count):
+        study, series, blobs = generate_uid(), generate_uid(), []
+        for p in paths:
+            ds = pydicom.dcmread(p)
+            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.PatientID = f"BENCH-CT-{k + 2}"
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            blobs.append(buf.getvalue())
+        out.append((study, blobs))
+    return out
+
+
+def start_ours(work: Path, paths: list[Path], big_index: bool,
+               extra: list[tuple[str, list[bytes]]] = ()) -> Target:
     from appliance import accounts, db, tokens
     from dicom_node.study_store import StudyStore
 
@@ -210,6 +236,9 @@ def start_ours(work: Path, paths: list[Path], big_index: bool) -> Target:
     store = StudyStore(data / "studies", data / "appliance.db", connect=db.connect)
     for p in paths:  # the same durable path as C-STORE and STOW-RS
         assert store.store(p.read_bytes(), calling_ae="BENCH").success
+    for _, blobs in extra:
+        for b in blobs:
+            assert store.store(b, calling_ae="BENCH").success
     from appliance import config, dicomweb_metadata
 
     site_cfg = config.load(data)
@@ -494,7 +523,31 @@ FIRST_IMAGE_JS = ("() => { const e = window.cornerstone && window.cornerstone.ge
                   " return !!(v && v.getImageData && v.getImageData()); }")
 
 
-def bench_browser(ours: Target, study: str, rate_mbit: float, rtt_ms: float) -> None:
+WATERFALL_JS = """() => {
+  const nav = performance.getEntriesByType('navigation')[0];
+  const rows = [nav, ...performance.getEntriesByType('resource')];
+  return rows.map(e => [e.name.includes('/dicom-web/')
+                          ? e.name.replace(location.origin, '') + ' ' + e.initiatorType
+                          : e.name.replace(location.origin, '').slice(0, 70),
+                        e.startTime,
+                        e.responseStart || e.startTime, e.responseEnd, e.transferSize || 0]);
+}"""
+
+
+def _print_waterfall(page) -> None:
+    """Requests of the page load that used the network (start, first byte, end in ms, bytes)."""
+    rows = sorted(page.evaluate(WATERFALL_JS), key=lambda r: r[1])
+    cached = 0
+    for name, start, first, end, size in rows:
+        if size == 0 and "/dicom-web/" not in name:
+            cached += 1
+            continue
+        print(f"      {start:7.0f} {first:7.0f} {end:7.0f} ms {size / 1e3:8.1f} kB  {name}")
+    print(f"      (+ {cached} requests answered by the browser cache)")
+
+
+def bench_browser(ours: Target, studies: list[str], rate_mbit: float, rtt_ms: float,
+                  waterfall: bool = False) -> None:
     """Chromium + OHIF through the thin link: first image with an empty cache, then cached."""
     chromium = "/usr/bin/chromium"
     try:
@@ -528,21 +581,28 @@ def bench_browser(ours: Target, study: str, rate_mbit: float, rtt_ms: float) -> 
             page.click("button[type=submit]")
             page.wait_for_load_state()
             # The third load also finds V8's code cache (kept from the second): less CPU to boot.
-            for label in ("empty cache", "viewer cached", "cached again"):
+            labels = ("empty cache", "viewer cached", "cached again")
+            for label, study in zip(labels, studies, strict=True):
                 time.sleep(link.idle_in())  # let the link drain what the last page left
                 page = ctx.new_page()
+                if waterfall:
+                    page.on("request", lambda r: "/dicom-web/" in r.url and print(
+                        "      request", r.resource_type, r.url.rsplit("/", 3)[-3][-12:],
+                        r.url.rsplit("/", 1)[-1][:40], r.headers.get("accept")))
                 link.reset()
                 t = time.perf_counter()
                 page.goto(f"{base}/viewer?StudyInstanceUIDs={study}")
                 page.wait_for_function(FIRST_IMAGE_JS, timeout=120_000, polling=50)
                 took = time.perf_counter() - t
                 boot = page.evaluate("() => performance.getEntriesByType('resource')"
-                                     ".filter(e => e.name.includes('/dicom-web/'))"
+                                     ".filter(e => e.name.includes('/dicom-web/')"
+                                     " && e.initiatorType === 'xmlhttprequest')"
                                      ".map(e => e.startTime).reduce((a, b) => Math.min(a, b),"
                                      " 1e9) / 1000")
-                print(f"  ours     {label:14s} first image {took:6.2f} s   (app ready for its first"
-                      f" DICOMweb request at {boot:5.2f} s)  {link.bytes['down'] / 1e6:5.1f} MB"
-                      " down")
+                print(f"  ours     {label:14s} first image {took:6.2f} s   (OHIF's first DICOMweb"
+                      f" request at {boot:5.2f} s)  {link.bytes['down'] / 1e6:5.1f} MB down")
+                if waterfall:
+                    _print_waterfall(page)
                 page.close()
         finally:
             browser.close()
@@ -562,6 +622,8 @@ def main() -> int:
     ap.add_argument("--rtt-ms", type=float, default=300)
     ap.add_argument("--parts", default="qido,metadata,frames,thin,browser",
                     help="which measurements to run (comma-separated)")
+    ap.add_argument("--waterfall", action="store_true",
+                    help="print every request of each browser page load (start/first byte/end)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-dicomweb-") as tmp:
@@ -575,8 +637,10 @@ def main() -> int:
         targets = []
         try:
             parts = set(args.parts.split(","))
-            targets.append(start_ours(work, paths, "qido" in parts))
-            orthanc = start_orthanc(work, paths)
+            extra = copies(paths, 2) if "browser" in parts else []
+            targets.append(start_ours(work, paths, "qido" in parts, extra))
+            orthanc = start_orthanc(work, paths) if parts & {"metadata", "frames", "thin"} \
+                else None
             if orthanc:
                 targets.append(orthanc)
             if "qido" in parts:
@@ -589,7 +653,8 @@ def main() -> int:
                 bench_thin(targets, study, series, sops, min(args.thin_frames, len(sops)),
                            frame_bytes, args.rate_mbit, args.rtt_ms)
             if "browser" in parts:
-                bench_browser(targets[0], study, args.rate_mbit, args.rtt_ms)
+                bench_browser(targets[0], [study] + [uid for uid, _ in extra], args.rate_mbit,
+                              args.rtt_ms, args.waterfall)
         finally:
             for t in targets:
                 if t.proc:

@@ -8,7 +8,9 @@ axial stack, in the brain window W80/L40, at its middle slice, without a
 click. The CT's InstanceNumbers are a permutation of its slice positions, so
 "slice 150" is checked by position (what OHIF orders by), not by number. The
 window presets still work (Soft tissue, then Brain back to 0..79), a length
-measurement is drawn, and a chest CT then opens with OHIF's default protocol.
+measurement is drawn, and a chest CT opens with OHIF's default protocol. The
+viewer page's head start (appliance/viewer_preload.py) is checked too: it
+fetched exactly the searches, metadata and first image OHIF then asked for.
 """
 
 from __future__ import annotations
@@ -92,6 +94,20 @@ def _head_ct(out: Path) -> tuple[str, str, list[Path]]:
     return study, series, paths + _localizer(out, study)
 
 
+def _spki(cert_path: Path) -> str:
+    """base64 SHA-256 of a certificate's public key (Chromium's SPKI pin format)."""
+    import base64
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    der = cert.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
 def _sign_in(page, base: str) -> None:
     page.goto(base + "/worklist")
     page.fill("input[name=username]", "drhouse")
@@ -129,6 +145,34 @@ def _hung(page) -> dict:
         " count: v.getImageIds().length, voi: v.getProperties().voiRange,"
         " series: window.cornerstone.metaData.get('generalSeriesModule', id).seriesInstanceUID"
         " }; }")
+
+
+PRELOADS_JS = """() => {
+  const text = Array.from(document.scripts).map(s => s.textContent)
+    .find(t => t.startsWith('[["/dicom-web/'));
+  const urls = text ? JSON.parse(text.slice(0, text.indexOf('.forEach'))).map(p => p[0]) : [];
+  const seen = performance.getEntriesByType('resource').filter(e => e.name.includes('/dicom-web/'));
+  return urls.map(u => [u, seen.filter(e => e.name === location.origin + u)
+                                .map(e => [e.initiatorType, e.transferSize])]);
+}"""
+
+
+def _shown_sop(page) -> str:
+    return page.evaluate(f"() => window.cornerstone.metaData.get('sopCommonModule',"
+                         f" ({VIEWPORT_JS})().getCurrentImageId()).sopInstanceUID")
+
+
+def _check_preloads(page, frame_sop: str, cached: bool = True) -> None:
+    """The page fetched ahead exactly what OHIF then asked for (and OHIF got it from the cache)."""
+    preloads = page.evaluate(PRELOADS_JS)
+    assert len(preloads) >= 5, preloads  # study, series, priors searches, metadata, a frame
+    frames = [u for u, _ in preloads if "/frames/" in u]
+    assert len(frames) == 1 and f"/instances/{frame_sop}/frames/1" in frames[0], frames
+    for url, entries in preloads:
+        ohif = entries[1:]  # the first is our own fetch at the top of the page
+        assert ohif, f"OHIF never asked for {url}"
+        if cached:
+            assert min(size for _, size in ohif) == 0, f"OHIF fetched {url} again: {entries}"
 
 
 def _wait_first_image(page, count: int) -> None:
@@ -177,11 +221,26 @@ def test_ct_head_hangs_axial_in_brain_window_reader_scrolls_measures_chest_gets_
     base = f"https://127.0.0.1:{site.web_port}"
 
     with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        # Trust the site's certificate like an installed CA: with a certificate error
+        # Chromium keeps nothing in its HTTP cache, and the viewer relies on it.
+        spki = f"--ignore-certificate-errors-spki-list={_spki(site.data_dir / 'tls' / 'server.crt')}"
+        browser = pw.chromium.launch(executable_path=chromium, headless=True,
+                                     args=[*CHROMIUM_ARGS, spki])
         try:
-            page = browser.new_context(ignore_https_errors=True,
-                                       viewport={"width": 1400, "height": 900}).new_page()
+            page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
             _sign_in(page, base)
+            # A chest CT keeps OHIF's default: first slice, the file's own W400/L40. It is
+            # opened first: OHIF's first start in a browser sets its language cookie, and
+            # our responses vary by Cookie, so only later openings find the preloads cached.
+            chest = page.context.new_page()
+            chest.goto(f"{base}/viewer?StudyInstanceUIDs={chest_uid}")
+            _wait_first_image(chest, 20)
+            hung = _hung(chest)
+            assert hung["protocol"] == "Default" and hung["index"] == 0
+            assert hung["voi"]["upper"] - hung["voi"]["lower"] == pytest.approx(399, abs=1)
+            _check_preloads(chest, _shown_sop(chest), cached=False)
+            chest.close()
+
             link = page.locator(f"a[href='/viewer?StudyInstanceUIDs={study_uid}']").first
             link.click()
             page.wait_for_url(re.compile(r"/viewer\?StudyInstanceUIDs="))
@@ -190,6 +249,7 @@ def test_ct_head_hangs_axial_in_brain_window_reader_scrolls_measures_chest_gets_
             # Hung by our protocol without a click: the axial stack (not series 1, the
             # localizer), the brain window, the middle slice.
             hung = _hung(page)
+            _check_preloads(page, _shown_sop(page))
             assert hung["protocol"] == "CT head (stroke)"
             assert hung["series"] == axial_uid and hung["count"] == SLICES
             assert hung["index"] in (SLICES // 2 - 1, SLICES // 2)
@@ -230,12 +290,5 @@ def test_ct_head_hangs_axial_in_brain_window_reader_scrolls_measures_chest_gets_
                 timeout=10_000)
             page.screenshot(path=str(artifacts / "viewer-ct-slice150-brain-length.png"))
 
-            # A chest CT keeps OHIF's default: first slice, the file's own W400/L40.
-            chest = page.context.new_page()
-            chest.goto(f"{base}/viewer?StudyInstanceUIDs={chest_uid}")
-            _wait_first_image(chest, 20)
-            hung = _hung(chest)
-            assert hung["protocol"] == "Default" and hung["index"] == 0
-            assert hung["voi"]["upper"] - hung["voi"]["lower"] == pytest.approx(399, abs=1)
         finally:
             browser.close()

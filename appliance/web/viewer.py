@@ -14,12 +14,15 @@ config are revalidated every time.
 
 from __future__ import annotations
 
+import gzip
+import json
 import re
 from pathlib import Path
 
-from flask import Blueprint, Response, abort, request, send_file
+from flask import Blueprint, Response, abort, current_app, request, send_file
 
-from appliance.web import auth
+from appliance import viewer_preload
+from appliance.web import auth, get_db
 
 bp = Blueprint("viewer", __name__)
 
@@ -42,12 +45,77 @@ def _missing() -> Response:
                     mimetype="text/plain")
 
 
+_page_cache: dict[str, tuple[float, str]] = {}
+
+
+def _page_template() -> str:
+    """OHIF's index.html with its two small start-up scripts inlined (made once per build).
+
+    ``app-config.js`` and ``init-service-worker.js`` run before the app bundle,
+    so each was a round trip on every open even with the build cached (the page
+    is never cached: it is the one file that says which build to use).
+    """
+    path = VIEWER_DIR / "index.html"
+    mtime = path.stat().st_mtime
+    cached = _page_cache.get("page")
+    if cached and cached[0] == mtime:
+        return cached[1]
+    page = path.read_text()
+    prefix = f"/viewer/{version()}/" if version() else "/viewer/"
+    config_tag = f'<script rel="preload" as="script" src="{prefix}app-config.js"></script>'
+    if config_tag in page and "</script" not in APP_CONFIG:
+        page = page.replace(config_tag, f"<script>{APP_CONFIG}</script>")
+    sw_tag = (f'<script rel="preload" as="script" type="module" '
+              f'src="{prefix}init-service-worker.js"></script>')
+    sw = VIEWER_DIR / "init-service-worker.js"
+    if sw_tag in page and sw.is_file() and "</script" not in sw.read_text():
+        page = page.replace(sw_tag, f'<script type="module">{sw.read_text()}</script>')
+    _page_cache["page"] = (mtime, page)
+    return page
+
+
+def _may_open(study_uid: str) -> bool:
+    """Whether the caller may see this study (its site, or a break-glass grant)."""
+    from appliance.web import dicomweb
+
+    row = get_db().execute("SELECT institution_name FROM studies WHERE study_uid = ?",
+                           (study_uid,)).fetchone()
+    if row is None:
+        return False
+    sites = dicomweb.site_scope()
+    return (sites is None or (row["institution_name"] or "").lower() in {x.lower() for x in sites}
+            or auth.has_break_glass(study_uid))
+
+
+def preload_script(study_uid: str) -> str:
+    """A script fetching the DICOMweb requests OHIF makes first for this study, right away.
+
+    Their answers wait in the browser's HTTP cache for OHIF to ask (see
+    :mod:`appliance.viewer_preload`); a failed fetch is only a missed head start.
+    """
+    if not study_uid or not viewer_preload.UID.match(study_uid) or not _may_open(study_uid):
+        return ""
+    urls = viewer_preload.first_requests(get_db(), current_app.config["SITE"].studies_dir,
+                                         study_uid)
+    if not urls:
+        return ""
+    pairs = json.dumps([[u, viewer_preload.accept_for(u)] for u in urls]).replace("</", "<\\/")
+    return ("<script>" + pairs + ".forEach(function (p) { fetch(p[0], { headers: { Accept: p[1] } })"
+            ".then(function (r) { return r.arrayBuffer(); }).catch(function () {}); });</script>")
+
+
 def _index() -> Response:
+    """The viewer page: preloads for the study being opened first, then OHIF's own head."""
     if not installed():
         return _missing()
-    resp = send_file(VIEWER_DIR / "index.html", mimetype="text/html", conditional=True)
-    resp.headers["Cache-Control"] = "no-cache"
-    return resp
+    study = (request.args.get("StudyInstanceUIDs") or request.args.get("studyInstanceUIDs")
+             or "").split(",")[0].strip()
+    page = _page_template().replace("<head>", "<head>" + preload_script(study), 1)
+    # no-store: the page names the study's series and images; it is small and never reused.
+    body, headers = page.encode("utf-8"), {"Cache-Control": "no-store", "Vary": "Accept-Encoding"}
+    if "gzip" in request.headers.get("Accept-Encoding", ""):
+        body, headers["Content-Encoding"] = gzip.compress(body, 6), "gzip"
+    return Response(body, mimetype="text/html", headers=headers)
 
 
 @bp.get("/viewer")
