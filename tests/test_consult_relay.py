@@ -109,3 +109,82 @@ def test_relay_carries_media_between_unreachable_endpoints_and_refuses_beyond_ca
     result = json.loads(job(site, "relay")["result"])
     assert result["forwarded"]["video"] > 120 and result["forwarded"]["audio"] > 100
     assert any("relay refused" in e for e in result["errors"])
+
+
+def test_two_browsers_with_no_path_fall_back_to_the_relay(site, artifacts):
+    """Two Chromium pages that share no ICE candidate (``?nodirect=1``: a site where every
+    peer path is blocked) step down to chat, ask for the relay themselves, and get each other's
+    video through ``appliance media serve``; the page says video again."""
+    chromium = require_tool("chromium", "/usr/bin/chromium")
+    require_tool("turnserver", "/usr/bin/turnserver")
+    require_module("aiortc")
+    sync_api = require_module("playwright.sync_api")
+    from test_consult_browser import CHROMIUM_ARGS, PASSWORD, configure_turn, enter
+
+    from appliance import accounts
+
+    configure_turn(site)
+    path = site.data_dir / "appliance.yaml"  # the neurologist signs in without TOTP here
+    path.write_text(path.read_text().replace("totp_required_for_readers: true",
+                                             "totp_required_for_readers: false"))
+    cfg = config.load(site.data_dir)
+    conn = site.db()
+    accounts.add_user(conn, "nurse", "site_staff", PASSWORD, display_name="Nurse Bed 4")
+    accounts.add_user(conn, "neuro", "neurologist", PASSWORD, display_name="Dr Neuro")
+    cid = consults.create_consult(conn, "nurse", title="No path consult")
+    conn.close()
+    coturn = subprocess.Popen(turn.command(cfg), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    site.start("web", wait_port=site.web_port)
+    start_media(site)
+    base = f"https://127.0.0.1:{site.web_port}"
+    room = f"{base}/consults/{cid}?nodirect=1"
+    try:
+        with sync_api.sync_playwright() as pw:
+            browsers = [pw.chromium.launch(executable_path=chromium, headless=True,
+                                           args=CHROMIUM_ARGS) for _ in range(2)]
+            try:
+                pages = []
+                for browser, user in zip(browsers, ("nurse", "neuro"), strict=True):
+                    page = browser.new_context(ignore_https_errors=True).new_page()
+                    page.goto(base + "/login")
+                    page.fill("input[name=username]", user)
+                    page.fill("input[name=password]", PASSWORD)
+                    page.click("button[type=submit]")
+                    page.wait_for_url(lambda url: "/login" not in url)
+                    enter(page, room)
+                    pages.append(page)
+                t0 = time.monotonic()
+                for page in pages:  # no path: the ladder goes down to chat
+                    page.wait_for_function("() => window.consult.ladder.some("
+                                           "e => e.step === 'chat_only')", timeout=30000)
+                chat_at = time.monotonic() - t0
+                for page in pages:  # the relay joins; video again, through it
+                    page.wait_for_function("() => window.consult.step === 'video' &&"
+                                           " window.consult.fps > 5", timeout=30000)
+                video_at = time.monotonic() - t0
+                roles = pages[0].evaluate("window.consult.roster.map(p => p.role)")
+                carried = [page.evaluate("""() => {
+                    const relay = window.consult.roster.find(p => p.role === 'relay');
+                    const direct = Object.values(window.consult.peers)
+                        .filter(p => p.kind !== 'media');
+                    const v = document.querySelector(`video[data-peer="${relay.id}"]`);
+                    return {relayFrames: v ? v.getVideoPlaybackQuality().totalVideoFrames : 0,
+                            direct: direct.map(p => p.pc.iceConnectionState)};
+                }""") for page in pages]
+                pages[1].screenshot(path=str(artifacts / "consult-relay-fallback.png"))
+            finally:
+                for browser in browsers:
+                    browser.close()
+    finally:
+        site.stop_all()
+        coturn.terminate()
+        coturn.wait(timeout=10)
+    print(f"\nno direct path: chat after {chat_at:.1f} s, video through the relay after"
+          f" {video_at:.1f} s; {carried}")
+    assert "relay" in roles
+    for c in carried:
+        assert c["relayFrames"] > 10
+        assert "connected" not in c["direct"] and "completed" not in c["direct"]
+    relay_job = job(site, "relay")
+    assert relay_job["requested_by"] in ("nurse", "neuro")

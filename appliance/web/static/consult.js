@@ -10,7 +10,9 @@
 //   send estimate below the video floor or loss > 10% for 5 s -> audio only (video back by
 //   itself after 5 s of a good link); no media bytes for 2 s -> ICE restart; not back 5 s
 //   later -> a fresh peer connection; no media for 10 s -> chat (already live over SSE) is
-//   brought forward while a fresh connection is tried every 5 s.
+//   brought forward while a fresh connection is tried every 5 s, and the appliance's relay of
+//   last resort is asked for (it joins as a participant; each page offers to it and gets the
+//   other side's media through it; beyond its capacity it refuses, and the reason is shown).
 (function () {
   "use strict";
   const root = document.getElementById("consult");
@@ -20,6 +22,10 @@
   const csrf = document.querySelector('meta[name="csrf-token"]').content;
   const params = new URLSearchParams(location.search);
   const relayOnly = params.get("relay") === "1"; // TURN only (tests, sites that must hide addresses)
+  // No path between the endpoints at all (tests; a site known to block every peer path):
+  // no ICE candidate goes to another person's page, only to the appliance's participants.
+  const noDirect = params.get("nodirect") === "1";
+  const RELAY_ASK_EVERY_MS = 60000;
   const TICK_MS = 500, SAMPLE_MS = 1000, POST_MS = 3000;
   const AUDIO_AFTER_MS = 5000, RESTART_AFTER_MS = 2000, FRESH_AFTER_MS = 5000;
   const CHAT_AFTER_MS = 10000, RETRY_EVERY_MS = 5000, FIRST_GRACE_MS = 3000;
@@ -145,6 +151,7 @@
     else if (ev.kind === "chat") showChat(ev);
     else if (ev.kind === "ladder" && ev.sender !== state.me) showRemote(ev);
     else if (ev.kind === "system" && ev.body.ended) { setStep("ended"); closeAll(); }
+    else if (ev.kind === "system" && ev.body.relay_refused) showRelayRefusal(ev.body.relay_refused);
   }
 
   function onRoster(roster) {
@@ -216,6 +223,14 @@
   function closeAll() { for (const id of Object.keys(state.peers)) dropPeer(Number(id)); }
 
   function send(peer, data) {
+    if (noDirect && peer.kind !== "media") {
+      if (data.candidates) return;
+      if (data.description) {
+        const sdp = data.description.sdp.split("\r\n").filter((l) => !l.startsWith("a=candidate"))
+          .join("\r\n");
+        data = Object.assign({}, data, { description: { type: data.description.type, sdp } });
+      }
+    }
     post("/signal", { to: peer.id, data: Object.assign({ gen: peer.gen }, data) })
       .catch((e) => console.warn("signal", e));
   }
@@ -226,6 +241,7 @@
     if (!peer || gen > peer.gen) peer = makePeer(from, gen);
     else if (gen < peer.gen) return; // from a connection already replaced
     const pc = peer.pc;
+    if (data.error) { showRelayRefusal(data.error); return; }
     if (data.description) {
       const collision = data.description.type === "offer" &&
         (peer.makingOffer || pc.signalingState !== "stable");
@@ -284,8 +300,30 @@
       .catch(() => {}); // the server may be unreachable too; the local step still holds
   }
 
+  function relayPeer() {
+    return Object.values(state.peers).find((p) => p.kind === "media" &&
+      (state.roster.find((r) => r.id === p.id) || {}).role === "relay");
+  }
+
+  // Media lost for good with someone: ask the appliance to relay (once a minute at most).
+  function askRelay(now) {
+    if (relayPeer() || now - (state.relayAskedAt || -RELAY_ASK_EVERY_MS) < RELAY_ASK_EVERY_MS) return;
+    state.relayAskedAt = now;
+    post("/relay", {}).catch((e) => showRelayRefusal(e.message));
+  }
+
+  function showRelayRefusal(message) {
+    state.relayRefused = message;
+    const el = $("remote-status");
+    if (el) el.textContent = message;
+  }
+
   function worstStep() {
     const order = ["video", "audio_only", "ice_restart", "fresh_pc", "chat_only"];
+    const relay = relayPeer();
+    if (relay && relay.hadMedia && performance.now() - relay.lastMedia < TICK_MS * 2) {
+      return "video"; // the other side reaches us through the appliance's relay
+    }
     let worst = "connecting";
     for (const peer of Object.values(state.peers)) {
       if (peer.kind === "media" || (!peer.hadMedia && peer.stage === "ok")) continue;
@@ -367,6 +405,7 @@
       peer.stage = "chat_only";
       peer.stageAt = now;
       report(peer, "chat_only", { after_ms: Math.round(now - peer.outageAt) });
+      askRelay(now);
     } else if (peer.stage === "chat_only" && peer.actor && now - peer.lastRetry > RETRY_EVERY_MS) {
       freshPeer(peer);
     }
