@@ -130,6 +130,13 @@ def finish(conn: sqlite3.Connection, job_id: int, owner: str, state: str,
         (state, t, json.dumps(result, sort_keys=True, default=str), job_id, owner)).rowcount)
 
 
+def release(conn: sqlite3.Connection, job_id: int, owner: str) -> bool:
+    """Hand a running job back (the service stopping for a restart): the next one resumes it."""
+    return bool(conn.execute(
+        "UPDATE consult_media_jobs SET lease_owner = NULL, lease_until = 0 WHERE id = ?"
+        " AND lease_owner = ? AND state = 'running'", (job_id, owner)).rowcount)
+
+
 def cancel(conn: sqlite3.Connection, consult_id: int, kind: str, actor: str,
            now: float | None = None, source: str = "") -> int:
     """Stop a consult's active job of this kind (a recording stopped from the page); audited."""

@@ -10,7 +10,9 @@ Idempotent: at start it first seals what a killed recorder left (see
 :mod:`appliance.consult_recordings`: a non-empty clear part is sealed and
 indexed as incomplete, an empty one discarded), then takes over jobs whose
 holder is gone, releasing the dead participant's seat. On SIGTERM every
-participant leaves and every recording is sealed before the process exits.
+participant leaves and every recording is sealed before the process exits;
+recordings and relays of consults still open are handed back (not finished),
+so the service that starts next resumes them in a new part.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class MediaService:
         self.running: dict[int, tuple[asyncio.Task, media.Participant | None]] = {}
         self.next_probe = time.monotonic()  # the first probes at start, then every interval
         self.stopping = asyncio.Event()
+        self.shutting_down = False
 
     # -- start -----------------------------------------------------------------------------
     def recover(self) -> dict[str, list[str]]:
@@ -117,6 +120,7 @@ class MediaService:
                 log.info("no probe for consult %s: %s", r["id"], e)
 
     async def _stop_all(self) -> None:
+        self.shutting_down = True
         for _task, part in self.running.values():
             if part is not None:
                 part.stop()
@@ -154,7 +158,19 @@ class MediaService:
             state, out = "failed", {"error": f"{type(e).__name__}: {e}"}
             if isinstance(part, media.Recorder):
                 out["files"] = [p.name for p in part.seal()]
+        if self._hand_back(job, state):
+            media_jobs.release(self.conn, jid, self.owner)
+            return
         media_jobs.finish(self.conn, jid, self.owner, state, out)
+
+    def _hand_back(self, job, state: str) -> bool:
+        """Stopping for a restart mid-recording (or mid-relay) of an open consult."""
+        if not self.shutting_down or state != "done" or job["kind"] == "probe":
+            return False
+        row = self.conn.execute("SELECT ended_at FROM consults WHERE id = ?",
+                                (job["consult_id"],)).fetchone()
+        held = media_jobs.get(self.conn, job["id"])
+        return row is not None and row["ended_at"] is None and held["state"] == "running"
 
     def _participant(self, job) -> media.Participant:
         if job["kind"] == "record":

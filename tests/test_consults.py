@@ -390,3 +390,37 @@ def test_status_page_and_metrics_show_consult_figures(app: AuthApp):
     assert "appliance_consult_drop_ratio 0.5" in metrics
     assert "appliance_consult_degraded_ratio 0.25" in metrics
     assert "appliance_consult_calls_30d 2.0" in metrics
+
+
+def test_record_button_asks_the_media_service_after_consent_only(app: AuthApp):
+    """POST /consults/N/recording: refused before consent and without sync.recipients (nothing
+    is recorded in the clear); then one job for the media service, stopped by .../stop."""
+    nurse = app.client()
+    login(app, nurse, "nurse")
+    cid = start_consult(app, nurse)
+    h = {"X-CSRF-Token": csrf(nurse)}
+    r = nurse.post(f"/consults/{cid}/recording", json={}, headers=h)
+    assert r.status_code == 400 and "sync.recipients" in r.get_json()["error"]
+    app.app.config["SITE"]["sync"]["recipients"] = ["age1" + "q" * 58]
+    r = nurse.post(f"/consults/{cid}/recording", json={}, headers=h)
+    assert r.status_code == 400 and "consent" in r.get_json()["error"]
+    nurse.post(f"/consults/{cid}/consent", json={}, headers=h)
+    r = nurse.post(f"/consults/{cid}/recording", json={"seconds": 600}, headers=h)
+    assert r.status_code == 202 and r.get_json()["state"] == "queued"
+    again = nurse.post(f"/consults/{cid}/recording", json={}, headers=h).get_json()["job"]
+    assert again == r.get_json()["job"]  # asked twice: one recording
+    assert nurse.post(f"/consults/{cid}/recording", json={"seconds": "x"},
+                      headers=h).status_code == 400
+    assert nurse.post(f"/consults/{cid}/recording/stop", json={}, headers=h).get_json() == \
+        {"stopped": 1}
+    assert [r["action"] for r in audit_rows_all(app) if r["action"].startswith(
+        "consult.record")] == ["consult.recording_consent", "consult.record_request",
+                               "consult.record_stop"]
+
+
+def audit_rows_all(a: AuthApp) -> list:
+    conn = a.db()
+    try:
+        return conn.execute("SELECT action FROM audit ORDER BY id").fetchall()
+    finally:
+        conn.close()

@@ -308,6 +308,9 @@ def post_consent(cid: int):
 @auth.require(*HOSTS)
 def post_recording(cid: int):
     """Ask the media service to record (after consent; refused with the reason otherwise)."""
+    if not _cfg()["sync"]["recipients"]:
+        raise consults.ConsultError("recording needs sync.recipients (age public keys) to"
+                                    " encrypt to: nothing is recorded in the clear")
     seconds = _body().get("seconds", media_jobs.MAX_SECONDS["record"])
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
         raise consults.ConsultError("seconds must be a number")
