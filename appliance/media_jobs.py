@@ -105,11 +105,15 @@ def claim(conn: sqlite3.Connection, owner: str, now: float | None = None,
 
 
 def renew(conn: sqlite3.Connection, owner: str, now: float | None = None,
-          lease_s: float = LEASE_S) -> set[int]:
-    """Extend this service's leases; returns the ids it still holds (cancelled ones drop out)."""
+          lease_s: float = LEASE_S) -> None:
+    """Extend this service's leases (a write: the service does it every few seconds only)."""
     t = now if now is not None else time.time()
     conn.execute("UPDATE consult_media_jobs SET lease_until = ? WHERE lease_owner = ?"
                  " AND state = 'running'", (t + lease_s, owner))
+
+
+def held(conn: sqlite3.Connection, owner: str) -> set[int]:
+    """The ids this service still holds (a job cancelled from the page drops out)."""
     return {r[0] for r in conn.execute("SELECT id FROM consult_media_jobs WHERE lease_owner = ?"
                                        " AND state = 'running'", (owner,))}
 

@@ -29,6 +29,7 @@ log = logging.getLogger("appliance.media")
 TICK_S = 0.25
 PROBE_SECONDS = 6.0
 STOP_GRACE_S = 10.0
+RENEW_EVERY_S = 2.0  # leases last media_jobs.LEASE_S (10 s)
 
 
 class MediaService:
@@ -41,6 +42,7 @@ class MediaService:
         self.next_probe = time.monotonic()  # the first probes at start, then every interval
         self.stopping = asyncio.Event()
         self.shutting_down = False
+        self.renewed_at = 0.0
 
     # -- start -----------------------------------------------------------------------------
     def recover(self) -> dict[str, list[str]]:
@@ -85,10 +87,16 @@ class MediaService:
             self.conn.close()
 
     def _tick(self) -> None:
-        held = media_jobs.renew(self.conn, self.owner)
-        for jid, (task, part) in list(self.running.items()):
-            if jid not in held and part is not None and not task.done():
-                part.stop()  # cancelled from the page (or taken over): leave, seal
+        """Renew leases, notice cancelled jobs, claim new ones (writes only when there is work:
+        an idle service must not keep taking SQLite's write lock from ingest)."""
+        if self.running:
+            if time.monotonic() - self.renewed_at >= RENEW_EVERY_S:
+                media_jobs.renew(self.conn, self.owner)
+                self.renewed_at = time.monotonic()
+            held = media_jobs.held(self.conn, self.owner)
+            for jid, (task, part) in list(self.running.items()):
+                if jid not in held and part is not None and not task.done():
+                    part.stop()  # cancelled from the page (or taken over): leave, seal
         for job in media_jobs.claim(self.conn, self.owner):
             if job["id"] in self.running:
                 continue
