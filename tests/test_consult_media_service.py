@@ -240,3 +240,44 @@ def test_recording_request_needs_consent_and_is_not_doubled(site):
                  (f"{os.uname().nodename}:999999:dead", first))
     assert [r["id"] for r in media_jobs.claim(conn, owner)] == [first]
     conn.close()
+
+
+def test_appliance_up_runs_the_media_service_and_restarts_it(site):
+    """``appliance up`` starts ``appliance media serve`` as a child (aiortc is importable here);
+    its heartbeat shows on the status report; killed, it is started again."""
+    require_module("aiortc")
+    from conftest import appliance_cmd, wait_for_port
+
+    cfg = config.load(site.data_dir)
+    proc = subprocess.Popen(appliance_cmd("up", "--data-dir", str(site.data_dir)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+    def media_pid() -> int | None:
+        conn = site.db()
+        try:
+            c = status_report.collect(cfg, conn)["components"].get("media")
+        finally:
+            conn.close()
+        return c["pid"] if c and c["up"] else None
+
+    try:
+        wait_for_port(site.web_port, proc=proc)
+        first = _wait(media_pid, 30)
+        assert first, "no media heartbeat under appliance up"
+        os.kill(first, signal.SIGKILL)
+        second = _wait(lambda: (p := media_pid()) and p != first and p, 30)
+        assert second and second != first, "media service not restarted"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def _wait(fn, timeout: float):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.3)
+    return None
