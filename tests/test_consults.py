@@ -413,6 +413,18 @@ def test_record_button_asks_the_media_service_after_consent_only(app: AuthApp):
                       headers=h).status_code == 400
     assert nurse.post(f"/consults/{cid}/recording/stop", json={}, headers=h).get_json() == \
         {"stopped": 1}
+    # A sealed recording (as the media service indexes it) is part of the consult's record.
+    from appliance import consult_recordings
+
+    sealed = app.data_dir / "recordings" / f"consult-{cid}-j1-t1-p1-g0.mkv.age"
+    sealed.parent.mkdir(parents=True, exist_ok=True)
+    sealed.write_bytes(b"age-encryption.org/v1\n(test stand-in)")
+    conn = app.db()
+    consult_recordings.register(conn, sealed, complete=False)
+    conn.close()
+    listed = nurse.get(f"/consults/{cid}/record").get_json()["recordings"]
+    assert [(r["name"], r["complete"], r["size"]) for r in listed] == \
+        [(sealed.name, 0, sealed.stat().st_size)]
     assert [r["action"] for r in audit_rows_all(app) if r["action"].startswith(
         "consult.record")] == ["consult.recording_consent", "consult.record_request",
                                "consult.record_stop"]

@@ -32,7 +32,7 @@ from flask import (
     session,
 )
 
-from appliance import consults, db, media_jobs, metrics
+from appliance import consult_recordings, consults, db, media_jobs, metrics
 from appliance.web import auth, get_db
 
 bp = Blueprint("consults", __name__)
@@ -363,7 +363,8 @@ def summary():
 @bp.get("/consults/<int:cid>/record")
 @auth.require(*HOSTS)
 def record(cid: int):
-    """The consult's record: who took part, the chat, the ladder steps (audited: patient data)."""
+    """The consult's record: who took part, the chat, the ladder steps, its sealed recordings
+    (audited: patient data)."""
     conn = get_db()
     consult = consults.get_consult(conn, cid)
     auth.audit_event("consult.view", consult["study_uid"] or f"consult:{cid}",
@@ -374,5 +375,7 @@ def record(cid: int):
     people = [dict(r) for r in conn.execute(
         "SELECT id, name, role, kind, state, created_at, admitted_at, left_at"
         " FROM consult_participants WHERE consult_id = ? ORDER BY id", (cid,))]
+    recordings = [{k: r[k] for k in ("name", "size", "sha256", "sealed_at", "complete")}
+                  for r in consult_recordings.listing(conn, cid)]  # sealed: names, no media
     return jsonify(consult=dict(consult), participants=people,
-                   chat=consults.chat_log(conn, cid), ladder=ladder)
+                   chat=consults.chat_log(conn, cid), ladder=ladder, recordings=recordings)
