@@ -127,6 +127,8 @@ class Participant:
                         await self._on_signal(ev["sender"], ev["body"])
                     elif ev["kind"] == "system" and ev["body"].get("ended"):
                         self.deadline = 0.0
+                    elif ev["kind"] == "presence":
+                        await self._on_roster(ev["body"].get("roster") or [])
                 await asyncio.sleep(POLL_S)
         finally:
             await self.close()
@@ -192,6 +194,9 @@ class Participant:
         except Exception as e:  # a bad message must not end the probe
             self.result.errors.append(f"{type(e).__name__}: {e}")
             log.warning("signal from %s: %s", sender, e)
+
+    async def _on_roster(self, roster: list[dict]) -> None:
+        """Someone came or went (the relay gives back a stream when an endpoint leaves)."""
 
     def _before_answer(self, pc, sender: int) -> None:
         """Receive only: the probe and the recorder send nothing back."""
@@ -425,9 +430,9 @@ class Relay(Participant):
                                            lambda k=t.kind: self._pick(sender, k), self._counted))
 
     async def _on_signal(self, sender: int, data: dict) -> None:
-        if sender in self.refused:
-            return
         if sender not in self.endpoints:
+            if sender in self.refused or (data.get("description") or {}).get("type") != "offer":
+                return  # a stream is taken by an offer only; a refused one's candidates drop
             try:
                 self.capacity.take(1)
             except MediaError as e:
@@ -440,6 +445,19 @@ class Relay(Participant):
                 return
             self.endpoints.add(sender)
         await super()._on_signal(sender, data)
+
+    async def _on_roster(self, roster: list[dict]) -> None:
+        present = {p["id"] for p in roster if p.get("state") == "admitted"}
+        for gone in sorted(self.endpoints - present):
+            self.endpoints.discard(gone)
+            self.capacity.release(1)
+            self.incoming.pop(gone, None)
+            _gen, pc = self.peers.pop(gone, (0, None))
+            if pc is not None:
+                await pc.close()
+        self.refused &= present
+        if self.capacity.active < relay_capacity(self.capacity.max_streams, self.capacity.cpus):
+            self.refused.clear()  # a stream is free: a refused page's next offer is heard
 
     async def close(self) -> None:
         self.capacity.release(len(self.endpoints))

@@ -80,6 +80,12 @@ def test_relay_carries_media_between_unreachable_endpoints_and_refuses_beyond_ca
             before = (a.frames["video"], b.frames["video"])
             await asyncio.gather(a.run_until(lambda: False, 2), b.run_until(lambda: False, 2))
             seen["after_refusal"] = (a.frames["video"] - before[0], b.frames["video"] - before[1])
+            # 4. One relayed endpoint leaves: its stream is given back, the third now gets in.
+            await b.close()
+            b = None
+            await c.offer(relay)  # after the leave's presence event: the relay reads in order
+            assert await c.run_until(lambda: c.frames["video"] > 30, 20), c.frames
+            seen["third_after_leave"] = dict(c.frames)
         finally:
             for ep in (a, b, c):
                 if ep is not None:
