@@ -2,7 +2,8 @@
 hides every ICE candidate from the other, so their own connection fails) get their media
 through ``appliance media serve`` joined as relay (MediaRelay forwarding, re-encoded), end to
 end both ways; a third endpoint beyond the relay's capacity is refused with the clear message,
-and the two already relayed carry on."""
+and the two already relayed carry on; when one of them leaves, its stream is given back and
+the third gets in."""
 
 from __future__ import annotations
 
