@@ -12,6 +12,7 @@ import ctypes
 import importlib
 import logging
 import os
+import select
 import signal
 import threading
 import time
@@ -177,11 +178,44 @@ def _recover(cfg: config.Config) -> None:
         log.warning("start-up recovery", extra=recovered)
 
 
-def _stop_on_signals() -> threading.Event:
-    done = threading.Event()
+class StopSignal:
+    """Set by SIGTERM/SIGINT; waited on by the node's main loop.
+
+    The handler must take no lock: a ``threading.Event`` set from a signal
+    handler deadlocks when a second signal (the parent-death SIGTERM after a
+    supervisor's SIGTERM) interrupts the first handler inside ``Event.set``,
+    which left a node process running forever after its parent died.  A
+    plain flag and one byte down a pipe are safe to write from a handler.
+    """
+
+    def __init__(self) -> None:
+        self._set = False
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+
+    def set(self) -> None:
+        self._set = True
+        try:
+            os.write(self._write, b"x")
+        except OSError:  # pipe full: already woken
+            pass
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: float) -> bool:
+        """True once set; otherwise returns after ``timeout`` seconds."""
+        if not self._set:
+            select.select([self._read], [], [], timeout)
+        return self._set
+
+
+def _stop_on_signals() -> StopSignal:
+    done = StopSignal()
 
     def shutdown(signum, _frame) -> None:
-        log.info("stopping DICOM node (signal %s)", signum)
+        if not done.is_set():
+            log.info("stopping DICOM node (signal %s)", signum)
         done.set()
 
     signal.signal(signal.SIGTERM, shutdown)
