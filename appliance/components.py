@@ -14,6 +14,9 @@ import time
 from typing import Any
 
 NAMES = ("dicom", "web", "worker")
+# Started only where they can run (the consult media service needs aiortc): shown and
+# counted once they have beaten on this site, so a box without them is not "down".
+OPTIONAL_NAMES = ("media",)
 STALE_AFTER_S = 20.0
 
 

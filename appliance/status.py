@@ -28,7 +28,8 @@ def collect(cfg: config.Config) -> dict[str, Any]:
         conn.close()
     ports = {"dicom": cfg["dicom"]["port"], "web": cfg["web"]["port"]}
     out: dict[str, Any] = {"site": cfg["site"]["name"], "components": {}}
-    for name in components.NAMES:
+    optional = [n for n in components.OPTIONAL_NAMES if n in comps]
+    for name in (*components.NAMES, *optional):
         info = comps.get(name, {})
         up = bool(info.get("up"))
         if name in ports:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -268,6 +269,8 @@ def test_appliance_up_runs_the_media_service_and_restarts_it(site):
         os.kill(first, signal.SIGKILL)
         second = _wait(lambda: (p := media_pid()) and p != first and p, 30)
         assert second and second != first, "media service not restarted"
+        shown = site.cli("status")  # the responder's view lists it too, once it has run here
+        assert re.search(rf"media\s+up.*pid {second}", shown.stdout), shown.stdout
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
