@@ -102,7 +102,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     except (bnd.BundleError, st.TargetError) as e:
         raise CliError(str(e)) from None
     print(f"restored {counts['bundles']} bundles: {counts['instances']} instances, "
-          f"{counts['reports']} reports, {counts['audit_rows']} audit rows "
+          f"{counts['reports']} reports, {counts.get('recordings', 0)} consult recordings, "
+          f"{counts['audit_rows']} audit rows "
           f"({counts['skipped']} already restored, {counts['rejected']} rejected)")
     return 0 if not counts["rejected"] else 2
 

@@ -107,6 +107,7 @@ def test_recording_rides_a_signed_bundle_and_is_restored(site, tmp_path):
     fresh = make_site(tmp_path / "fresh")
     r = fresh.cli("restore", "--from", str(folder), "--identity", str(key))
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 consult recordings" in r.stdout
     back = fresh.data_dir / "recordings" / sealed[0].name
     assert back.read_bytes() == sealed[0].read_bytes()
     assert stat.S_IMODE(back.stat().st_mode) == 0o600
