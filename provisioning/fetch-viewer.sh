@@ -61,9 +61,32 @@ for f in "$dist"/*.css; do
 done
 echo "$VERSION" > "$dist/OHIF_VERSION"
 # gzip twins of the large text/wasm files: served as is when the browser accepts gzip,
-# so a reader on a thin link downloads ~5 MB instead of ~25 MB, with no CPU per request.
+# so a reader on a thin link downloads ~5.5 MB instead of ~25 MB, with no CPU per request.
 find "$dist" -type f \( -name '*.js' -o -name '*.css' -o -name '*.wasm' -o -name '*.json' \) \
   -size +8k -exec gzip -9 -k -n {} +
+# brotli twins too (browsers send "br" over HTTPS): ~30 % smaller than gzip -9 on this
+# build (5.5 MB -> ~3.9 MB for what a first open downloads: ~2.5 s less at 5 Mbit/s).
+# Node's zlib does it wherever npm fetched the package; without node, gzip only.
+if command -v node >/dev/null 2>&1; then
+  find "$dist" -name '*.gz' | sed 's/\.gz$//' > "$work/twins"
+  node -e '
+    const fs = require("fs"), zlib = require("zlib");
+    const files = fs.readFileSync(process.argv[1], "utf8").split("\n").filter(Boolean);
+    let left = files.length;
+    for (const f of files) {
+      const data = fs.readFileSync(f);
+      zlib.brotliCompress(data, { params: {
+        [zlib.constants.BROTLI_PARAM_QUALITY]: 11,
+        [zlib.constants.BROTLI_PARAM_LGWIN]: 24,
+        [zlib.constants.BROTLI_PARAM_SIZE_HINT]: data.length } }, (err, out) => {
+        if (err) { console.error(f, err); process.exit(1); }
+        if (out.length < fs.statSync(f + ".gz").size) fs.writeFileSync(f + ".br", out);
+        if (--left === 0) process.exit(0);
+      });
+    }' "$work/twins"
+else
+  echo "note: node not found, so no brotli twins (gzip ones only)"
+fi
 
 # Swap in atomically enough for a static folder: build beside, then rename.
 mkdir -p "$(dirname "$DEST")"

@@ -286,10 +286,30 @@ def test_viewer_is_served_with_our_config(dw: Deployment) -> None:
                      str(viewer.VIEWER_DIR / "index.html"))
     page = s.get(f"{base}/viewer", params={"StudyInstanceUIDs": dw.ours[0]})
     assert page.status_code == 200 and f"/viewer/{viewer.version()}/app.bundle." in page.text
+    # Our config is inlined (no round trip before OHIF starts), and the page fetches
+    # ahead what OHIF asks first for this study (appliance/viewer_preload.py).
+    assert "investigationalUseDialog" in page.text and 'app-config.js"' not in page.text
+    assert '[["/dicom-web/studies?limit=101' in page.text
+    assert f"/dicom-web/studies/{dw.ours[0]}/series/{dw.ours[1]}/metadata" in page.text
+    assert page.headers["Cache-Control"] == "no-store"
+    # Nothing about a study of another site for a site-scoped reader, nor an unknown one.
+    third = make_instance(generate_uid(), generate_uid(), 0, institution="Third Hospital")
+    dw.client().store_instances([third])
+    for uid in (third.StudyInstanceUID, generate_uid()):
+        other = dw.session("scoped").get(f"{base}/viewer", params={"StudyInstanceUIDs": uid})
+        assert other.status_code == 200 and "/dicom-web/studies" not in other.text
+        assert third.SeriesInstanceUID not in other.text
     bundle = re.search(r'src="(/viewer/[0-9.]+/app\.bundle\.[0-9a-f]+\.js)"', page.text).group(1)
     js = s.get(base + bundle, headers={"Accept-Encoding": "gzip"}, stream=True)
     assert js.status_code == 200 and "immutable" in js.headers["Cache-Control"]
     assert js.headers["Content-Encoding"] == "gzip"  # the pre-compressed twin
+    gz_size = int(js.headers["Content-Length"])
+    if (viewer.VIEWER_DIR / (bundle.rsplit("/", 1)[1] + ".br")).is_file():
+        br = s.get(base + bundle, headers={"Accept-Encoding": "gzip, deflate, br"}, stream=True)
+        assert br.headers["Content-Encoding"] == "br" and "Accept-Encoding" in br.headers["Vary"]
+        assert int(br.headers["Content-Length"]) < gz_size * 0.85
+        refused = s.get(base + bundle, headers={"Accept-Encoding": "br;q=0, gzip"}, stream=True)
+        assert refused.headers["Content-Encoding"] == "gzip"
     css = s.get(f"{base}/viewer/{viewer.version()}/app.bundle.css")  # unhashed, but versioned
     assert css.status_code == 200 and "immutable" in css.headers["Cache-Control"]
     cfg = s.get(f"{base}/viewer/{viewer.version()}/app-config.js")
