@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,7 +97,7 @@ CREATE INDEX instance_versions_sop ON instance_versions(sop_uid);
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
-def _text(ds: Dataset, keyword: str) -> str:
+def _text_of(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword)
     if value is None:
         return ""
@@ -105,7 +106,7 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
+def _int_of(ds: Dataset, keyword: str) -> int | None:
     value = ds.get(keyword)
     try:
         return int(value) if value not in (None, "") else None
@@ -133,8 +134,16 @@ class InstanceRecord:
     instance: dict[str, Any] = field(default_factory=dict)
 
 
-def attributes(ds: Dataset) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Study, series and instance attributes the index keeps, from a parsed header."""
+def attributes(ds: Dataset, text: Callable[[Dataset, str], str] | None = None,
+               integer: Callable[[Dataset, str], int | None] | None = None,
+               ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Study, series and instance attributes the index keeps, from a parsed header.
+
+    ``text``/``integer`` read one attribute; the C-STORE path passes readers
+    that skip pydicom's value conversion for plain values (study_store.py).
+    """
+    _text = text or _text_of
+    _int = integer or _int_of
     study = {
         "patient_id": _text(ds, "PatientID"),
         "issuer_of_patient_id": _text(ds, "IssuerOfPatientID"),

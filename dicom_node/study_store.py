@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import io
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 from dicom_node import durable
@@ -337,7 +341,8 @@ def _describe(data: bytes, calling_ae: str, remote_addr: str,
         return StoreResult(INVALID, f"cannot parse dataset: {_short(e)}")
     if problem:
         return StoreResult(INVALID, problem)
-    uids = {k: _uid(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+    uids = {k: plain_uid(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID",
+                                          "SOPInstanceUID")}
     missing = [k for k, v in uids.items() if not v]
     if missing:
         return StoreResult(INVALID, f"missing {', '.join(missing)}")
@@ -345,7 +350,7 @@ def _describe(data: bytes, calling_ae: str, remote_addr: str,
     if expected_sop_uid and expected_sop_uid.strip("\0 ") != sop_uid:
         return StoreResult(INVALID, "SOP Instance UID in dataset differs from the request")
     try:
-        study, series, instance = idx.attributes(ds)
+        study, series, instance = idx.attributes(ds, text=plain_text, integer=plain_int)
     except Exception as e:
         return StoreResult(INVALID, f"unreadable attributes: {_short(e)}")
     meta = getattr(ds, "file_meta", None)
@@ -357,6 +362,83 @@ def _describe(data: bytes, calling_ae: str, remote_addr: str,
         received_at=time.time(), calling_ae=calling_ae, remote_addr=remote_addr,
         study=study, series=series, instance=instance,
     )
+
+
+# -- reading index values without pydicom's value conversion ---------------------------------
+# Converting each element (VR parsing, validation, charset decoding) was about 40% of the
+# parse of a received instance.  Most index values are plain ASCII or a little-endian US:
+# those are read from the raw bytes; anything else (another charset's bytes, escapes,
+# several values, an IS like "1.0") goes through pydicom exactly as before.
+def _raw_bytes(ds: Dataset, keyword: str) -> tuple[bytes | None, bool]:
+    """(raw value, True) when the element is still unconverted bytes; (None, True) if absent."""
+    elem = ds.get_item(_tag(keyword))
+    if elem is None:
+        return None, True
+    if isinstance(elem, RawDataElement) and type(elem.value) is bytes:
+        return elem.value, True
+    return None, False
+
+
+def _plain(raw: bytes) -> str | None:
+    if raw.isascii() and b"\\" not in raw and b"\x1b" not in raw:
+        return raw.decode("ascii").rstrip(" \x00")
+    return None
+
+
+def plain_text(ds: Dataset, keyword: str) -> str:
+    """The index's text of ``keyword`` (as :func:`index.attributes` reads it by default)."""
+    raw, is_raw = _raw_bytes(ds, keyword)
+    if is_raw:
+        if raw is None:
+            return ""
+        text = _plain(raw)
+        if text is not None:
+            return text.strip()
+    return idx._text_of(ds, keyword)
+
+
+def plain_int(ds: Dataset, keyword: str) -> int | None:
+    """The index's integer of ``keyword``: a US read little-endian, a plain IS parsed."""
+    raw, is_raw = _raw_bytes(ds, keyword)
+    if is_raw:
+        if raw is None:
+            return None
+        elem = ds.get_item(_tag(keyword))
+        vr = elem.VR or _dictionary_vr(keyword)
+        if vr == "US" and len(raw) == 2 and elem.is_little_endian:
+            return int.from_bytes(raw, "little")
+        text = _plain(raw) if vr == "IS" else None
+        if text is not None:
+            text = text.strip()
+            if not text:
+                return None
+            if _INTEGER.fullmatch(text):
+                return int(text)
+    return idx._int_of(ds, keyword)
+
+
+def plain_uid(ds: Dataset, keyword: str) -> str:
+    raw, is_raw = _raw_bytes(ds, keyword)
+    if is_raw:
+        if raw is None:
+            return ""
+        text = _plain(raw)
+        if text is not None:
+            return text.strip("\0 ")
+    return _uid(ds, keyword)
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+@functools.cache
+def _tag(keyword: str) -> int:
+    return tag_for_keyword(keyword)
+
+
+@functools.cache
+def _dictionary_vr(keyword: str) -> str:
+    return dictionary_VR(_tag(keyword))
 
 
 def _sha256(data: bytes) -> str:

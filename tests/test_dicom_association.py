@@ -459,7 +459,8 @@ def test_peer_closing_mid_dataset_stores_nothing(make_node, tmp_path):
     peer.close()
     node.wait_idle()
     assert node.instances() == [done_sop]
-    assert not node.leftovers() and not list((node.root / "studies" / ".incoming").iterdir())
+    incoming = node.root / "studies" / ".incoming"
+    assert not node.leftovers() and [p.name for p in incoming.iterdir()] == [".write.lock"]
 
 
 def test_idle_association_is_aborted_after_the_network_timeout(make_node):

@@ -464,3 +464,58 @@ def test_start_removes_temp_files_and_indexes_unindexed_files(dicom_site, tmp_pa
     recovered = conn.execute("SELECT detail FROM audit WHERE action = 'store.recovered'").fetchone()
     conn.close()
     assert recovered and '"reindexed":1' in recovered[0] and '"temp_files_removed":2' in recovered[0]
+
+
+# -- the index values read without pydicom's conversion ---------------------------------------
+def edge_cases() -> list:
+    """Headers whose values take each branch of the plain readers."""
+    from pydicom.dataset import Dataset as Ds
+
+    out = []
+    for number, name, charset in [("1.0", "DOE^JANE", None), ("+5", "  PADDED^NAME  ", None),
+                                  ("", "M\xfcller^J\xfcrgen", "ISO_IR 100"),
+                                  ("7\\8", "A^B\\C^D", None), ("x1", "\u5c71\u7530", "ISO_IR 192")]:
+        ds = make_instance(generate_uid(), generate_uid(), 0, rows=8, cols=8)
+        if charset:
+            ds.SpecificCharacterSet = charset
+        ds.PatientName = name
+        ds.SeriesNumber = number if number != "x1" else None
+        ds.StudyDescription = "TRAILING NULL\0"
+        out.append(ds)
+    implicit = make_instance(generate_uid(), generate_uid(), 0, rows=8, cols=8)
+    implicit.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+    out.append(implicit)
+    out.append(Ds())
+    return out
+
+
+def test_index_values_read_plainly_equal_pydicoms(tmp_path):
+    """Every generated series, pydicom's bundled files and odd values: same index either way."""
+    from pydicom.data.data_manager import DATA_ROOT
+
+    from dicom_node import index as idx
+    from dicom_node import study_store as ss
+
+    sources = [pydicom.dcmread(p) for p in write_series(tmp_path / "ct", 2)[2]]
+    sources += [pydicom.dcmread(p) for p in write_series(tmp_path / "mr", 1, modality="MR")[2]]
+    sources += edge_cases()
+    compared = 0
+    bundled = sorted(str(p) for p in (Path(DATA_ROOT) / "test_files").rglob("*") if p.is_file())
+    for ds in sources + bundled:  # pydicom's own files, read locally (nothing downloaded)
+        buf = io.BytesIO()
+        try:
+            if isinstance(ds, str):
+                buf.write(Path(ds).read_bytes())
+            else:
+                ds.save_as(buf, enforce_file_format=bool(getattr(ds, "file_meta", None)))
+            raw = buf.getvalue()
+            expected = idx.attributes(pydicom.dcmread(io.BytesIO(raw), force=True))
+        except Exception:
+            continue  # a file pydicom cannot read either: the store refuses it the same way
+        plain = pydicom.dcmread(io.BytesIO(raw), force=True)
+        assert idx.attributes(plain, text=ss.plain_text, integer=ss.plain_int) == expected, ds
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
+            converted = ss._uid(pydicom.dcmread(io.BytesIO(raw), force=True), keyword)
+            assert ss.plain_uid(plain, keyword) == converted
+        compared += 1
+    assert compared > 80
