@@ -4,8 +4,8 @@ Frames are cut out of the stored file by offset (``dicomweb_metadata`` keeps
 where each frame lies), so serving frame 150 of a CT reads half a megabyte,
 not the whole file, and never parses it.  ``transfer-syntax=*`` returns the
 stored bytes untouched; a named syntax is served when it is the stored one,
-or an uncompressed one we can decode to; anything else is a 406 with the
-reason.  Rendered/thumbnail images apply the modality LUT and a window
+an uncompressed one we can decode to, or RLE Lossless / JPEG 2000 Lossless
+when pydicom can encode it here; anything else is a 406 with the reason.  Rendered/thumbnail images apply the modality LUT and a window
 (the request's, else the file's, else min/max) and are JPEG or PNG.
 """
 
@@ -37,6 +37,9 @@ FRAME_MEDIA = {
 MEDIA_DEFAULT_TS = {"application/octet-stream": EXPLICIT_LE, "image/jpeg": "1.2.840.10008.1.2.4.70",
                     "image/jls": "1.2.840.10008.1.2.4.80", "image/jp2": "1.2.840.10008.1.2.4.90",
                     "image/dicom-rle": "1.2.840.10008.1.2.5", "application/dicom": EXPLICIT_LE}
+# Lossless syntaxes a frame can be transcoded to on request, when pydicom has an encoder
+# here (RLE is pydicom's own; JPEG 2000 needs pylibjpeg-openjpeg).
+LOSSLESS_ENCODE = ("1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.90")
 CHUNK = 256 * 1024
 PART_LIMIT = 2 * 1024**3  # largest multipart part accepted (STOW-RS)
 RENDER_TYPES = ("image/jpeg", "image/png")
@@ -105,14 +108,29 @@ def can_decode(ts: str) -> bool:
         return False
 
 
+def can_encode(ts: str) -> bool:
+    """Whether pydicom has a working encoder here for ``ts``."""
+    from pydicom.pixels import get_encoder
+
+    try:
+        return get_encoder(ts).is_available
+    except (NotImplementedError, ValueError):
+        return False
+
+
 @dataclass(frozen=True)
 class FramePlan:
-    """What to send for frames: the syntax, the part media type, multipart or one body."""
+    """What to send for frames: the syntax, the part media type, multipart or one body.
+
+    ``decode``: the stored frame is decompressed first; ``encode``: the (native)
+    frame is then compressed to ``transfer_syntax``.
+    """
 
     transfer_syntax: str
     part_media: str
     multipart: bool
     decode: bool
+    encode: bool = False
 
 
 def plan_frames(accept: str | None, stored_ts: str) -> FramePlan:
@@ -141,9 +159,30 @@ def plan_frames(accept: str | None, stored_ts: str) -> FramePlan:
                 return FramePlan(wanted, "application/octet-stream", multipart, True)
             reasons.append(f"no decoder here for the stored transfer syntax {stored_ts}")
             continue
+        if wanted in LOSSLESS_ENCODE and part in (FRAME_MEDIA[wanted], "application/octet-stream"):
+            plan = _encode_plan(wanted, part, multipart, stored_ts, reasons)
+            if plan:
+                return plan
+            continue
         reasons.append(f"cannot transcode the stored {stored_ts} to {wanted or part}")
+    lossless = [ts for ts in LOSSLESS_ENCODE if can_encode(ts)]
     raise NotAcceptable("; ".join(reasons) + f". Available: transfer-syntax=* (stored "
-                        f"{stored_ts}) or {EXPLICIT_LE} as application/octet-stream")
+                        f"{stored_ts}) or {EXPLICIT_LE} as application/octet-stream"
+                        + (", or " + " / ".join(f"{FRAME_MEDIA[t]}; transfer-syntax={t}"
+                                                for t in lossless) if lossless else ""))
+
+
+def _encode_plan(wanted: str, part: str, multipart: bool, stored_ts: str,
+                 reasons: list[str]) -> FramePlan | None:
+    """A plan compressing frames losslessly to ``wanted``, or None with the reason noted."""
+    if not can_encode(wanted):
+        reasons.append(f"no encoder here for {wanted}")
+        return None
+    if stored_ts not in NATIVE and not can_decode(stored_ts):
+        reasons.append(f"no decoder here for the stored transfer syntax {stored_ts}")
+        return None
+    media = "application/octet-stream" if part == "application/octet-stream" else FRAME_MEDIA[wanted]
+    return FramePlan(wanted, media, multipart, decode=stored_ts not in NATIVE, encode=True)
 
 
 def parse_frame_list(text: str, count: int) -> list[int]:
@@ -207,8 +246,43 @@ def decoded_frame(path: Path, n: int) -> bytes:
 
 
 def frame_bytes(path: Path, pixel: dict[str, Any] | None, n: int, plan: FramePlan) -> bytes:
-    """Frame ``n`` as the plan says: stored bytes by offset, or decoded."""
-    return decoded_frame(path, n) if plan.decode else read_frame(path, pixel, n)
+    """Frame ``n`` as the plan says: stored bytes by offset, decoded, and/or re-encoded."""
+    native = decoded_frame(path, n) if plan.decode else read_frame(path, pixel, n)
+    return encoded_frame(path, native, plan.transfer_syntax, plan.decode) if plan.encode \
+        else native
+
+
+def encoded_frame(path: Path, native: bytes, ts: str, decoded: bool) -> bytes:
+    """One native frame compressed losslessly to ``ts``, described by the file's header.
+
+    A ValueError (pixel values the header does not allow, an odd layout) is for
+    the caller to turn into a 406: the client can still ask for the stored syntax.
+    """
+    import pydicom
+    from pydicom.pixels import get_encoder
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    samples = int(ds.get("SamplesPerPixel", 1))
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if decoded and samples == 3:
+        photometric = "RGB"  # pydicom hands decoded colour frames over as RGB
+    bits, signed = int(ds.BitsAllocated), int(ds.get("PixelRepresentation", 0))
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    try:
+        # As an array, so pydicom checks every value fits Bits Stored: given bytes, an
+        # encoder may drop high bits silently, and "lossless" would not be.
+        dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+        arr = np.frombuffer(native, dtype=dtype)
+        if samples > 1 and not decoded and int(ds.get("PlanarConfiguration", 0)) == 1:
+            arr = arr.reshape(samples, rows, cols).transpose(1, 2, 0)
+        arr = arr.reshape((rows, cols, samples) if samples > 1 else (rows, cols))
+        return get_encoder(ts).encode(
+            np.ascontiguousarray(arr), rows=rows, columns=cols, samples_per_pixel=samples,
+            bits_allocated=bits, bits_stored=int(ds.get("BitsStored", bits)),
+            pixel_representation=signed, photometric_interpretation=photometric,
+            number_of_frames=1, planar_configuration=0)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ValueError(f"cannot encode this frame as {ts}: {e}") from e
 
 
 # -- multipart ------------------------------------------------------------------------

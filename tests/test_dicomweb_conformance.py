@@ -188,6 +188,29 @@ def test_frames_stored_syntax_gzip_and_etag(dw: Deployment) -> None:
     assert thumb.headers["Content-Type"] == "image/png"  # the accept parameter wins
     jls = s.get(url, headers={"Accept": 'multipart/related; type="image/jls"'})
     assert jls.status_code == 406 and "cannot transcode" in jls.json()["error"]
+    assert "image/dicom-rle; transfer-syntax=1.2.840.10008.1.2.5" in jls.json()["error"]
+
+
+@pytest.mark.parametrize(("media", "ts"), [("image/dicom-rle", "1.2.840.10008.1.2.5"),
+                                            ("image/jp2", "1.2.840.10008.1.2.4.90")])
+def test_frames_transcoded_losslessly_for_dicomweb_client(dw: Deployment, media: str,
+                                                          ts: str) -> None:
+    from pydicom.encaps import encapsulate
+
+    study, series, paths = dw.ours
+    ds = pydicom.dcmread(paths[2])
+    frames = dw.client().retrieve_instance_frames(study, series, ds.SOPInstanceUID,
+                                                  frame_numbers=[1], media_types=((media, ts),))
+    assert len(frames) == 1 and frames[0] != ds.PixelData
+    ds.file_meta.TransferSyntaxUID = ts
+    original = pydicom.dcmread(paths[2]).pixel_array
+    ds.PixelData = encapsulate(frames)
+    assert (ds.pixel_array == original).all()  # lossless: every pixel back
+    r = dw.session().get(f"{dw.url}/studies/{study}/series/{series}/instances/"
+                         f"{ds.SOPInstanceUID}/frames/1", headers={
+                             "Accept": f'multipart/related; type="{media}"; transfer-syntax={ts}'})
+    assert r.headers["Content-Type"].startswith(f'multipart/related; type="{media}"')
+    assert "Content-Encoding" not in r.headers  # compressed already: no gzip on top
 
 
 def test_store_goes_through_the_durable_path_and_failures_stand_alone(dw: Deployment) -> None:

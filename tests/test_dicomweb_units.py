@@ -187,6 +187,44 @@ def test_frame_negotiation() -> None:
         fr.parse_frame_list("4", 3)
 
 
+@pytest.mark.parametrize("ts", fr.LOSSLESS_ENCODE)
+def test_frames_transcoded_losslessly_on_request(tmp_path: Path, ts: str) -> None:
+    """RLE / JPEG 2000 Lossless on request: the client decodes exactly the stored pixels."""
+    from pydicom.encaps import encapsulate
+
+    if not fr.can_encode(ts):
+        pytest.skip(f"no encoder for {ts} in this environment")  # RLE is pydicom's own
+    media = fr.FRAME_MEDIA[ts]
+    plan = fr.plan_frames(f'multipart/related; type="{media}"; transfer-syntax={ts}',
+                          fr.EXPLICIT_LE)
+    assert (plan.transfer_syntax, plan.part_media, plan.encode, plan.decode) == (
+        ts, media, True, False)
+    ds = make_instance(generate_uid(), generate_uid(), 0, rows=64, cols=48)
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    encoded = fr.frame_bytes(path, None, 1, plan)
+    assert encoded != ds.PixelData
+    back = pydicom.dcmread(path)
+    back.file_meta.TransferSyntaxUID = ts
+    back.PixelData = encapsulate([encoded])
+    assert np.array_equal(back.pixel_array, ds.pixel_array)
+    # A stored RLE frame re-encoded as JPEG 2000 goes through the decoder first.
+    assert fr.plan_frames(f'multipart/related; type="{media}"; transfer-syntax={ts}',
+                          RLELossless if ts != RLELossless else fr.EXPLICIT_LE).encode
+
+
+def test_frames_cannot_be_encoded_beyond_what_the_header_allows(tmp_path: Path) -> None:
+    ds = make_instance(generate_uid(), generate_uid(), 0, rows=64, cols=64)
+    ds.BitsStored, ds.HighBit = 8, 7  # but the values go up to 4095
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    plan = fr.plan_frames('multipart/related; type="image/jp2"; transfer-syntax='
+                          '1.2.840.10008.1.2.4.90', fr.EXPLICIT_LE)
+    _, index = md.compute(path, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    with pytest.raises(ValueError, match="cannot encode"):  # never silently lossy
+        fr.frame_bytes(path, fr.pixel_info(index), 1, plan)
+
+
 def test_rendered_applies_window_and_viewport(tmp_path: Path) -> None:
     ds = make_instance(generate_uid(), generate_uid(), 0, rows=20, cols=40)
     values = np.zeros((20, 40), dtype=np.uint16)

@@ -369,8 +369,14 @@ def retrieve_frames(study: str, series: str, sop: str, frame_list: str):
         raise _fail(406, str(e)) from None
     _audit("dicomweb.frames", study, {"series": series, "sop": sop}, coalesce_key=series)
     path = _path(row)
+    blobs: Iterable[bytes] = (frames_mod.frame_bytes(path, pixel, n, plan) for n in numbers)
+    if plan.encode:  # compressed on request: done before answering, so a failure is a 406
+        try:
+            blobs = [frames_mod.frame_bytes(path, pixel, n, plan) for n in numbers]
+        except ValueError as e:
+            raise _fail(406, f"{e}; ask with transfer-syntax=* for the stored frames") from None
     return _pixel_response(
-        (frames_mod.frame_bytes(path, pixel, n, plan) for n in numbers), len(numbers),
+        iter(blobs), len(numbers),
         plan.part_media, plan.transfer_syntax, plan.multipart,
         _etag([row], "frames", frame_list, plan.transfer_syntax, plan.part_media,
               str(plan.multipart)),
