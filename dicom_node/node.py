@@ -348,8 +348,12 @@ class SharedListenerServer(ThreadedAssociationServer):
         if first is None:  # nothing (whole) arrived in time, or the peer left: ARTIM expiry
             _close_quietly(request)
             return
-        rq = fast.decode_request(first)
-        storage = rq is None or fast.is_storage_request(rq)  # garbage: aborted by our path
+        if fast.proposes_other_services(first):
+            well_formed, storage = True, False  # pynetdicom's: not even decoded here
+        else:
+            rq = fast.decode_request(first)
+            well_formed = rq is not None
+            storage = rq is None or fast.is_storage_request(rq)  # garbage: aborted by our path
         with self._admission:
             full = self._fast_active + len(self.active_associations) \
                 >= self.ae.maximum_associations
@@ -360,7 +364,7 @@ class SharedListenerServer(ThreadedAssociationServer):
             if not full:
                 self._fast_active += 1
         if full:
-            if rq is not None:
+            if well_formed:
                 self._refuse_over_limit(request, client_address, len(first))
             else:
                 _close_quietly(request)

@@ -144,6 +144,33 @@ def _peer_closed(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
+def proposes_other_services(first_pdu: bytes) -> bool:
+    """True when an A-ASSOCIATE-RQ proposes an abstract syntax that is not Storage or Verification.
+
+    Read straight from the PDU's items (PS3.8 9.3.2), so a query or retrieve
+    association goes to pynetdicom without our decoding it first (~0.25 ms of
+    each findscu's set-up).  Malformed items answer False: the full decode decides.
+    """
+    if len(first_pdu) < 74 or first_pdu[0] != ASSOCIATE_RQ:
+        return False
+    offset, end = 74, len(first_pdu)
+    while offset + 4 <= end:
+        item_type, length = first_pdu[offset], struct.unpack_from(">H", first_pdu, offset + 2)[0]
+        item_end = offset + 4 + length
+        if item_type == 0x20:
+            sub = offset + 8  # after context ID and 3 reserved bytes
+            while sub + 4 <= min(item_end, end):
+                sub_length = struct.unpack_from(">H", first_pdu, sub + 2)[0]
+                if first_pdu[sub] == 0x30:
+                    uid = first_pdu[sub + 4:sub + 4 + sub_length].decode("ascii", "replace")
+                    uid = uid.rstrip("\0 ")
+                    if uid not in STORAGE_CLASSES and uid != VERIFICATION:
+                        return True
+                sub += 4 + sub_length
+        offset = item_end
+    return False
+
+
 def decode_request(first_pdu: bytes) -> A_ASSOCIATE_RQ | None:
     """The A-ASSOCIATE-RQ if ``first_pdu`` is a well-formed one, else None."""
     if len(first_pdu) < 74 or first_pdu[0] != ASSOCIATE_RQ:

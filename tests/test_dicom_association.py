@@ -300,6 +300,15 @@ def test_command_parser_reads_pynetdicoms_encoding():
         fast.parse_command(command_bytes(req, C_STORE_RQ)[:-3])
 
 
+def test_requests_for_other_services_are_told_apart_from_the_bytes():
+    find = (StudyRootQueryRetrieveInformationModelFind, [IMPLICIT])
+    assert fast.proposes_other_services(request_pdu([*CT_CX, find]))
+    assert fast.proposes_other_services(request_pdu([("1.2.3.4", [IMPLICIT])]))
+    assert not fast.proposes_other_services(request_pdu([*CT_CX, (Verification, [IMPLICIT])]))
+    assert not fast.proposes_other_services(b"GET / HTTP/1.1\r\n")
+    assert not fast.proposes_other_services(request_pdu(CT_CX)[:80])  # cut short: decoded later
+
+
 def test_responses_are_cut_to_the_peers_maximum_pdu():
     data = bytes(range(200))
     pdus = fast.pdata_pdus(5, data, True, 64)
