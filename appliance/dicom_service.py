@@ -97,7 +97,7 @@ def build_node(cfg: config.Config) -> DicomNode:
     settings = NodeSettings(
         ae_title=dcfg["ae_title"], port=dcfg["port"], bind=dcfg["bind"],
         store_from=dcfg["store_from"], max_associations=dcfg["max_associations"],
-        peers=PeerList(cfg), fast_store=dcfg.get("fast_store", True),
+        peers=PeerList(cfg), fast_store=dcfg["fast_store"],
     )
 
     def on_reject(calling: str, address: str, reason: str) -> None:
