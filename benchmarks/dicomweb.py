@@ -17,11 +17,13 @@ Measures, printing medians and the ratio ours/Orthanc where Orthanc is installed
    to first image), then every other frame over 6 keep-alive connections
    (time to full series). Bytes on the wire vs raw pixel bytes are printed.
 5. OHIF in Chromium through the same thin link: navigation to the first image on
-   screen with an empty browser cache, then with the viewer cached (ours only;
-   FIELD-NOTES has the Orthanc figures).
+   screen with an empty browser cache, then with the viewer cached, each time a
+   different copy of the CT (the same study again would come from the browser's
+   cache); ``--waterfall`` prints each load's requests (ours only; FIELD-NOTES has
+   the Orthanc figures).
 
 Run: ``.venv/bin/python benchmarks/dicomweb.py [--thin-frames 300] [--runs 30]
-[--parts qido,metadata,frames,thin]``.
+[--parts qido,metadata,frames,thin,browser] [--waterfall]``.
 The machine is shared: compare ratios from one run, not figures across runs.
 """
 
