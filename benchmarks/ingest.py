@@ -89,6 +89,38 @@ class Server:
         stop(self.proc)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU so far of the server and its child processes (from /proc)."""
+        return sum(_cpu_of(pid) for pid in [self.proc.pid, *_children(self.proc.pid)])
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()  # fields after the command name
+
+
+def _cpu_of(pid: int) -> float:
+    try:
+        fields = _stat_fields(pid)
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(_stat_fields(int(entry))[1]) == pid:
+                    out.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
 
 def start_ours(base: Path, env: dict[str, str], processes: int | None) -> Server:
     """``appliance init`` + ``appliance dicom`` on free ports, with a query AE for findscu."""
@@ -230,9 +262,13 @@ class Figures:
     """Medians per (server, case)."""
 
     rates: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    cpu_ms: dict[tuple[str, str], list[float]] = field(default_factory=dict)  # per instance
 
     def add(self, server: str, case: str, value: float) -> None:
         self.rates.setdefault((server, case), []).append(value)
+
+    def add_cpu(self, server: str, case: str, ms_per_instance: float) -> None:
+        self.cpu_ms.setdefault((server, case), []).append(ms_per_instance)
 
     def median(self, server: str, case: str) -> float | None:
         values = self.rates.get((server, case))
@@ -257,10 +293,13 @@ def run_pushes(args, base: Path, files: list[Path], mb: float, figs: Figures,
                 for name in servers:
                     server = start_server(name, base, env, args.processes)
                     try:
+                        cpu = server.cpu_seconds()
                         secs = push_storescu(server, files, parallel, env)
+                        cpu = server.cpu_seconds() - cpu
                     finally:
                         server.close()
                     figs.add(name, case, len(files) / secs)
+                    figs.add_cpu(name, case, cpu * 1e3 / len(files))
                     print(f"  {case:<28} run {run + 1} {name:<8} {len(files) / secs:7.1f} inst/s"
                           f"  {mb / secs:6.1f} MB/s", flush=True)
 
@@ -311,6 +350,11 @@ def report(figs: Figures, lat: dict[str, dict[str, float]], mb_per_inst: float) 
         o, t = figs.median("ours", case), figs.median("orthanc", case)
         print(f"  {case:<28} ours {_fmt(o, mb_per_inst)}  orthanc {_fmt(t, mb_per_inst)}"
               f"  ratio {ratio(o, t)}")
+    print("\nServer CPU per instance (user + system, all its processes; ms), medians:")
+    for case in cases:
+        o, t = (statistics.median(figs.cpu_ms.get((n, case)) or [float("nan")])
+                for n in ("ours", "orthanc"))
+        print(f"  {case:<28} ours {o:5.2f}  orthanc {t:5.2f}  ratio {ratio(o, t)}")
     print("\nC-STORE latency, pynetdicom SCU, one association, TCP_NODELAY on both sides (ms):")
     for name, v in lat.items():
         print(f"  {name:<8} p50 {v['p50'] * 1e3:6.1f}  p99 {v['p99'] * 1e3:6.1f}")
