@@ -157,6 +157,16 @@ PRELOADS_JS = """() => {
 }"""
 
 
+BULKDATA_JS = """async () => {
+  const ds = window.services.displaySetService.getActiveDisplaySets()
+    .find(d => d.numImageFrames > 10);
+  const pixel = ds.instances[0].PixelData;
+  const data = await pixel.retrieveBulkData();
+  const buffer = Array.isArray(data) ? data[0] : data;
+  return { uri: pixel.BulkDataURI, bytes: buffer.byteLength };
+}"""
+
+
 def _shown_sop(page) -> str:
     return page.evaluate(f"() => window.cornerstone.metaData.get('sopCommonModule',"
                          f" ({VIEWPORT_JS})().getCurrentImageId()).sopInstanceUID")
@@ -250,6 +260,11 @@ def test_ct_head_hangs_axial_in_brain_window_reader_scrolls_measures_chest_gets_
             # localizer), the brain window, the middle slice.
             hung = _hung(page)
             _check_preloads(page, _shown_sop(page))
+            # Our path-only BulkDataURIs (never built from the Host header): OHIF makes them
+            # absolute under its DICOMweb root and fetches the pixel data through them.
+            bulk = page.evaluate(BULKDATA_JS)
+            assert bulk["uri"].startswith(base + "/dicom-web/studies/"), bulk
+            assert bulk["bytes"] == SIZE * SIZE * 2, bulk
             assert hung["protocol"] == "CT head (stroke)"
             assert hung["series"] == axial_uid and hung["count"] == SLICES
             assert hung["index"] in (SLICES // 2 - 1, SLICES // 2)
