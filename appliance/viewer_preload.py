@@ -4,11 +4,12 @@ Over a 300 ms link each DICOMweb request of OHIF's opening chain costs a round
 trip, and OHIF only starts the chain once its JavaScript has booted (1.5-3 s
 with the viewer cached on this machine): study search, then the series search
 and the patient's priors search, then each series' metadata, then the first
-frame. The viewer page names those
-URLs in a small script at the top of the page that fetches them, with the
-Accept headers OHIF will send, in parallel with the JavaScript start-up; OHIF's
-own requests are then answered by the browser's HTTP cache (frames are
-immutable, searches and metadata fresh for 10 s). ``<link rel=preload>`` does
+frame. The viewer page carries those URLs in a small script at its top that
+fetches them, with the Accept headers OHIF will send, in parallel with the
+JavaScript start-up; OHIF's own requests are then answered by the browser's
+HTTP cache (frames are immutable, searches and metadata fresh for 10 s; the
+answers vary by Cookie, and OHIF's first start in a browser sets a language
+cookie, so that one opening misses them). ``<link rel=preload>`` does
 not do it: Chromium does not hand preloads to XMLHttpRequest, and a preload's
 ``Accept: */*`` misses frames, whose responses vary by Accept.
 
@@ -17,7 +18,8 @@ The URLs must be byte-for-byte those OHIF builds (pinned 3.13.2 with our
 (or OHIF's default) shows first: the same series choice as the JavaScript, and
 OHIF's slice order (descending position along the slice normal; the middle
 is index ``ceil((n - 1) / 2)``). A wrong guess costs one frame's bytes, never a
-wrong image: OHIF still asks for what it needs. ``tests/test_viewer_e2e.py``
+wrong image: OHIF still asks for what it needs. The page reads only the
+metadata cache the worker's sweep keeps, never files. ``tests/test_viewer_e2e.py``
 checks that the preloads are the requests OHIF makes.
 """
 
@@ -27,10 +29,7 @@ import json
 import re
 import sqlite3
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import quote
-
-from appliance import dicomweb_metadata
 
 # OHIF's query strings for a study opened by StudyInstanceUIDs (fuzzy matching on, as
 # our app-config says; includefield lists as OHIF 3.13.2 sends them).
@@ -64,14 +63,22 @@ class Slice:
     thickness: float | None
 
 
-def _slices(conn: sqlite3.Connection, studies_dir: Path, series_uid: str) -> list[Slice]:
+def _slices(conn: sqlite3.Connection, series_uid: str) -> list[Slice]:
     """Position, orientation, ImageType and thickness of each instance, from cached metadata.
 
-    Missing cache rows are made here (the worker's sweep may not have run yet):
-    the same work OHIF's metadata request would cause a moment later.
+    Only from the cache the worker's sweep keeps (seconds after ingest): the page
+    must not wait while metadata is made. A series not fully cached yet gives []
+    (its slice order is unknown), and its frame is simply not fetched ahead; the
+    metadata request fetched ahead makes the cache in parallel with OHIF's start.
     """
+    rows = conn.execute(
+        "SELECT i.sop_uid, m.json, m.sha256 = i.sha256 AS fresh FROM instances i"
+        " LEFT JOIN dicomweb_metadata m ON m.sop_uid = i.sop_uid WHERE i.series_uid = ?",
+        (series_uid,)).fetchall()
+    if not rows or not all(r["fresh"] for r in rows):
+        return []
     out = []
-    for r in dicomweb_metadata.instances(conn, studies_dir, "i.series_uid = ?", (series_uid,)):
+    for r in rows:
         attrs = json.loads(r["json"])
 
         def values(tag: str, attrs: dict = attrs) -> list:
@@ -116,14 +123,14 @@ def is_head_study(study: sqlite3.Row, series: list[sqlite3.Row]) -> bool:
     return False
 
 
-def _head_stack(conn: sqlite3.Connection, studies_dir: Path,
+def _head_stack(conn: sqlite3.Connection,
                 series: list[sqlite3.Row]) -> tuple[str, list[Slice]]:
     """The axial soft-tissue stack our protocol hangs: axial, not bone/lung, most images, thinnest."""
     best, best_rank, best_slices = "", None, []
     for se in series:
         if se["modality"] != "CT":
             continue
-        slices = _slices(conn, studies_dir, se["series_uid"])
+        slices = _slices(conn, se["series_uid"])
         if len(slices) < MIN_STACK_IMAGES or not slices:
             continue
         first = slices[0]
@@ -137,7 +144,7 @@ def _head_stack(conn: sqlite3.Connection, studies_dir: Path,
     return best, best_slices
 
 
-def first_frame(conn: sqlite3.Connection, studies_dir: Path, study: sqlite3.Row,
+def first_frame(conn: sqlite3.Connection, study: sqlite3.Row,
                 series: list[sqlite3.Row]) -> tuple[str, str] | None:
     """(series UID, SOP UID) of the image OHIF shows first, or None when we cannot tell.
 
@@ -146,7 +153,7 @@ def first_frame(conn: sqlite3.Connection, studies_dir: Path, study: sqlite3.Row,
     ``k`` of the viewport is ``ordered(...)[last - k]``.
     """
     if is_head_study(study, series):
-        uid, slices = _head_stack(conn, studies_dir, series)
+        uid, slices = _head_stack(conn, series)
         if uid:
             stack = ordered(slices)
             last = len(stack) - 1
@@ -156,7 +163,7 @@ def first_frame(conn: sqlite3.Connection, studies_dir: Path, study: sqlite3.Row,
               and se["num_instances"]]
     if not images:
         return None
-    stack = ordered(_slices(conn, studies_dir, images[0]["series_uid"]))
+    stack = ordered(_slices(conn, images[0]["series_uid"]))
     return (images[0]["series_uid"], stack[-1].sop_uid) if stack else None
 
 
@@ -169,7 +176,7 @@ def accept_for(url: str) -> str:
     return FRAME_ACCEPT if "/frames/" in url else JSON_ACCEPT
 
 
-def first_requests(conn: sqlite3.Connection, studies_dir: Path, study_uid: str) -> list[str]:
+def first_requests(conn: sqlite3.Connection, study_uid: str) -> list[str]:
     """The DICOMweb URLs OHIF requests first for ``study_uid`` (empty for an unknown study)."""
     if not UID.match(study_uid) or len(study_uid) > 64:
         return []
@@ -188,7 +195,7 @@ def first_requests(conn: sqlite3.Connection, studies_dir: Path, study_uid: str) 
     if len(series) > MAX_SERIES:
         return urls
     urls += [SERIES_METADATA.format(study=study_uid, series=se["series_uid"]) for se in series]
-    frame = first_frame(conn, studies_dir, study, series)
+    frame = first_frame(conn, study, series)
     if frame:
         urls.append(FRAME.format(study=study_uid, series=frame[0], sop=frame[1]))
     return urls

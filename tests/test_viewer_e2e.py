@@ -28,7 +28,7 @@ from conftest import require_module, require_tool
 from dicom_data import make_instance
 from pydicom.uid import generate_uid
 
-from appliance import accounts, config, read_queue
+from appliance import accounts, config, dicomweb_metadata, read_queue
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -224,6 +224,8 @@ def test_ct_head_hangs_axial_in_brain_window_reader_scrolls_measures_chest_gets_
     assert push.returncode == 0, push.stderr
     cfg = config.load(site.data_dir)
     read_queue.sweep(cfg, now=time.time() + cfg["worker"]["quiet_period_s"] + 1)
+    while dicomweb_metadata.sweep(cfg):  # what the worker does seconds after ingest
+        pass
     conn = site.db()
     accounts.add_user(conn, "drhouse", "radiologist", PASSWORD)
     conn.close()

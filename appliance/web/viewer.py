@@ -19,7 +19,7 @@ import json
 import re
 from pathlib import Path
 
-from flask import Blueprint, Response, abort, current_app, request, send_file
+from flask import Blueprint, Response, abort, request, send_file
 
 from appliance import viewer_preload
 from appliance.web import auth, get_db
@@ -95,8 +95,7 @@ def preload_script(study_uid: str) -> str:
     """
     if not study_uid or not viewer_preload.UID.match(study_uid) or not _may_open(study_uid):
         return ""
-    urls = viewer_preload.first_requests(get_db(), current_app.config["SITE"].studies_dir,
-                                         study_uid)
+    urls = viewer_preload.first_requests(get_db(), study_uid)
     if not urls:
         return ""
     pairs = json.dumps([[u, viewer_preload.accept_for(u)] for u in urls]).replace("</", "<\\/")
