@@ -86,16 +86,24 @@ def site_scope() -> list[str] | None:
     return sites or None
 
 
-def _check_study(study_uid: str) -> None:
-    """404 for an unknown study, 403 for another site's study (unless break-glass)."""
+def may_see(study_uid: str) -> bool | None:
+    """Whether the caller may see this study (their site, or a break-glass grant); None: unknown."""
     row = get_db().execute("SELECT institution_name FROM studies WHERE study_uid = ?",
                            (study_uid,)).fetchone()
     if row is None:
-        raise _fail(404, f"no study {study_uid}")
+        return None
     sites = site_scope()
-    if sites is None or row["institution_name"].lower() in {s.lower() for s in sites}:
-        return
-    if auth.has_break_glass(study_uid):
+    if sites is None or (row["institution_name"] or "").lower() in {s.lower() for s in sites}:
+        return True
+    return auth.has_break_glass(study_uid)
+
+
+def _check_study(study_uid: str) -> None:
+    """404 for an unknown study, 403 for another site's study (unless break-glass)."""
+    allowed = may_see(study_uid)
+    if allowed is None:
+        raise _fail(404, f"no study {study_uid}")
+    if allowed:
         return
     auth.audit_event("dicomweb.denied", study_uid, outcome="denied",
                      detail={"reason": "study of another site", "path": request.path})

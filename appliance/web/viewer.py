@@ -2,14 +2,17 @@
 
 ``provisioning/fetch-viewer.sh`` puts the pinned build in ``static/viewer/``
 (git-ignored), re-based to ``/viewer/`` and with ``.br`` and ``.gz`` twins of
-its large files (brotli is ~30 % smaller; browsers send it over HTTPS). This blueprint serves it to signed-in readers with our own
-``app-config.js`` (same-origin DICOMweb, no study list, no splash or tour).
-OHIF's route for a study is ``/viewer?StudyInstanceUIDs=<uid>``, which is
-also what the worklist links to.
+its large files (brotli is ~30 % smaller; browsers send it over HTTPS). This
+blueprint serves it to signed-in readers with our own configuration
+(``static/viewer-app-config.js``: same-origin DICOMweb, no study list, no
+splash or tour, the CT head hanging protocol), inlined into the page. OHIF's
+route for a study is ``/viewer?StudyInstanceUIDs=<uid>``, which is also what
+the worklist links to; that page also fetches ahead what OHIF will ask first
+(:mod:`appliance.viewer_preload`).
 
-Caching: files whose names carry a content hash are immutable for a year, so
-a reader on a thin link downloads the 5 MB app once; ``index.html`` and the
-config are revalidated every time.
+Caching: the build's files are immutable for a year (versioned prefix or
+content-hashed names), so a reader on a thin link downloads the 4 MB app
+once; the page itself is never stored.
 """
 
 from __future__ import annotations
@@ -74,26 +77,15 @@ def _page_template() -> str:
     return page
 
 
-def _may_open(study_uid: str) -> bool:
-    """Whether the caller may see this study (its site, or a break-glass grant)."""
-    from appliance.web import dicomweb
-
-    row = get_db().execute("SELECT institution_name FROM studies WHERE study_uid = ?",
-                           (study_uid,)).fetchone()
-    if row is None:
-        return False
-    sites = dicomweb.site_scope()
-    return (sites is None or (row["institution_name"] or "").lower() in {x.lower() for x in sites}
-            or auth.has_break_glass(study_uid))
-
-
 def preload_script(study_uid: str) -> str:
     """A script fetching the DICOMweb requests OHIF makes first for this study, right away.
 
     Their answers wait in the browser's HTTP cache for OHIF to ask (see
     :mod:`appliance.viewer_preload`); a failed fetch is only a missed head start.
     """
-    if not study_uid or not viewer_preload.UID.match(study_uid) or not _may_open(study_uid):
+    from appliance.web import dicomweb
+
+    if not study_uid or not viewer_preload.UID.match(study_uid) or not dicomweb.may_see(study_uid):
         return ""
     urls = viewer_preload.first_requests(get_db(), study_uid)
     if not urls:
