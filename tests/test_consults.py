@@ -436,3 +436,15 @@ def audit_rows_all(a: AuthApp) -> list:
         return conn.execute("SELECT action FROM audit ORDER BY id").fetchall()
     finally:
         conn.close()
+
+
+def test_invite_link_uses_the_public_address_when_set(app: AuthApp):
+    """With web.public_url set, the link a remote specialist gets is under it, not under the
+    local address the bedside's browser used (here the test client's http://localhost)."""
+    app.app.config["SITE"]["web"]["public_url"] = "https://field-7.example.org:8443"
+    nurse = app.client()
+    login(app, nurse, "nurse")
+    cid = start_consult(app, nurse)
+    r = nurse.post(f"/consults/{cid}/invite", json={}, headers={"X-CSRF-Token": csrf(nurse)})
+    assert r.status_code == 200, r.get_data(as_text=True)
+    assert r.get_json()["url"].startswith("https://field-7.example.org:8443/consults/join/")

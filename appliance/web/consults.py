@@ -169,8 +169,15 @@ def invite(cid: int):
     minutes = _cfg()["consults"]["invite_minutes"]
     token = consults.make_invite(get_db(), _invite_key(), cid, auth.current_user()["username"],
                                  minutes * 60, now=_now(), source=auth.client_address())
-    return jsonify(url=f"{request.host_url.rstrip('/')}/consults/join/{token}",
-                   expires_in_s=minutes * 60)
+    return jsonify(url=f"{_link_base()}/consults/join/{token}", expires_in_s=minutes * 60)
+
+
+def _link_base() -> str:
+    """Where an invite link points: ``web.public_url`` when set (the remote specialist
+    reaches the box by that address, not by the bedside's local one), else the address
+    the bedside's own browser used."""
+    public = str(_cfg()["web"].get("public_url") or "")
+    return (public or request.host_url).rstrip("/")
 
 
 @bp.post("/consults/<int:cid>/join")
