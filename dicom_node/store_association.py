@@ -22,6 +22,7 @@ pynetdicom untouched: the acceptor only *peeks* at the A-ASSOCIATE-RQ
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import struct
@@ -70,9 +71,10 @@ REASON_NOT_SPECIFIED, UNRECOGNIZED_PDU, UNEXPECTED_PDU, INVALID_PARAMETER = 0x00
 # The first PDU is at most this big: 128 contexts × 16 transfer syntaxes of 64-byte UIDs
 # is ~150 KB; anything larger is treated as garbage.
 MAX_REQUEST_PDU = 1 << 20
-# We announce "unlimited" (0) like the pynetdicom AE; this only bounds what one bogus
-# length field can make us allocate.
-MAX_PDU = 1 << 27
+# We announce "unlimited" (0) like the pynetdicom AE, and a pynetdicom sender then puts a
+# whole dataset in one PDU, however big.  A PDU longer than this is read in pieces of this
+# size, so what we allocate follows the bytes that arrive, not a (bogus) length field.
+PDU_PIECE = 1 << 24
 
 # Command Field values (PS3.7 E.1).
 C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
@@ -383,17 +385,24 @@ class StoreAssociation:
                 raise Aborted("peer closed the connection")
             got += n
 
-    def read_pdu(self) -> tuple[int, memoryview]:
+    def read_pdu(self, limit: int | None = None) -> tuple[int, memoryview]:
         """(type, body) of the next PDU; blocking, bounded by the network timeout."""
         self._recv_into(memoryview(self._header))
         pdu_type, length = self._header[0], struct.unpack_from(">I", self._header, 2)[0]
         if pdu_type not in PDU_TYPES:
             self.abort(UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{pdu_type:02X}")
-        if length > MAX_PDU:
-            self.abort(INVALID_PARAMETER, f"PDU length {length} over {MAX_PDU}")
-        body = memoryview(bytearray(length))
-        self._recv_into(body)
-        return pdu_type, body
+        if limit is not None and length > limit:
+            self.abort(INVALID_PARAMETER, f"PDU length {length} over {limit}")
+        if length <= PDU_PIECE:
+            body = memoryview(bytearray(length))
+            self._recv_into(body)
+            return pdu_type, body
+        pieces = []
+        for start in range(0, length, PDU_PIECE):
+            piece = memoryview(bytearray(min(PDU_PIECE, length - start)))
+            self._recv_into(piece)
+            pieces.append(piece)
+        return pdu_type, memoryview(b"".join(pieces))
 
     def send(self, *pdus: bytes) -> None:
         self.sock.sendall(b"".join(pdus))
@@ -447,7 +456,7 @@ class StoreAssociation:
 
     def _negotiate(self) -> bool:
         """Answer the A-ASSOCIATE-RQ; True when the association is established."""
-        pdu_type, body = self.read_pdu()
+        pdu_type, body = self.read_pdu(limit=MAX_REQUEST_PDU)
         if pdu_type != ASSOCIATE_RQ:
             self.abort(UNEXPECTED_PDU, f"expected A-ASSOCIATE-RQ, got PDU 0x{pdu_type:02X}")
         rq = decode_request(bytes(self._header) + body.tobytes())
@@ -456,7 +465,7 @@ class StoreAssociation:
         primitive = rq.to_primitive()
         self.calling = str(primitive.calling_ae_title or "").strip()
         log.info("association requested", extra={"calling_ae": self.calling,
-                                                 "address": self.address})
+                                                 "address": self.address, "pid": os.getpid()})
         reason = self.hooks.refusal(self.calling, self.address)
         if reason:
             # rejected-permanent, service-user, calling AE title not recognized

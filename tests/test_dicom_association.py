@@ -363,6 +363,25 @@ def test_storage_with_query_contexts_goes_to_pynetdicom_and_both_work(make_node,
     assert found == [pydicom.dcmread(path).StudyInstanceUID]
 
 
+def test_a_pdu_bigger_than_a_piece_is_read_in_pieces(make_node, tmp_path, monkeypatch):
+    """pynetdicom sends a whole dataset in one PDU when we announce no maximum."""
+    monkeypatch.setattr(fast, "PDU_PIECE", 4096)
+    node = make_node()
+    _, _, (path,) = write_series(tmp_path, 1, rows=128, cols=128)  # 32 KiB of pixels
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="FIELDAPP")
+    try:
+        assert assoc.send_c_store(path).Status == 0
+    finally:
+        assoc.release()
+    sent = pydicom.dcmread(path)
+    conn = db.connect(node.root / "a.db")
+    (rel,) = conn.execute("SELECT path FROM instances").fetchone()
+    conn.close()
+    assert pydicom.dcmread(node.root / "studies" / rel).PixelData == sent.PixelData
+
+
 def test_failure_status_and_comment_reach_the_sender(make_node, tmp_path):
     node = make_node()
     ds = make_instance(generate_uid(), generate_uid(), 0, rows=16, cols=16)
