@@ -341,6 +341,22 @@ def test_dcmtk_store_and_echo_go_through_the_storage_path(make_node, dcmtk, tmp_
     assert {r["calling_ae"] for r in rows.values()} == {"MODALITY"}
 
 
+def test_datasets_in_many_small_pdus_are_reassembled(make_node, dcmtk, tmp_path):
+    node = make_node()
+    _, _, paths = write_series(tmp_path, 2, rows=128, cols=128)  # 32 KiB each: 8+ PDUs
+    sent = subprocess.run([dcmtk["storescu"], "--max-send-pdu", "4096", "-aec", "FIELDAPP",
+                           "127.0.0.1", str(node.port), *map(str, paths)],
+                          capture_output=True, text=True, timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    conn = db.connect(node.root / "a.db")
+    rows = dict(conn.execute("SELECT sop_uid, path FROM instances").fetchall())
+    conn.close()
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        stored = pydicom.dcmread(node.root / "studies" / rows[str(ds.SOPInstanceUID)])
+        assert stored.PixelData == ds.PixelData
+
+
 def test_storage_with_query_contexts_goes_to_pynetdicom_and_both_work(make_node, tmp_path):
     node = make_node(peers=[Peer("PYSCU", query=True)])
     _, _, (path,) = write_series(tmp_path, 1, rows=16, cols=16)
