@@ -18,13 +18,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import random
-import socket
 import sqlite3
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +29,7 @@ from appliance import audit, consult_recordings, db, identity
 from appliance import bundle as bnd
 from appliance import sync_targets as st
 from appliance.config import Config
+from appliance.leases import holder_gone, new_owner
 from dicom_node import durable
 
 log = logging.getLogger("appliance.sync")
@@ -105,26 +103,6 @@ class Pacer:
             wait = self.allowance_at - now
         if wait > 0:
             time.sleep(wait)
-
-
-def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def _owner_dead(owner: str | None) -> bool:
-    """A lease held by a process on this host that no longer exists can be taken at once."""
-    if not owner:
-        return True
-    host, _, rest = owner.partition(":")
-    if host != socket.gethostname():
-        return False
-    try:
-        os.kill(int(rest.split(":")[0]), 0)
-    except ProcessLookupError:
-        return True
-    except (ValueError, PermissionError):
-        return False
-    return False
 
 
 def _link(conn: sqlite3.Connection) -> dict[str, Any]:
@@ -329,14 +307,14 @@ def bundles_dir(cfg: Config) -> Path:
 
 def build_due(conn: sqlite3.Connection, cfg: Config, force: bool = False) -> int:
     """Reserve and build what is due; rebuild reservations a dead builder left. Idempotent."""
-    owner = _owner()
+    owner = new_owner()
     now = time.time()
     plan(conn, cfg, now, force, owner)
     built = 0
     for r in conn.execute("SELECT bundle_id, lease_owner, lease_until FROM bundles"
                           " WHERE state='building' ORDER BY priority, seq").fetchall():
         if r["lease_owner"] != owner:
-            if r["lease_until"] > now and not _owner_dead(r["lease_owner"]):
+            if r["lease_until"] > now and not holder_gone(r["lease_owner"]):
                 continue
             with db.transaction(conn):
                 cur = conn.execute("UPDATE bundles SET lease_owner=?, lease_until=? WHERE"
@@ -368,7 +346,7 @@ def _lease_next(conn: sqlite3.Connection, cfg: Config, owner: str,
                 "SELECT * FROM bundles WHERE state IN ('built','uploading','uploaded')"
                 " AND next_attempt <= ? ORDER BY priority, seq", (now,)).fetchall():
             if r["lease_until"] > now and r["lease_owner"] != owner \
-                    and not _owner_dead(r["lease_owner"]):
+                    and not holder_gone(r["lease_owner"]):
                 continue
             conn.execute("UPDATE bundles SET lease_owner=?, lease_until=? WHERE bundle_id=?",
                          (owner, now + cfg["sync"]["lease_s"], r["bundle_id"]))
@@ -381,7 +359,7 @@ class Uploader:
     """Sends leased bundles in priority order until none is due or the link drops."""
 
     def __init__(self, cfg: Config, target: st.Target | None = None):
-        self.cfg, self.owner = cfg, _owner()
+        self.cfg, self.owner = cfg, new_owner()
         self.target = target or make_target(cfg)
         self.conn = db.connect(cfg.db_path)
         self.lock = threading.Lock()
