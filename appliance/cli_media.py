@@ -89,7 +89,7 @@ def cmd_turn_config(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p_media = sub.add_parser("media", help="consult media: probes, the capped relay, coturn")
+    p_media = sub.add_parser("media", help="consult media: the media service (recordings, probes, relay), coturn")
     s = p_media.add_subparsers(dest="media_cmd", required=True)
     p = s.add_parser("probe", help="join a consult as a receive-only probe and measure it")
     p.add_argument("--consult", type=int, required=True, help="consult number")
