@@ -285,6 +285,20 @@ def test_idle_logoff_after_15_minutes_with_a_fake_clock(auth_app: AuthApp):
     assert reasons == ["idle"]
 
 
+def test_idle_logoff_is_never_early_though_last_seen_is_written_sparingly(auth_app: AuthApp):
+    """last_seen is written at most every 30 s; an action just after a write must still count."""
+    auth_app.add_user("staff1", "site_staff")
+    c = auth_app.client()
+    login(auth_app, c, "staff1")
+    auth_app.clock.advance(10)
+    assert c.get("/account/password", headers=HTML).status_code == 200  # not written: < 30 s
+    auth_app.clock.advance(15 * 60 - 5)  # 14:55 after that action, 15:05 after last_seen
+    assert c.get("/account/password", headers=HTML).status_code == 200
+    auth_app.clock.advance(15 * 60 + 31)  # past the timeout and the 30 s write interval
+    r = c.get("/account/password", headers=HTML)
+    assert r.status_code == 302 and "idle=1" in r.headers["Location"]
+
+
 def test_idle_timeout_is_configurable(tmp_path: Path):
     a = make_auth_app(tmp_path, lambda t: t.replace("idle_timeout_min: 15", "idle_timeout_min: 2"))
     a.add_user("staff1", "site_staff")

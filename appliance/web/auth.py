@@ -198,7 +198,9 @@ def _from_session() -> _Auth:
     if row["disabled"]:
         end_session("disabled")
         return _Auth(why="account disabled")
-    if t - row["last_seen"] > cfg["idle_timeout_min"] * 60:
+    # last_seen is written at most every TOUCH_EVERY_S, so it may be that much older than
+    # the last action: wait that much longer, so nobody is signed out before their time.
+    if t - row["last_seen"] > cfg["idle_timeout_min"] * 60 + TOUCH_EVERY_S:
         _log_off(row, "idle")
         return _Auth(why="signed out after inactivity")
     if t - row["created_at"] > cfg["session_max_hours"] * 3600:
