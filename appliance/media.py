@@ -284,13 +284,9 @@ class Recorder(Participant):
         current = self.peers.get(sender)
         tracks = self.pending.pop(id(current[1]), None) if current else None
         if tracks:
-            from aiortc.contrib.media import MediaRecorder
-
             path = consult_recordings.partial_path(self.cfg.data_dir, self.cid, self.job_id,
                                                    sender, current[0])
-            rec = MediaRecorder(str(path), format="matroska", options=RECORDER_FLUSH)
-            for t in tracks:
-                rec.addTrack(t)
+            rec = TrackFile(path, tracks)
             await rec.start()
             self.recorders.append((rec, path))
             if self.result.join_ms is None:
@@ -319,6 +315,87 @@ class Recorder(Participant):
             conn.close()
         self.recorders = []
         return sealed
+
+
+class TrackFile:
+    """One participant's audio and video into one Matroska file (H.264 + AAC), as it arrives.
+
+    Why not aiortc's ``MediaRecorder``: it sizes the video stream from the first
+    video frame, but the container opens every codec when the first packet of
+    any stream is written; when audio came first (about one recording in five
+    in the aiortc test) setting the size raised, the video task died silently
+    and the file had sound and no picture.  Here audio waits for the first
+    video frame (at most ``VIDEO_WAIT_S``; then the picture is 640×480) and
+    PyAV scales frames of any later size, as a sender adapting its resolution
+    to the link does.  A frame that cannot be written is logged and skipped,
+    never the end of the recording.
+    """
+
+    VIDEO_WAIT_S = 3.0
+
+    def __init__(self, path: Path, tracks: list):
+        import av
+
+        self.container = av.open(str(path), mode="w", format="matroska", options=RECORDER_FLUSH)
+        self.sized = asyncio.Event()
+        self.streams: dict[str, tuple[Any, Any]] = {}  # kind -> (track, output stream)
+        for track in tracks:
+            if track.kind in self.streams:
+                continue
+            if track.kind == "video":
+                stream = self.container.add_stream("libx264", rate=30)
+                stream.pix_fmt, stream.width, stream.height = "yuv420p", 640, 480
+            else:
+                stream = self.container.add_stream("aac")
+            self.streams[track.kind] = (track, stream)
+        if "video" not in self.streams:
+            self.sized.set()
+        self.tasks: list[asyncio.Task] = []
+        self.skipped = 0
+
+    async def start(self) -> None:
+        for kind, (track, stream) in self.streams.items():
+            self.tasks.append(asyncio.ensure_future(self._run(kind, track, stream)))
+        if not self.sized.is_set():
+            self.tasks.append(asyncio.ensure_future(self._size_deadline()))
+
+    async def _size_deadline(self) -> None:
+        try:
+            await asyncio.wait_for(self.sized.wait(), self.VIDEO_WAIT_S)
+        except TimeoutError:
+            self.sized.set()  # no picture yet (audio-only step?): sound is not held back longer
+
+    async def _run(self, kind: str, track, stream) -> None:
+        from aiortc.mediastreams import MediaStreamError
+
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            if kind == "video" and not self.sized.is_set():
+                stream.width, stream.height = frame.width, frame.height  # no packet written yet
+                self.sized.set()
+            elif kind != "video":
+                await self.sized.wait()
+            self._write(stream, frame)
+
+    def _write(self, stream, frame) -> None:
+        try:
+            for packet in stream.encode(frame):
+                self.container.mux(packet)
+        except Exception as e:  # one bad frame (a timestamp going back) must not end the file
+            self.skipped += 1
+            if self.skipped == 1:
+                log.warning("recording: a frame could not be written: %s", e)
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for _track, stream in self.streams.values():
+            self._write(stream, None)  # what the encoders still hold
+        self.container.close()
 
 
 class RelayCapacity:
