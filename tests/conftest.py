@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -25,15 +26,19 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ARTIFACTS = ROOT / "test-artifacts"
 
 
+def missing(message: str) -> NoReturn:
+    """Something a test needs is not here: under CI that is a failure, elsewhere a skip."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_tool(name: str, path: str | None = None) -> str:
     """Path of an external tool; fail under CI when it is missing, skip elsewhere."""
     found = path if path and os.path.exists(path) else shutil.which(name)
     if found:
         return found
-    message = f"{name} is not installed (make test installs it when run as root)"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
+    missing(f"{name} is not installed (make test installs it when run as root)")
 
 
 def require_module(name: str):
@@ -43,10 +48,7 @@ def require_module(name: str):
     try:
         return importlib.import_module(name)
     except ImportError as e:
-        message = f"{name} is not importable ({e}); make test installs the test extras"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"{name} is not importable ({e}); make test installs the test extras")
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ import re
 import time
 
 import pytest
-from conftest import IN_CI, make_site, require_module, require_tool
+from conftest import make_site, missing, require_module, require_tool
 from consult_netns import Guest, Netns
 from test_consult_browser import CHROMIUM_ARGS, PASSWORD, enter
 
@@ -29,7 +29,7 @@ def call(tmp_path_factory):
     require_tool("iptables", "/usr/sbin/iptables")
     require_tool("ip", "/usr/sbin/ip")
     if os.geteuid() != 0:  # like a missing tool: fails under CI, skipped elsewhere
-        (pytest.fail if IN_CI else pytest.skip)("network namespaces need root")
+        missing("network namespaces need root")
     sync_api = require_module("playwright.sync_api")
     ns = Netns()
     ns.up()

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import IN_CI, ROOT, free_port, require_tool
+from conftest import ROOT, free_port, missing, require_tool
 from dicom_data import write_series
 
 pytestmark = pytest.mark.slow
@@ -32,9 +32,7 @@ CLEAN_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/b
 
 def _need_root() -> None:
     if os.geteuid() != 0:
-        if IN_CI:
-            pytest.fail("the fresh-machine test needs root (debootstrap, chroot, unshare)")
-        pytest.skip("needs root (debootstrap, chroot, unshare)")
+        missing("the fresh-machine test needs root (debootstrap, chroot, unshare)")
 
 
 def debian_root(tmp_path: Path) -> Path:
