@@ -346,7 +346,7 @@ class SharedListenerServer(ThreadedAssociationServer):
         except OSError:
             first = None
         if first is None:  # nothing (whole) arrived in time, or the peer left: ARTIM expiry
-            _close_quietly(request)
+            fast.close_quietly(request)
             return
         if fast.proposes_other_services(first):
             well_formed, storage = True, False  # pynetdicom's: not even decoded here
@@ -367,7 +367,7 @@ class SharedListenerServer(ThreadedAssociationServer):
             if well_formed:
                 self._refuse_over_limit(request, client_address, len(first))
             else:
-                _close_quietly(request)
+                fast.close_quietly(request)
             return
         try:
             fast.StoreAssociation(request, client_address[0],
@@ -389,7 +389,7 @@ class SharedListenerServer(ThreadedAssociationServer):
                 pass
         except OSError:
             pass
-        _close_quietly(request)
+        fast.close_quietly(request)
 
     def server_close(self) -> None:
         pass  # the listener belongs to the caller (and the other processes)
@@ -399,44 +399,22 @@ class SharedListenerServer(ThreadedAssociationServer):
         socketserver.BaseServer.shutdown(self)
 
 
-def _close_quietly(sock: socket.socket) -> None:
-    try:
-        sock.close()
-    except OSError:
-        pass
-
-
 def _quickack_receiver(sock: socket.socket) -> Callable[[int], bytearray]:
     """A replacement for pynetdicom's ``AssociationSocket.recv`` on one connection.
 
-    Two costs on the receive path, both measured with storescu (benchmarks/ingest.py):
     pynetdicom reads 4 KiB per ``recv`` call and grows a bytearray, about 130
-    calls per 0.5 MB slice; here one buffer of the PDU's size is filled with
-    ``recv_into``.  And a sender that leaves Nagle's algorithm on (DCMTK does
-    unless ``TCP_NODELAY=1`` is set) holds the last partial segment of every
-    dataset until it is acknowledged, while Linux delays that ACK up to 40 ms:
-    re-arming ``TCP_QUICKACK`` before each read makes us acknowledge at once.
-    The contract is pynetdicom's: read ``nr_bytes`` or return what came
-    before the peer closed; a timeout raises as before.
+    calls per 0.5 MB slice (measured with storescu, benchmarks/ingest.py); here
+    one buffer of the PDU's size is filled at once, acknowledging at once as
+    the storage path does (:func:`store_association.recv_into_acking`).  The
+    contract is pynetdicom's: read ``nr_bytes`` or return what came before
+    the peer closed; a timeout raises as before.
     """
-    quickack = getattr(socket, "TCP_QUICKACK", None)
 
     def recv(nr_bytes: int) -> bytearray:
         buf = bytearray(nr_bytes)
-        view = memoryview(buf)
-        got = 0
-        while got < nr_bytes:
-            if quickack is not None:
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
-                except OSError:
-                    pass
-            n = sock.recv_into(view[got:], nr_bytes - got)
-            if n == 0:
-                del view
-                del buf[got:]
-                return buf
-            got += n
+        with memoryview(buf) as view:
+            got = fast.recv_into_acking(sock, view)
+        del buf[got:]
         return buf
 
     return recv

@@ -340,6 +340,31 @@ def pdata_pdus(context_id: int, data: bytes, is_command: bool, peer_max: int) ->
     return pdus
 
 
+QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+def recv_into_acking(sock: socket.socket, view: memoryview) -> int:
+    """Fill ``view`` from ``sock``; the bytes read, fewer only when the peer closed.
+
+    ``TCP_QUICKACK`` is re-armed before each read: Linux may delay our ACK by
+    up to 40 ms, and a sender that leaves Nagle's algorithm on (DCMTK does
+    unless ``TCP_NODELAY=1`` is set) holds the last partial segment of every
+    dataset until it is acknowledged.  A timeout raises as the socket's does.
+    """
+    got, size = 0, len(view)
+    while got < size:
+        if QUICKACK is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
+            except OSError:
+                pass
+        n = sock.recv_into(view[got:], size - got)
+        if n == 0:
+            break
+        got += n
+    return got
+
+
 # -- the association -------------------------------------------------------------------------
 @dataclass
 class Hooks:
@@ -368,22 +393,13 @@ class StoreAssociation:
         self.calling = ""
         self.peer_max = 0
         self.contexts: dict[int, tuple[str, str]] = {}  # id → (abstract, transfer syntax)
-        self._quickack = getattr(socket, "TCP_QUICKACK", None)
         self._header = bytearray(6)
         self.established = False
 
     # -- socket ------------------------------------------------------------------------------
     def _recv_into(self, view: memoryview) -> None:
-        got, size = 0, len(view)
-        while got < size:
-            if self._quickack is not None:
-                # Linux may delay our ACK by up to 40 ms; a sender that leaves Nagle on
-                # waits for it before sending the last partial segment of each dataset.
-                self.sock.setsockopt(socket.IPPROTO_TCP, self._quickack, 1)
-            n = self.sock.recv_into(view[got:], size - got)
-            if n == 0:
-                raise Aborted("peer closed the connection")
-            got += n
+        if recv_into_acking(self.sock, view) < len(view):
+            raise Aborted("peer closed the connection")
 
     def read_pdu(self, limit: int | None = None) -> tuple[int, memoryview]:
         """(type, body) of the next PDU; blocking, bounded by the network timeout."""
@@ -452,7 +468,7 @@ class StoreAssociation:
             except OSError:
                 pass
         finally:
-            _close(self.sock)
+            close_quietly(self.sock)
 
     def _negotiate(self) -> bool:
         """Answer the A-ASSOCIATE-RQ; True when the association is established."""
@@ -614,7 +630,7 @@ class StoreAssociation:
             pass
 
 
-def _close(sock: socket.socket) -> None:
+def close_quietly(sock: socket.socket) -> None:
     try:
         sock.close()
     except OSError:
