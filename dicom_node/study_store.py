@@ -385,16 +385,19 @@ def _plain(raw: bytes) -> str | None:
     return None
 
 
+def _raw_text(ds: Dataset, keyword: str) -> str | None:
+    """``keyword``'s value straight from the header bytes ("" when absent), or None when
+    they are not plain ASCII text and pydicom must read them."""
+    raw, is_raw = _raw_bytes(ds, keyword)
+    if not is_raw:
+        return None
+    return "" if raw is None else _plain(raw)
+
+
 def plain_text(ds: Dataset, keyword: str) -> str:
     """The index's text of ``keyword`` (as :func:`index.attributes` reads it by default)."""
-    raw, is_raw = _raw_bytes(ds, keyword)
-    if is_raw:
-        if raw is None:
-            return ""
-        text = _plain(raw)
-        if text is not None:
-            return text.strip()
-    return idx._text_of(ds, keyword)
+    text = _raw_text(ds, keyword)
+    return text.strip() if text is not None else idx._text_of(ds, keyword)
 
 
 def plain_int(ds: Dataset, keyword: str) -> int | None:
@@ -418,14 +421,8 @@ def plain_int(ds: Dataset, keyword: str) -> int | None:
 
 
 def plain_uid(ds: Dataset, keyword: str) -> str:
-    raw, is_raw = _raw_bytes(ds, keyword)
-    if is_raw:
-        if raw is None:
-            return ""
-        text = _plain(raw)
-        if text is not None:
-            return text.strip("\0 ")
-    return _uid(ds, keyword)
+    text = _raw_text(ds, keyword)
+    return text.strip("\0 ") if text is not None else _uid(ds, keyword)
 
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
