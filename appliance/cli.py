@@ -12,33 +12,19 @@ import json
 import sys
 from collections.abc import Callable
 
-from appliance import config
+from appliance.core import config
+from appliance.core.command_line import CliError, actor, data_dir_arg, load_site, setup_logs
 
 Handler = Callable[[argparse.Namespace], int]
 
 
-class CliError(Exception):
-    pass
 
 
-def _data_dir_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", metavar="DIR",
-                   help="the site's data directory (default: $APPLIANCE_DATA_DIR)")
-
-
-def _load(args: argparse.Namespace) -> config.Config:
-    return config.load(args.data_dir)
-
-
-def _setup_logs(cfg: config.Config, component: str) -> None:
-    from appliance import logs
-
-    logs.setup(component, cfg.logs_dir, cfg["logging"]["level"])
 
 
 # -- init -------------------------------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> int:
-    from appliance import site
+    from appliance.setup import site
 
     data_dir = config.resolve_data_dir(args.data_dir)
     result = site.init_data_dir(
@@ -59,10 +45,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 # -- processes ----------------------------------------------------------------------
 def cmd_up(args: argparse.Namespace) -> int:
-    from appliance.supervisor import Supervisor
+    from appliance.runtime.supervisor import Supervisor
 
-    cfg = _load(args)
-    _setup_logs(cfg, "up")
+    cfg = load_site(args)
+    setup_logs(cfg, "up")
     d, w = cfg["dicom"], cfg["web"]
     print(f"DICOM  AE title {d['ae_title']}  port {d['port']}  (bind {d['bind']})", flush=True)
     print(f"web    https://localhost:{w['port']}/   health: https://localhost:{w['port']}/readyz",
@@ -72,34 +58,34 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_dicom(args: argparse.Namespace) -> int:
-    from appliance import dicom_service
+    from appliance.runtime import dicom_service
 
-    cfg = _load(args)
-    _setup_logs(cfg, "dicom")
+    cfg = load_site(args)
+    setup_logs(cfg, "dicom")
     return dicom_service.run(cfg)
 
 
 def cmd_web(args: argparse.Namespace) -> int:
-    from appliance import web_service
+    from appliance.runtime import web_service
 
-    cfg = _load(args)
-    _setup_logs(cfg, "web")
+    cfg = load_site(args)
+    setup_logs(cfg, "web")
     return web_service.run(cfg)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from appliance import worker
+    from appliance.runtime import worker
 
-    cfg = _load(args)
-    _setup_logs(cfg, "worker")
+    cfg = load_site(args)
+    setup_logs(cfg, "worker")
     return worker.run(cfg)
 
 
 # -- status ---------------------------------------------------------------------------
 def cmd_status(args: argparse.Namespace) -> int:
-    from appliance import status
+    from appliance.health import status
 
-    cfg = _load(args)
+    cfg = load_site(args)
     report = status.collect(cfg)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -110,7 +96,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # -- known AEs -------------------------------------------------------------------------
 def cmd_ae_add(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = load_site(args)
     name = args.name.strip()
     msg = config._ae(name)
     if msg:
@@ -138,7 +124,7 @@ def cmd_ae_add(args: argparse.Namespace) -> int:
 
 
 def cmd_ae_remove(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = load_site(args)
     name = args.name.strip()
     if not cfg.known_ae(name):
         raise CliError(f"no known AE named {name!r}")
@@ -155,7 +141,7 @@ def cmd_ae_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_ae_list(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = load_site(args)
     aes = cfg.known_aes
     if args.json:
         print(json.dumps([ae.__dict__ for ae in aes], indent=2))
@@ -171,13 +157,12 @@ def cmd_ae_list(args: argparse.Namespace) -> int:
 
 
 def _audit_config(cfg: config.Config, action: str, obj: str, detail: dict) -> None:
-    import getpass
 
-    from appliance import audit, db
+    from appliance.core import audit, db
 
     conn = db.open_db(cfg.db_path)
     try:
-        audit.record(conn, f"cli:{getpass.getuser()}", action, obj, source="cli", detail=detail)
+        audit.record(conn, actor(), action, obj, source="cli", detail=detail)
     finally:
         conn.close()
 
@@ -194,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="create a new site's data directory",
                        description="Create the data directory: config, database, keys, TLS "
                                    "certificate and an admin account (password printed once).")
-    _data_dir_arg(p)
+    data_dir_arg(p)
     p.add_argument("--site-name", default="Field site", help="site name shown to users")
     p.add_argument("--ae-title", default="FIELDAPP", help="this appliance's DICOM AE title")
     p.add_argument("--dicom-port", type=int, default=11112, help="DICOM port (default 11112)")
@@ -210,11 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("worker", cmd_worker, "run the background worker (huey consumer and sweeps)"),
     ):
         p = sub.add_parser(name, help=text, description=text)
-        _data_dir_arg(p)
+        data_dir_arg(p)
         p.set_defaults(func=func)
 
     p = sub.add_parser("status", help="components up or down, studies stored, free disk")
-    _data_dir_arg(p)
+    data_dir_arg(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
@@ -222,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     ae_sub = ae.add_subparsers(dest="ae_command", metavar="ACTION")
     ae_sub.required = True
     p = ae_sub.add_parser("add", help="add (or --replace) a known AE")
-    _data_dir_arg(p)
+    data_dir_arg(p)
     p.add_argument("name", help="the remote AE title")
     p.add_argument("--host", help="its address (when given, associations must come from it)")
     p.add_argument("--port", type=int, default=104, help="its DICOM port (for C-MOVE)")
@@ -233,11 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace", action="store_true", help="replace an existing entry")
     p.set_defaults(func=cmd_ae_add)
     p = ae_sub.add_parser("list", help="list known AEs")
-    _data_dir_arg(p)
+    data_dir_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_ae_list)
     p = ae_sub.add_parser("remove", help="remove a known AE")
-    _data_dir_arg(p)
+    data_dir_arg(p)
     p.add_argument("name")
     p.set_defaults(func=cmd_ae_remove)
 
@@ -250,15 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
-# Each holds ``REGISTER = [fn(subparsers)]``; a module not written yet is skipped.
+# Each holds ``REGISTER = [fn(subparsers)]``, registered by name: a missing module fails at start.
 EXTENSION_MODULES = (
-    "appliance.cli_workflow",
-    "appliance.cli_accounts",
-    "appliance.cli_audit",
-    "appliance.cli_bundle",
-    "appliance.cli_provision",
-    "appliance.cli_reports",
-    "appliance.cli_media",
+    "appliance.reading.cli",  # workflow
+    "appliance.accounts.cli",  # user, token, audit
+    "appliance.sync.cli",  # bundle, restore, sync
+    "appliance.setup.cli",  # provision, logs, migrate
+    "appliance.reports.cli",  # reports
+    "appliance.consults.cli",  # media
 )
 
 
@@ -266,21 +250,15 @@ def _load_extensions() -> None:
     import importlib
 
     for module in EXTENSION_MODULES:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        _EXTENSIONS.extend(getattr(mod, "REGISTER", []))
+        _EXTENSIONS.extend(importlib.import_module(module).REGISTER)
 
 
 def main(argv: list[str] | None = None) -> int:
     _load_extensions()
     parser = build_parser()
     args = parser.parse_args(argv)
-    from appliance.accounts import AccountError
-    from appliance.site import InitError
+    from appliance.accounts.users import AccountError
+    from appliance.setup.site import InitError
 
     try:
         return args.func(args)

@@ -45,7 +45,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "tests"))  # the aiortc consult endpoint the tests use
 
-from appliance import accounts, config, consults, db, media, turn  # noqa: E402
+from appliance.accounts import users as accounts  # noqa: E402
+from appliance.consults import media, turn  # noqa: E402
+from appliance.consults import rooms as consults  # noqa: E402
+from appliance.core import config, db  # noqa: E402
 
 PASSWORD = "bench-consult-password"
 ARGS = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
@@ -167,7 +170,7 @@ def relay_mode(cfg, data: Path, seconds: float) -> dict:
 
     from consult_aiortc_client import Endpoint, wait_for_media_participant
 
-    from appliance import media_jobs
+    from appliance.consults import media_jobs
 
     conn = db.connect(cfg.db_path)
     cid = consults.create_consult(conn, "nurse", title="Relayed benchmark consult")

@@ -33,7 +33,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import make_site  # noqa: E402  (the tests' site helper)
 from consult_netns import Guest, Netns  # noqa: E402  (the fault tests' namespace helpers)
 
-from appliance import accounts, config, consults  # noqa: E402
+from appliance.accounts import users as accounts  # noqa: E402
+from appliance.consults import rooms as consults  # noqa: E402
+from appliance.core import config  # noqa: E402
 
 PASSWORD = "soak-nurse-password"
 ARGS = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",

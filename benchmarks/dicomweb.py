@@ -136,7 +136,7 @@ def write_ct(out: Path, slices: int, size: int) -> tuple[str, str, list[Path]]:
 
 def fill_index(db_path: Path, studies: int, per_study: int) -> None:
     """1,000 studies × 300 instances of index rows (3 series each), written in one transaction."""
-    from appliance import db
+    from appliance.core import db
 
     conn = db.connect(db_path)
     now = time.time()
@@ -219,7 +219,9 @@ def copies(paths: list[Path], count: int) -> list[tuple[str, list[bytes]]]:
 
 def start_ours(work: Path, paths: list[Path], big_index: bool,
                extra: list[tuple[str, list[bytes]]] = ()) -> Target:
-    from appliance import accounts, db, tokens
+    from appliance.accounts import tokens
+    from appliance.accounts import users as accounts
+    from appliance.core import db
     from dicom_node.study_store import StudyStore
 
     data = work / "site"
@@ -241,7 +243,8 @@ def start_ours(work: Path, paths: list[Path], big_index: bool,
     for _, blobs in extra:
         for b in blobs:
             assert store.store(b, calling_ae="BENCH").success
-    from appliance import config, dicomweb_metadata
+    from appliance.core import config
+    from appliance.dicomweb import metadata as dicomweb_metadata
 
     site_cfg = config.load(data)
     t = time.monotonic()
@@ -557,7 +560,7 @@ def bench_browser(ours: Target, studies: list[str], rate_mbit: float, rtt_ms: fl
     except ImportError:
         print("\n  playwright not installed: no browser measurement")
         return
-    from appliance.web import viewer
+    from appliance.dicomweb import viewer
 
     if not (os.path.exists(chromium) and viewer.installed()):
         print("\n  chromium or the OHIF build missing: no browser measurement")

@@ -39,7 +39,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 from dicom_data import make_instance  # noqa: E402  (test-data generator shared with the tests)
 from pydicom.uid import generate_uid  # noqa: E402
 
-from appliance import accounts, config, db, read_queue, site, tokens, worklist  # noqa: E402
+from appliance.accounts import tokens  # noqa: E402
+from appliance.accounts import users as accounts  # noqa: E402
+from appliance.core import config, db  # noqa: E402
+from appliance.reading import read_queue, worklist  # noqa: E402
+from appliance.setup import site  # noqa: E402
 from dicom_node import index as idx  # noqa: E402
 
 T0 = 1_800_000_000.0
@@ -172,7 +176,7 @@ def listing(cfg: config.Config, now: float, calls: int) -> None:
           f"{statistics.median(ms):.1f} ms, p95 {pct(ms, 95):.1f} ms   target p95 < 50 ms   "
           f"p95/target {pct(ms, 95) / 50:.2f}")
 
-    from appliance.web import create_app
+    from appliance.app import create_app
 
     app = create_app(cfg, {"TESTING": True, "CLOCK": lambda: now})
     client = app.test_client()

@@ -35,7 +35,10 @@ sys.path.insert(0, str(ROOT))
 from orthanc import Orthanc  # noqa: E402  (the tests' Orthanc helper)
 from reporting_site import add_known_ae, add_users, ingest_study, local_site  # noqa: E402
 
-from appliance import config, db, report_delivery, report_documents, reports  # noqa: E402
+from appliance.core import config, db  # noqa: E402
+from appliance.reports import delivery as report_delivery  # noqa: E402
+from appliance.reports import documents as report_documents  # noqa: E402
+from appliance.reports import model as reports  # noqa: E402
 
 TEMPLATES = reports.load_templates()
 

@@ -35,9 +35,10 @@ import pyrage  # noqa: E402
 from conftest import free_port, wait_for_port  # noqa: E402
 from dicom_data import write_series  # noqa: E402
 
-from appliance import bundle as bnd  # noqa: E402
-from appliance import config, db, identity, site  # noqa: E402
-from appliance import sync_targets as st  # noqa: E402
+from appliance.core import config, db, identity  # noqa: E402
+from appliance.setup import site  # noqa: E402
+from appliance.sync import bundle as bnd  # noqa: E402
+from appliance.sync import targets as st  # noqa: E402
 from dicom_node.study_store import StudyStore  # noqa: E402
 
 

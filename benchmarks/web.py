@@ -90,7 +90,8 @@ def make_site(base: Path) -> tuple[Path, int]:
 def seed(data: Path, items: int, readers: int) -> list[tuple[str, str]]:
     """Read items straight into the tables, and reader accounts with TOTP already enrolled."""
     sys.path.insert(0, str(ROOT))
-    from appliance import accounts, db
+    from appliance.accounts import users as accounts
+    from appliance.core import db
 
     conn = db.open_db(data / "appliance.db")
     now = time.time()
@@ -166,7 +167,7 @@ class Reader:
 
 
 def argon2_alone(runs: int = 15) -> float:
-    from appliance import accounts
+    from appliance.accounts import users as accounts
 
     stored = accounts.hash_password(PASSWORD)
     times = []

@@ -128,7 +128,7 @@ class Site:
             self.stop(name)
 
     def db(self):
-        from appliance import db
+        from appliance.core import db
 
         return db.connect(self.data_dir / "appliance.db")
 

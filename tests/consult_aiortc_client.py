@@ -13,7 +13,8 @@ import asyncio
 import time
 from typing import Any
 
-from appliance import consults, db
+from appliance.consults import rooms as consults
+from appliance.core import db
 
 SENDER_FPS = 15
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from dicom_data import write_series
 
-from appliance import accounts, config, db
-from appliance import site as site_init
+from appliance.accounts import users as accounts
+from appliance.core import config, db
+from appliance.setup import site as site_init
 from dicom_node.study_store import StudyStore
 
 PASSWORD = "correct-horse-battery"

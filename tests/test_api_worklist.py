@@ -8,7 +8,8 @@ import pytest
 from test_auth import AuthApp, login, make_auth_app
 from test_read_queue import index_study
 
-from appliance import audit, read_queue
+from appliance.core import audit
+from appliance.reading import read_queue
 
 T0 = 1_800_000_000.0
 

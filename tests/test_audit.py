@@ -9,7 +9,7 @@ import stat
 
 import pytest
 
-from appliance import audit, db
+from appliance.core import audit, db
 
 
 def _fill(site, n: int = 6) -> None:

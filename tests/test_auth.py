@@ -17,8 +17,11 @@ from cryptography.exceptions import InvalidTag
 from flask import Flask
 from flask.testing import FlaskClient
 
-from appliance import accounts, config, db, site, tokens
-from appliance.web import create_app
+from appliance.accounts import tokens
+from appliance.accounts import users as accounts
+from appliance.app import create_app
+from appliance.core import config, db
+from appliance.setup import site
 
 PASSWORD = "correct-horse-battery"
 HTML = {"Accept": "text/html"}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from appliance import accounts, tokens
+from appliance.accounts import tokens
+from appliance.accounts import users as accounts
 
 
 def test_user_add_with_password_stdin_never_on_the_command_line(site):

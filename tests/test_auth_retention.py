@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from appliance import accounts, config
+from appliance.accounts import users as accounts
+from appliance.core import config
 
 DAY = 86400.0
 

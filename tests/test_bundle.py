@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 from test_sync_common import age_identity, store_study
 
-from appliance import bundle as bnd
+from appliance.sync import bundle as bnd
 
 AGE_CHUNK = 64 * 1024 + 16  # age v1 STREAM: 64 KiB of plaintext + a 16-byte tag
 
@@ -293,7 +293,7 @@ BUILD_BIG = """
 import hashlib, sys
 from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from appliance import bundle as bnd
+from appliance.sync import bundle as bnd
 src = Path(sys.argv[1]); data_sha, size = sys.argv[2], int(sys.argv[3])
 e = [bnd.Entry(f"dicom/1/2/{i}.dcm", data_sha, size, source=src) for i in range(6)]
 bnd.build(Path(sys.argv[4]), bnd.new_bundle_id("s", 1), ed25519.Ed25519PrivateKey.generate(),

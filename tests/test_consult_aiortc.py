@@ -15,7 +15,10 @@ from conftest import require_module, require_tool
 from pyrage import x25519
 from test_consult_browser import CHROMIUM_ARGS, PASSWORD, configure_turn, enter
 
-from appliance import accounts, config, consults, media, turn
+from appliance.accounts import users as accounts
+from appliance.consults import media, turn
+from appliance.consults import rooms as consults
+from appliance.core import config
 
 
 def test_aiortc_probe_joins_a_browser_consult_through_turn(site, artifacts, tmp_path):

@@ -21,7 +21,9 @@ import subprocess
 
 from conftest import free_port, require_module, require_tool
 
-from appliance import accounts, config, turn
+from appliance.accounts import users as accounts
+from appliance.consults import turn
+from appliance.core import config
 
 CHROMIUM_ARGS = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
                  "--allow-loopback-in-peer-connection", "--no-sandbox", "--disable-gpu",

@@ -19,7 +19,9 @@ from conftest import make_site, missing, require_module, require_tool
 from consult_netns import Guest, Netns
 from test_consult_browser import CHROMIUM_ARGS, PASSWORD, enter
 
-from appliance import accounts, config, consults
+from appliance.accounts import users as accounts
+from appliance.consults import rooms as consults
+from appliance.core import config
 
 
 @pytest.fixture(scope="module")

@@ -26,16 +26,12 @@ from conftest import require_module, require_tool
 from consult_aiortc_client import Endpoint
 from test_consult_recording_bundle import configure_recording_site
 
-from appliance import (
-    bundle,
-    components,
-    config,
-    consult_recordings,
-    consults,
-    media_jobs,
-    status_report,
-    turn,
-)
+from appliance.consults import media_jobs, turn
+from appliance.consults import recordings as consult_recordings
+from appliance.consults import rooms as consults
+from appliance.core import components, config
+from appliance.health import status_report
+from appliance.sync import bundle
 
 
 def start_media(site) -> subprocess.Popen:

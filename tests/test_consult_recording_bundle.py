@@ -16,7 +16,10 @@ from consult_aiortc_client import Endpoint, wait_for_media_participant
 from test_consult_browser import configure_turn
 from test_sync_common import age_identity
 
-from appliance import config, consult_recordings, consults, media, turn
+from appliance.consults import media, turn
+from appliance.consults import recordings as consult_recordings
+from appliance.consults import rooms as consults
+from appliance.core import config
 
 
 def configure_recording_site(site, tmp_path: Path, folder: Path | None = None) -> Path:
@@ -123,6 +126,6 @@ def test_recording_rides_a_signed_bundle_and_is_restored(site, tmp_path):
 
 
 def bnd_identities(key: Path) -> list:
-    from appliance import bundle
+    from appliance.sync import bundle
 
     return bundle.load_identity(key)

@@ -12,7 +12,7 @@ from fractions import Fraction
 
 from conftest import require_module
 
-from appliance import media
+from appliance.consults import media
 
 
 def _tracks(video_delay_s: float, width: int = 640, height: int = 480):

@@ -18,7 +18,9 @@ from consult_aiortc_client import Endpoint, wait_for_media_participant
 from test_consult_media_service import job, start_media
 from test_consult_recording_bundle import configure_recording_site
 
-from appliance import config, consults, media, media_jobs, turn
+from appliance.consults import media, media_jobs, turn
+from appliance.consults import rooms as consults
+from appliance.core import config
 
 USERS = [{"id": 1, "username": "nurse", "role": "site_staff"},
          {"id": 2, "username": "neuro", "role": "neurologist"},
@@ -128,7 +130,7 @@ def test_two_browsers_with_no_path_fall_back_to_the_relay(site, artifacts):
     sync_api = require_module("playwright.sync_api")
     from test_consult_browser import CHROMIUM_ARGS, PASSWORD, configure_turn, enter
 
-    from appliance import accounts
+    from appliance.accounts import users as accounts
 
     configure_turn(site)
     path = site.data_dir / "appliance.yaml"  # the neurologist signs in without TOTP here

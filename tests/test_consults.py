@@ -16,7 +16,9 @@ import pytest
 from conftest import free_port, require_tool
 from test_auth import HTML, AuthApp, login, make_auth_app
 
-from appliance import config, consults, turn
+from appliance.consults import rooms as consults
+from appliance.consults import turn
+from appliance.core import config
 
 STUDY = "1.2.826.0.1.3680043.10.999.77"
 
@@ -414,7 +416,7 @@ def test_record_button_asks_the_media_service_after_consent_only(app: AuthApp):
     assert nurse.post(f"/consults/{cid}/recording/stop", json={}, headers=h).get_json() == \
         {"stopped": 1}
     # A sealed recording (as the media service indexes it) is part of the consult's record.
-    from appliance import consult_recordings
+    from appliance.consults import recordings as consult_recordings
 
     sealed = app.data_dir / "recordings" / f"consult-{cid}-j1-t1-p1-g0.mkv.age"
     sealed.parent.mkdir(parents=True, exist_ok=True)

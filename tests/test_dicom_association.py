@@ -42,7 +42,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from appliance import db
+from appliance.core import db
 from dicom_node import retrieve
 from dicom_node import store_association as fast
 from dicom_node.node import DicomNode, NodeSettings, Peer

@@ -31,7 +31,7 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, RLELossless, generate_uid
 from pynetdicom.dsutils import split_dataset
 
-from appliance import db
+from appliance.core import db
 from dicom_node import index as dicom_index
 from dicom_node import query
 from dicom_node.study_store import StudyStore

@@ -309,7 +309,7 @@ def test_same_instance_with_different_bytes_keeps_both_serves_newer_audits(dicom
     assert dataset_bytes(kept) == dataset_bytes(older.read_bytes())
     assert len(audit) == 1 and audit[0]["object"] == sop
     assert counts["num_instances"] == 1 and counts["size_bytes"] == row["size"]
-    from appliance import audit as audit_mod
+    from appliance.core import audit as audit_mod
 
     conn = dicom_site.db()
     assert audit_mod.verify(conn)

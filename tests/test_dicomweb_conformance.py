@@ -24,7 +24,8 @@ from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom.uid import generate_uid
 
-from appliance import accounts, tokens
+from appliance.accounts import tokens
+from appliance.accounts import users as accounts
 
 
 class Deployment:
@@ -127,8 +128,8 @@ def test_retrieve_metadata_frames_rendered_bulkdata(dw: Deployment) -> None:
 
 def test_urls_never_come_from_the_host_header(dw: Deployment) -> None:
     """A forged Host header must not steer the links we hand out; web.public_url does."""
-    from appliance import config
-    from appliance.web import create_app
+    from appliance.app import create_app
+    from appliance.core import config
 
     study, series, paths = dw.ours
     s = dw.session()
@@ -157,7 +158,7 @@ def test_urls_never_come_from_the_host_header(dw: Deployment) -> None:
 
 
 def test_public_url_must_be_an_address(dw: Deployment) -> None:
-    from appliance import config
+    from appliance.core import config
 
     path = dw.site.data_dir / "appliance.yaml"
     text = path.read_text()
@@ -295,7 +296,7 @@ def test_retrievals_are_audited(dw: Deployment) -> None:
 
 
 def test_viewer_is_served_with_our_config(dw: Deployment) -> None:
-    from appliance.web import viewer
+    from appliance.dicomweb import viewer
 
     s = dw.session()
     base = f"https://localhost:{dw.site.web_port}"

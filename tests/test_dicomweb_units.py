@@ -14,10 +14,10 @@ from PIL import Image
 from pydicom.encaps import generate_frames
 from pydicom.uid import RLELossless, generate_uid
 
-from appliance import db
-from appliance import dicomweb_frames as fr
-from appliance import dicomweb_metadata as md
-from appliance import dicomweb_query as qido
+from appliance.core import db
+from appliance.dicomweb import frames as fr
+from appliance.dicomweb import metadata as md
+from appliance.dicomweb import query as qido
 from dicom_node.study_store import StudyStore
 
 

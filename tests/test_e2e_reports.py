@@ -21,7 +21,9 @@ from dicom_data import write_series
 from orthanc import orthanc  # noqa: F401  (fixture)
 from reporting_site import set_reports_config
 
-from appliance import accounts, config, read_queue, worklist
+from appliance.accounts import users as accounts
+from appliance.core import config
+from appliance.reading import read_queue, worklist
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]

@@ -17,7 +17,9 @@ import requests
 from conftest import require_module, require_tool
 from dicom_data import write_series
 
-from appliance import accounts, config, read_queue, worklist
+from appliance.accounts import users as accounts
+from appliance.core import config
+from appliance.reading import read_queue, worklist
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]

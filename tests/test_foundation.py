@@ -87,7 +87,7 @@ def test_missing_config_is_a_clear_error(tmp_path):
 
 
 def test_migrations_are_numbered_and_applied_once(tmp_path):
-    from appliance import db
+    from appliance.core import db
 
     versions = [n for n, _, _ in db.MIGRATIONS]
     assert versions == sorted(set(versions)) and versions[0] == 1
@@ -98,7 +98,7 @@ def test_migrations_are_numbered_and_applied_once(tmp_path):
 
 
 def test_a_migration_landing_below_an_applied_one_is_still_applied(tmp_path, monkeypatch):
-    from appliance import db
+    from appliance.core import db
 
     full = list(db.MIGRATIONS)
     late = full[-2]  # pretend this one landed after the last one was applied
@@ -112,7 +112,7 @@ def test_a_migration_landing_below_an_applied_one_is_still_applied(tmp_path, mon
 
 
 def test_an_old_database_without_the_ledger_is_not_migrated_twice(tmp_path):
-    from appliance import db
+    from appliance.core import db
 
     conn = db.open_db(tmp_path / "x.db")
     conn.execute("DROP TABLE schema_migrations")  # as made before the ledger existed

@@ -178,7 +178,7 @@ def test_disk_full(tmpfs_site, dcmtk):
 
 def test_sync_lag_over_limit(site):
     """A bundle waiting longer than health.sync_lag_limit_min makes /readyz 503."""
-    from appliance import db
+    from appliance.core import db
 
     cfg_path = site.data_dir / "appliance.yaml"
     cfg_path.write_text(cfg_path.read_text().replace("\n  target: none\n", "\n  target: folder\n", 1)

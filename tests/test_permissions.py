@@ -15,8 +15,9 @@ import pytest
 from flask import url_for
 from test_auth import AuthApp, make_auth_app
 
-from appliance import accounts, permissions
-from appliance.web import auth
+from appliance.accounts import permissions
+from appliance.accounts import sessions as auth
+from appliance.accounts import users as accounts
 
 DENIED_PREFIX = "forbidden: this needs the role"
 SAFE_METHODS = {"GET"}

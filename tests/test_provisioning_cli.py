@@ -39,7 +39,7 @@ def _provision(tmp_path, text: str, *extra: str) -> tuple[subprocess.CompletedPr
 
 
 def test_provision_from_answers_builds_a_working_site(tmp_path):
-    from appliance import config, db
+    from appliance.core import config, db
 
     result, data_dir = _provision(tmp_path, ANSWERS)
     assert result.returncode == 0, result.stderr
@@ -111,7 +111,7 @@ def test_guided_questions_ask_again_after_a_wrong_answer(tmp_path):
     result = run_cli("provision", "--guided", "--data-dir", str(data_dir), input=replies)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "dicom_port: must be a port number" in result.stdout
-    from appliance import config
+    from appliance.core import config
 
     cfg = config.load(data_dir)
     assert cfg["dicom"]["port"] == 11114 and cfg["web"]["port"] == 8443
@@ -182,7 +182,7 @@ def test_logs_follow_prints_new_lines(tmp_path):
 
 
 def test_migrate_reports_the_schema_version(tmp_path):
-    from appliance import db
+    from appliance.core import db
 
     site = make_site(tmp_path)
     result = site.cli("migrate")

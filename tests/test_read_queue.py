@@ -12,7 +12,9 @@ from conftest import ROOT, run_cli
 from dicom_data import make_instance, write_series
 from pydicom.uid import generate_uid
 
-from appliance import accounts, audit, config, db, notifications, read_queue, worklist
+from appliance.accounts import users as accounts
+from appliance.core import audit, config, db, notifications
+from appliance.reading import read_queue, worklist
 from dicom_node import index as idx
 
 T0 = 1_780_000_000.0  # a fixed epoch for the fake clock

@@ -15,7 +15,7 @@ from pathlib import Path
 from conftest import Site
 from dicom_data import write_series
 
-from appliance import accounts
+from appliance.accounts import users as accounts
 
 FAST_WORKFLOW = """\
 # Test workflow: a 15 s SLA so the whole ladder runs during the test.

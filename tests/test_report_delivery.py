@@ -16,7 +16,9 @@ from orthanc import orthanc  # noqa: F401  (fixture)
 from pydicom.uid import BasicTextSRStorage, EncapsulatedPDFStorage
 from reporting_site import add_known_ae, add_users, ingest_study, local_site, set_reports_config
 
-from appliance import audit, config, db, report_delivery, reports
+from appliance.core import audit, config, db
+from appliance.reports import delivery as report_delivery
+from appliance.reports import model as reports
 
 T0 = 1_900_000_000.0
 

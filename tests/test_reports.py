@@ -17,8 +17,12 @@ from reporting_site import (
     site_config,
 )
 
-from appliance import audit, critical_findings, db, read_queue, report_delivery, reports, worklist
-from appliance.reports import ReportError
+from appliance.core import audit, db
+from appliance.reading import read_queue, worklist
+from appliance.reports import critical_findings
+from appliance.reports import delivery as report_delivery
+from appliance.reports import model as reports
+from appliance.reports.model import ReportError
 
 T0 = 1_900_000_000.0
 TEMPLATES = reports.load_templates()
@@ -270,7 +274,7 @@ def test_signing_moves_the_read_item_and_delivery_completes_it(setup):
 
 # -- critical findings --------------------------------------------------------------------------
 def _inbox(conn, user):
-    from appliance import notifications
+    from appliance.core import notifications
 
     return [n["subject"] for n in notifications.inbox(conn, user)]
 
@@ -328,7 +332,7 @@ def test_unacknowledged_critical_finding_escalates_on_a_fake_clock(setup):
 
 
 def test_pdf_embeds_a_unicode_font_only_when_the_text_needs_it():
-    from appliance import report_documents
+    from appliance.reports import documents as report_documents
 
     def doc(name: str):
         version = {"text": "CT HEAD\n\nIMPRESSION\nNo bleed.\n", "level": "final",

@@ -10,7 +10,9 @@ import pytest
 from reporting_site import ingest_study
 from test_auth import HTML, PASSWORD, AuthApp, login, make_auth_app
 
-from appliance import config, db, read_queue, report_delivery, worklist
+from appliance.core import config, db
+from appliance.reading import read_queue, worklist
+from appliance.reports import delivery as report_delivery
 
 JSON = {"Accept": "application/json"}
 

@@ -13,7 +13,9 @@ import subprocess
 from conftest import make_site
 from test_sync_common import BUCKET, age_identity, configure_sync, moto, store_study
 
-from appliance import identity, reports, sync
+from appliance.core import identity
+from appliance.reports import model as reports
+from appliance.sync import outbox as sync
 
 __all__ = ["moto"]
 
@@ -68,7 +70,7 @@ def _cfind(site, findscu: str, tmp_path) -> set[str]:
 
 
 def _qido(site) -> list:
-    from appliance import dicomweb_query as qido
+    from appliance.dicomweb import query as qido
 
     conn = site.db()
     try:

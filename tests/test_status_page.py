@@ -18,7 +18,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 
 def _token(site, role: str = "responder") -> str:
-    from appliance import accounts, tokens
+    from appliance.accounts import tokens
+    from appliance.accounts import users as accounts
 
     conn = site.db()
     accounts.add_user(conn, "watcher", role, "watcher-password-1")
@@ -103,7 +104,7 @@ def test_anonymous_json_is_coarse_and_signed_in_json_is_detailed(site, dcmtk):
 # -- the report itself, on a crafted database (no processes needed) -------------------------------
 @pytest.fixture
 def report_env(site):
-    from appliance import config, db
+    from appliance.core import config, db
 
     conn = db.open_db(site.data_dir / "appliance.db")
     yield config.load(site.data_dir), conn
@@ -115,7 +116,8 @@ def _titles(report) -> list[str]:
 
 
 def test_slo_values_and_error_budgets(report_env):
-    from appliance import health_series, status_report
+    from appliance.health import series as health_series
+    from appliance.health import status_report
 
     cfg, conn = report_env
     now = time.time()
@@ -138,7 +140,8 @@ def test_slo_values_and_error_budgets(report_env):
 
 
 def test_restart_loop_alert(report_env):
-    from appliance import health_series, status_report
+    from appliance.health import series as health_series
+    from appliance.health import status_report
 
     cfg, conn = report_env
     now = time.time()
@@ -151,7 +154,7 @@ def test_restart_loop_alert(report_env):
 
 
 def test_sla_breach_and_unexpected_modality_alerts(report_env, tmp_path):
-    from appliance import status_report
+    from appliance.health import status_report
 
     cfg, conn = report_env
     now = time.time()
@@ -163,7 +166,7 @@ def test_sla_breach_and_unexpected_modality_alerts(report_env, tmp_path):
     text = (cfg.data_dir / "appliance.yaml").read_text()
     (cfg.data_dir / "appliance.yaml").write_text(
         text.replace("allowed_modalities: []", "allowed_modalities: [CT]"))
-    from appliance import config
+    from appliance.core import config
 
     cfg = config.load(cfg.data_dir)
     conn.execute("INSERT INTO studies (study_uid, modalities, first_received, last_received)"
@@ -180,7 +183,7 @@ def test_sla_breach_and_unexpected_modality_alerts(report_env, tmp_path):
 def test_certificate_expiry_alerts(report_env):
     from cryptography import x509
 
-    from appliance import status_report
+    from appliance.health import status_report
 
     cfg, conn = report_env
     cert = x509.load_pem_x509_certificate((cfg.tls_dir / "server.crt").read_bytes())
@@ -192,13 +195,14 @@ def test_certificate_expiry_alerts(report_env):
 
 
 def test_disk_filling_alert(report_env):
-    from appliance import health_series, status_report
+    from appliance.health import series as health_series
+    from appliance.health import status_report
 
     cfg, conn = report_env
     text = (cfg.data_dir / "appliance.yaml").read_text()
     (cfg.data_dir / "appliance.yaml").write_text(text.replace("low_water_mb: 0",
                                                               "low_water_mb: 500"))
-    from appliance import config
+    from appliance.core import config
 
     cfg = config.load(cfg.data_dir)
     now = time.time()
@@ -210,7 +214,7 @@ def test_disk_filling_alert(report_env):
 
 
 def test_month_bounds():
-    from appliance import status_report
+    from appliance.health import status_report
 
     t = dt.datetime(2024, 2, 15, 12, tzinfo=dt.UTC).timestamp()
     start, end = status_report.month_bounds(t)
@@ -222,8 +226,8 @@ def test_request_id_on_every_log_line_and_response(site, caplog):
 
     from flask import current_app
 
-    from appliance import config
-    from appliance.web import create_app
+    from appliance.app import create_app
+    from appliance.core import config
 
     caplog.set_level(logging.INFO)
     app = create_app(config.load(site.data_dir))
@@ -247,8 +251,10 @@ def test_sign_ins_are_timed_for_the_slo_and_metrics(site):
     """The web app times its own sign-ins: an SLO observation and Prometheus figures."""
     import re
 
-    from appliance import accounts, config, health_series
-    from appliance.web import create_app
+    from appliance.accounts import users as accounts
+    from appliance.app import create_app
+    from appliance.core import config
+    from appliance.health import series as health_series
 
     conn = site.db()
     accounts.add_user(conn, "timed", "responder", "timed-password-1")
@@ -276,7 +282,7 @@ def test_sign_ins_are_timed_for_the_slo_and_metrics(site):
 
 
 def test_uptime_counts_missing_minutes_as_down_but_not_the_current_one(report_env):
-    from appliance import health_series
+    from appliance.health import series as health_series
 
     _cfg, conn = report_env
     base = 1_800_000_000.0  # a minute boundary

@@ -22,8 +22,9 @@ from test_sync_common import (
     store_study,
 )
 
-from appliance import config, db, sync
-from appliance import sync_targets as st
+from appliance.core import config, db
+from appliance.sync import outbox as sync
+from appliance.sync import targets as st
 
 __all__ = ["moto"]
 

@@ -136,7 +136,7 @@ def _wait_for_sweep(site, timeout: float = 30) -> None:
 
 
 def _reconcile(site) -> dict:
-    from appliance import sync
+    from appliance.sync import outbox as sync
 
     conn = site.db()
     try:

@@ -105,7 +105,7 @@ def set_sweep_interval(site: Site, seconds: float) -> None:
 def store_study(site: Site, tmp: Path, count: int, rows: int = 64, cols: int = 64,
                 **kw) -> tuple[str, list[Path]]:
     """Generate a series and store it through the real study store (durable, indexed)."""
-    from appliance import config, db
+    from appliance.core import config, db
     from dicom_node.study_store import StudyStore
 
     study_uid, _series, paths = write_series(tmp / f"gen-{os.urandom(3).hex()}", count,

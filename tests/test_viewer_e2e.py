@@ -28,7 +28,10 @@ from conftest import require_module, require_tool
 from dicom_data import make_instance
 from pydicom.uid import generate_uid
 
-from appliance import accounts, config, dicomweb_metadata, read_queue
+from appliance.accounts import users as accounts
+from appliance.core import config
+from appliance.dicomweb import metadata as dicomweb_metadata
+from appliance.reading import read_queue
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -209,7 +212,7 @@ def test_ct_head_hangs_axial_in_brain_window_reader_scrolls_measures_chest_gets_
         dicom_site, dcmtk, artifacts, tmp_path):
     chromium = require_tool("chromium", "/usr/bin/chromium")
     sync_api = require_module("playwright.sync_api")
-    from appliance.web import viewer
+    from appliance.dicomweb import viewer
 
     if not viewer.installed():
         require_tool("OHIF (provisioning/fetch-viewer.sh, make viewer)",

@@ -17,8 +17,9 @@ import pytest
 from dicom_data import make_instance
 from pydicom.uid import generate_uid
 
-from appliance import db, dicomweb_metadata
-from appliance import viewer_preload as vp
+from appliance.core import db
+from appliance.dicomweb import metadata as dicomweb_metadata
+from appliance.dicomweb import viewer_preload as vp
 from dicom_node.study_store import StudyStore
 
 

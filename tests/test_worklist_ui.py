@@ -8,7 +8,7 @@ import re
 import pytest
 from test_auth import HTML, AuthApp, login, make_auth_app
 
-from appliance import worklist
+from appliance.reading import worklist
 
 T0 = 1_800_000_000.0
 

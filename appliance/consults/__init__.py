@@ -1,0 +1,1 @@
+"""Teleneurology consults: rooms, signaling, media jobs, recordings, TURN, pages, CLI."""

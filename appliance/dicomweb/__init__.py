@@ -1,0 +1,1 @@
+"""DICOMweb (QIDO, WADO metadata and frames, STOW) and the OHIF viewer with its head start."""

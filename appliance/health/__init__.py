@@ -1,0 +1,1 @@
+"""Readiness, health series, the status page and report, /livez /readyz /metrics."""

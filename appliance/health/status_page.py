@@ -1,0 +1,370 @@
+"""/status (health at a glance) and /metrics (Prometheus).
+
+Anyone on site may see the coarse colour: green (ready, nothing to watch),
+amber (ready, but something needs attention), red (not ready, or reads past
+their SLA).  Signed-in users also see components, SLOs with the month's error
+budget, 24-hour plots (inline SVG drawn from SQLite: no external server, no
+CDN) and the alert list.
+
+The blueprint also times sign-ins and DICOMweb requests for the metrics and the
+authentication SLO, without touching those areas' code.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    g,
+    has_request_context,
+    jsonify,
+    render_template_string,
+    request,
+)
+from markupsafe import Markup
+
+from appliance.core import metrics
+from appliance.health import readiness, status_report
+from appliance.health import series as health_series
+from appliance.web import get_db
+
+bp = Blueprint("status_page", __name__)
+
+AUTH_PATHS = ("/login", "/login/totp")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")  # a caller's id is kept only if it is sane
+AUTH_SLO_S = 3.0
+
+
+def _public(view):
+    view.auth_public = True  # read by the auth area's permission table test
+    return view
+
+
+@bp.record_once
+def _setup_metrics(state) -> None:
+    metrics.setup(state.app.config["SITE"].data_dir)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
+            handler.addFilter(RequestIdFilter())
+
+
+class RequestIdFilter(logging.Filter):
+    """Put the request id on every log line written while a request is served."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if has_request_context() and "request_id" in g and not hasattr(record, "request_id"):
+            record.request_id = g.request_id
+        return True
+
+
+def _user() -> dict[str, Any] | None:
+    try:
+        from appliance.accounts import sessions as auth
+    except ImportError:  # no sign-in in this build: details stay hidden
+        return None
+    return auth.current_user()
+
+
+# -- timing of other areas' requests -------------------------------------------------------------
+@bp.before_app_request
+def _start_timer() -> None:
+    g.status_page_t0 = time.perf_counter()
+    given = request.headers.get("X-Request-Id", "")
+    g.request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+
+
+@bp.after_app_request
+def _time_request(response: Response) -> Response:
+    if "request_id" in g:
+        response.headers["X-Request-Id"] = g.request_id
+    t0 = g.pop("status_page_t0", None)
+    if t0 is None:
+        return response
+    seconds = time.perf_counter() - t0
+    path = request.path
+    if request.method == "POST" and path in AUTH_PATHS:
+        location = response.headers.get("Location", "")
+        ok = response.status_code in (301, 302, 303) and not location.startswith("/login?")
+        metrics.observe_auth(seconds, ok)
+        try:
+            health_series.observe(get_db(), "auth", seconds, seconds < AUTH_SLO_S)
+        except Exception:  # a locked database must not fail the sign-in itself
+            current_app.logger.warning("could not record the sign-in SLO observation")
+    elif path.startswith("/dicom-web/"):
+        metrics.observe_dicomweb(_dicomweb_service(path), seconds)
+    return response
+
+
+def _dicomweb_service(path: str) -> str:
+    if request.method == "POST":
+        return "stow"
+    if "/frames/" in path or "/rendered" in path or "/thumbnail" in path \
+            or path.endswith("/metadata") or "/instances/" in path:
+        return "wado"
+    return "qido"
+
+
+# -- /metrics ---------------------------------------------------------------------------------------
+class SqliteCollector:
+    """Figures that live in SQLite or on disk, computed at scrape time (never stale)."""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        now = time.time()
+        conn = readiness.connect_bounded(self.cfg)
+        try:
+            yield from self._families(conn, now, GaugeMetricFamily, CounterMetricFamily)
+        finally:
+            conn.close()
+
+    def _families(self, conn, now, Gauge, Counter):
+        ready, _reasons, checks = readiness.check(self.cfg, now=now)
+        yield Gauge("appliance_ready", "1 when /readyz would answer 200", value=int(ready))
+        up = Gauge("appliance_component_up", "Component heartbeat fresh", labels=["component"])
+        for name, is_up in checks.get("components", {}).items():
+            up.add_metric([name], int(is_up))
+        yield up
+        yield Gauge("appliance_disk_free_bytes", "Free disk in the data directory",
+                    value=checks["free_disk_mb"] * 1024 * 1024)
+        yield from _sql_families(conn, now, Gauge, Counter)
+
+
+def _sql_families(conn, now, Gauge, Counter):
+    import sqlite3
+
+    def rows(sql, params=()):
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError:  # an area this build does not have
+            return []
+
+    r = rows("SELECT COUNT(*), COALESCE(SUM(num_instances), 0) FROM studies")
+    if r:
+        yield Gauge("appliance_studies", "Studies stored", value=r[0][0])
+        yield Gauge("appliance_instances", "Instances stored", value=r[0][1])
+    by_state = Gauge("appliance_read_items", "Read items by state", labels=["state"])
+    for state, n in rows("SELECT state, COUNT(*) FROM read_items GROUP BY state"):
+        by_state.add_metric([state], n)
+    yield by_state
+    waiting = readiness.studies_waiting(conn)
+    if waiting is not None:
+        yield Gauge("appliance_studies_waiting", "Studies waiting for a read", value=waiting)
+    r = rows("SELECT COUNT(*) FROM read_items WHERE breached = 1")
+    if r:
+        yield Counter("appliance_sla_breaches", "Read items that breached their SLA",
+                      value=r[0][0])
+    r = rows("SELECT COUNT(*), COALESCE(SUM(read_at - first_received), 0) FROM read_items"
+             " WHERE read_at IS NOT NULL")
+    if r:
+        yield Counter("appliance_time_to_read_seconds_count", "Reads done", value=r[0][0])
+        yield Counter("appliance_time_to_read_seconds_sum", "Seconds from arrival to read",
+                      value=r[0][1])
+    lag = readiness.sync_lag_s(conn, now)
+    if lag is not None:
+        yield Gauge("appliance_sync_lag_seconds", "Age of the oldest bundle not uploaded",
+                    value=lag)
+    r = rows("SELECT COALESCE(SUM(bytes_sent), 0) FROM bundles")
+    if r:
+        yield Counter("appliance_sync_bytes", "Bytes uploaded to the sync target", value=r[0][0])
+    yield from _consult_families(conn, now, Gauge)
+
+
+def _consult_families(conn, now, Gauge):
+    """Consult join time p50/p95, drop rate, share of time degraded (30 days, from SQLite)."""
+    figures = status_report.consult_figures(conn, now)
+    if figures is None:
+        return
+    join = Gauge("appliance_consult_join_quantile_seconds",
+                 "Consult join to first frame over 30 days, by quantile", labels=["quantile"])
+    for q, key in (("0.5", "join_ms_p50"), ("0.95", "join_ms_p95")):
+        if figures[key] is not None:
+            join.add_metric([q], figures[key] / 1000)
+    yield join
+    yield Gauge("appliance_consult_calls_30d", "Consults started in the last 30 days",
+                value=figures["calls"])
+    yield Gauge("appliance_consult_drop_ratio", "Share of consults (30 days) that dropped",
+                value=figures["drop_rate"])
+    yield Gauge("appliance_consult_degraded_ratio",
+                "Share of sampled consult time (30 days) below video", value=figures["degraded_share"])
+
+
+@bp.get("/metrics")
+@_public
+def prometheus_metrics():
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    cfg = current_app.config["SITE"]
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics.multiproc_dir(cfg.data_dir)))
+    registry.register(SqliteCollector(cfg))
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+
+
+# -- /status -----------------------------------------------------------------------------------------
+def _report(detailed: bool) -> dict[str, Any]:
+    cfg = current_app.config["SITE"]
+    conn = readiness.connect_bounded(cfg)  # short busy timeout: the page answers during a lock
+    try:
+        report = status_report.collect(cfg, conn)
+    except Exception as e:  # the database itself is the fault: show that, not a 500
+        ready, reasons, checks = readiness.check(cfg)
+        report = {"site": cfg["site"]["name"], "status": "red", "ready": ready,
+                  "checked_at": time.time(), "reasons": reasons or [f"status unavailable: {e}"],
+                  "checks": checks, "components": {}, "slos": [], "series": {},
+                  "alerts": [{"severity": "red", "title": r, "detail": ""}
+                             for r in reasons or [f"status unavailable: {e}"]]}
+    finally:
+        conn.close()
+    if not detailed:
+        return {"site": report["site"], "status": report["status"],
+                "checked_at": report["checked_at"]}
+    return report
+
+
+@bp.get("/status.json")
+@_public
+def status_json():
+    user = _user()
+    report = _report(detailed=user is not None)
+    report["detailed"] = user is not None
+    return jsonify(report), (200 if report["status"] != "red" else 503)
+
+
+@bp.get("/status")
+@_public
+def status_html():
+    user = _user()
+    report = _report(detailed=user is not None)
+    html = render_template_string(PAGE, r=report, user=user, plots=_plots(report),
+                                  fmt_pct=_pct, when=_when, ms=_ms)
+    return html, (200 if report["status"] != "red" else 503), {"Refresh": "30"}
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{x * 100:.{digits}f}%"
+
+
+def _ms(x: float | None) -> str:
+    return "—" if x is None else f"{x / 1000:.2f} s"
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+PLOTS = (("ready", "Ready (1 = yes)"), ("instances_per_min", "Instances received / min"),
+         ("studies_waiting", "Studies waiting"), ("overdue_reads", "Reads past SLA"),
+         ("free_disk_mb", "Free disk (MiB)"), ("sync_lag_s", "Sync lag (s)"))
+
+
+def _plots(report: dict[str, Any]) -> list[tuple[str, Markup, str]]:
+    series = report.get("series") or {}
+    now = report["checked_at"]
+    return [(title, sparkline(series.get(name, []), now - 86400, now),
+             _last(series.get(name, []))) for name, title in PLOTS]
+
+
+def _last(points: list) -> str:
+    return "no data" if not points else f"now {points[-1][1]:g}"
+
+
+def sparkline(points: list, t0: float, t1: float, w: int = 320, h: int = 60) -> Markup:
+    """A 24-hour plot as inline SVG: a polyline over the time axis, min/max labelled."""
+    if not points:
+        return Markup(f'<svg class="plot" width="{w}" height="{h}" role="img"><text x="8" '
+                      f'y="{h // 2}" class="nodata">no samples yet</text></svg>')
+    lo = min(v for _, v in points)
+    hi = max(v for _, v in points)
+    span = (hi - lo) or 1.0
+    pad = 4
+
+    def xy(t: float, v: float) -> str:
+        x = pad + (t - t0) / max(t1 - t0, 1) * (w - 2 * pad)
+        y = h - pad - (v - lo) / span * (h - 2 * pad)
+        return f"{x:.1f},{y:.1f}"
+
+    line = " ".join(xy(t, v) for t, v in points)
+    dots = "".join(  # a lone sample (a fresh site) would be an invisible line
+        f'<circle cx="{xy(t, v).split(",")[0]}" cy="{xy(t, v).split(",")[1]}" r="2" '
+        f'fill="#2563eb"/>' for t, v in points) if len(points) < 3 else ""
+    return Markup(
+        f'<svg class="plot" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img">'
+        f'<polyline fill="none" stroke="#2563eb" stroke-width="1.5" points="{line}"/>{dots}'
+        f'<text x="{w - 4}" y="12" text-anchor="end">{hi:g}</text>'
+        f'<text x="{w - 4}" y="{h - 4}" text-anchor="end">{lo:g}</text></svg>')
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ r.site }} — status</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:15px/1.4 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#111}
+header{padding:18px 24px;color:#fff}
+header.green{background:#15803d} header.amber{background:#b45309} header.red{background:#b91c1c}
+header h1{margin:0;font-size:26px} main{padding:16px 24px}
+section{background:#fff;border-radius:8px;padding:12px 16px;margin-bottom:16px}
+table{border-collapse:collapse;width:100%} td,th{text-align:left;padding:4px 8px;
+border-bottom:1px solid #e5e7eb} .ok{color:#15803d} .bad{color:#b91c1c;font-weight:600}
+.alert{padding:6px 10px;border-left:5px solid;margin:4px 0}
+.alert.red{border-color:#b91c1c;background:#fef2f2} .alert.amber{border-color:#b45309;
+background:#fffbeb} .plots{display:flex;flex-wrap:wrap;gap:16px}
+.plot text{font-size:10px;fill:#555} .plot{background:#f9fafb;border:1px solid #e5e7eb}
+</style></head><body>
+<header class="{{ r.status }}" data-status="{{ r.status }}">
+<h1>{{ r.site }}: {{ {'green': 'healthy', 'amber': 'needs attention',
+                     'red': 'NOT READY'}[r.status] }}</h1>
+<div>checked {{ when(r.checked_at) }} · refreshes every 30 s</div></header>
+<main>
+{% if not user %}
+<section><a href="/login?next=/status">Sign in</a> for components, SLOs and alerts.</section>
+{% else %}
+<section id="alerts"><h2>Alerts ({{ r.alerts|length }})</h2>
+{% for a in r.alerts %}<div class="alert {{ a.severity }}"><b>{{ a.title }}</b>
+{% if a.detail %} — {{ a.detail }}{% endif %}</div>{% else %}<p class="ok">No alerts.</p>{% endfor %}
+</section>
+<section id="components"><h2>Components</h2><table>
+<tr><th>component</th><th>state</th><th>pid</th><th>last heartbeat</th><th>starts (24 h)</th></tr>
+{% for name, c in r.components.items() %}<tr><td>{{ name }}</td>
+<td class="{{ 'ok' if c.up else 'bad' }}">{{ 'up' if c.up else 'DOWN' }}</td><td>{{ c.pid }}</td>
+<td>{{ c.heartbeat_age_s }} s ago</td><td>{{ c.starts_24h }}</td></tr>{% endfor %}
+<tr><td>DICOM port</td><td class="{{ 'ok' if r.checks.dicom_port == 'listening' else 'bad' }}">
+{{ r.checks.dicom_port }}</td><td></td><td></td><td></td></tr>
+<tr><td>database</td><td class="{{ 'ok' if r.checks.database == 'writable' else 'bad' }}">
+{{ r.checks.database }}</td><td></td><td></td><td></td></tr>
+<tr><td>free disk</td><td>{{ r.checks.free_disk_mb }} MiB</td><td></td><td></td><td></td></tr>
+</table></section>
+<section id="slos"><h2>Service level objectives (this month)</h2><table>
+<tr><th>SLO</th><th>objective</th><th>current</th><th>error budget left</th><th>measured on</th></tr>
+{% for s in r.slos %}<tr><td>{{ s.name }}</td><td>{{ s.objective }}</td>
+<td class="{{ 'ok' if s.met else 'bad' }}">{{ fmt_pct(s.current) }}</td>
+<td class="{{ 'ok' if s.budget_left > 0 else 'bad' }}">{{ fmt_pct(s.budget_left, 0) }}</td>
+<td>{{ s.total }} {{ 'minutes' if s.key == 'uptime' else 'events' }}</td></tr>{% endfor %}
+</table></section>
+{% if r.consults %}<section id="consults"><h2>Consults (last 30 days)</h2><table>
+<tr><th>calls</th><th>joins measured</th><th>join p50</th><th>join p95</th><th>drop rate</th>
+<th>time degraded</th></tr>
+<tr><td data-figure="calls">{{ r.consults.calls }}</td>
+<td data-figure="joins">{{ r.consults.joins }}</td>
+<td data-figure="join_p50">{{ ms(r.consults.join_ms_p50) }}</td>
+<td data-figure="join_p95">{{ ms(r.consults.join_ms_p95) }}</td>
+<td data-figure="drop_rate">{{ fmt_pct(r.consults.drop_rate, 1) }}</td>
+<td data-figure="degraded">{{ fmt_pct(r.consults.degraded_share, 1) }}</td></tr>
+</table></section>{% endif %}
+<section id="plots"><h2>Last 24 hours</h2><div class="plots">
+{% for title, svg, last in plots %}<figure><figcaption>{{ title }} — {{ last }}</figcaption>
+{{ svg }}</figure>{% endfor %}</div></section>
+{% endif %}
+</main></body></html>
+"""

@@ -1,0 +1,1 @@
+"""The read queue, the worklist every reader works from, turnaround, its pages, JSON API and workflow CLI."""

@@ -1,0 +1,409 @@
+"""The read queue sweep: study completion, read items, late instances, claims, SLA ladder.
+
+``appliance worker`` runs :func:`sweep` every ``worker.sweep_interval_s``.
+Nothing here relies on a huey task surviving (huey's SQLite storage loses a
+task whose consumer is killed): the durable state is in our tables and each
+pass does whatever is due, in small transactions, so a ``kill -9`` at any
+line leaves either the whole of a change or none of it, and the next pass
+finishes the job.
+
+- *Completion*: triggers on the index put every touched study in
+  ``pending_completions`` (in the study store's own transaction). A study
+  with no instance for ``worker.quiet_period_s`` gets its one read item: the
+  workflow is applied, the due time is first instance + SLA, and every
+  escalation step is timed then. ``read_items.study_uid`` is UNIQUE, so a
+  second item is impossible even if two sweeps race.
+- *Late instances* attach to the existing item and flag it.
+- *Claims* whose lease lapsed go back to the queue (history + audit).
+- *Escalations*: each step whose time has come fires once: ``fired_at`` is
+  set in the same transaction as its notifications and effects.
+- *Workflows* are re-read when a file's mtime or size changes; an invalid
+  edit is logged and audited, and the last good version (kept in
+  ``workflow_versions``, so it survives a restart) stays in force.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from appliance.accounts import users as accounts
+from appliance.core import audit, config, db, notifications
+from appliance.reading import worklist
+from workflows import engine, facts
+from workflows.schema import Workflow, WorkflowError, parse
+
+log = logging.getLogger("appliance.read_queue")
+
+BATCH = 100  # rows per transaction: short write locks, bounded loss of work on a kill
+SYSTEM = worklist.SYSTEM_ACTOR
+Clock = Callable[[], float]
+
+
+# -- workflow files ------------------------------------------------------------------------------
+@dataclass
+class _Loaded:
+    stamp: tuple[int, int]
+    workflow: Workflow | None
+    problems: list[str] = field(default_factory=list)
+
+
+class WorkflowSet:
+    """The workflow files of one directory, reloaded on change with last-good semantics."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.files: dict[str, _Loaded] = {}
+
+    def paths(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir()
+                      if p.suffix in (".yaml", ".yml") and p.is_file())
+
+    def refresh(self, conn: sqlite3.Connection, now: float) -> list[Workflow]:
+        """Check every file's mtime/size; (re)load what changed; return what is in force."""
+        seen = set()
+        for path in self.paths():
+            seen.add(path.name)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            stamp = (st.st_mtime_ns, st.st_size)
+            current = self.files.get(path.name)
+            if current is None or current.stamp != stamp:
+                self.files[path.name] = self._load(conn, path, stamp, current, now)
+        for gone in set(self.files) - seen:
+            log.warning("workflow file removed, its rules no longer apply",
+                        extra={"workflow_file": gone})
+            del self.files[gone]
+            conn.execute("DELETE FROM workflow_files WHERE filename = ?", (gone,))
+        return self.active()
+
+    def active(self) -> list[Workflow]:
+        return [f.workflow for f in self.files.values() if f.workflow is not None]
+
+    def _load(self, conn: sqlite3.Connection, path: Path, stamp: tuple[int, int],
+              current: _Loaded | None, now: float) -> _Loaded:
+        try:
+            text = path.read_text(encoding="utf-8")
+            wf = parse(text, path, accounts.ROLES)
+        except (WorkflowError, UnicodeDecodeError, OSError) as e:
+            problems = e.problems if isinstance(e, WorkflowError) else [f"{path}: {e}"]
+            keep = current.workflow if current else _last_good(conn, path)
+            _record_rejected(conn, path, problems, keep, now)
+            return _Loaded(stamp, keep, problems)
+        _record_loaded(conn, path, wf, now)
+        return _Loaded(stamp, wf)
+
+
+def _last_good(conn: sqlite3.Connection, path: Path) -> Workflow | None:
+    """The newest good version of a file stored by any earlier load (survives restarts)."""
+    row = conn.execute(
+        "SELECT v.content FROM workflow_versions v LEFT JOIN workflow_files f"
+        " ON f.filename = v.filename AND f.active_sha = v.sha256"
+        " WHERE v.filename = ? ORDER BY (f.filename IS NOT NULL) DESC, v.loaded_at DESC, v.id DESC"
+        " LIMIT 1", (path.name,),
+    ).fetchone()
+    if row is None:
+        return None
+    try:
+        return parse(row["content"], path, accounts.ROLES)
+    except WorkflowError:
+        return None
+
+
+def _record_loaded(conn: sqlite3.Connection, path: Path, wf: Workflow, now: float) -> None:
+    with db.transaction(conn):
+        new = conn.execute(
+            "INSERT INTO workflow_versions (filename, sha256, content, loaded_at) VALUES (?,?,?,?)"
+            " ON CONFLICT(filename, sha256) DO NOTHING", (path.name, wf.sha256, wf.text, now),
+        ).rowcount
+        prev = conn.execute("SELECT active_sha FROM workflow_files WHERE filename = ?",
+                            (path.name,)).fetchone()
+        changed = prev is None or prev["active_sha"] != wf.sha256
+        conn.execute(
+            "INSERT INTO workflow_files (filename, active_sha, active_since, last_error,"
+            " last_error_at, checked_at) VALUES (?,?,?,NULL,NULL,?) ON CONFLICT(filename) DO"
+            " UPDATE SET active_sha = excluded.active_sha, active_since = CASE WHEN"
+            " workflow_files.active_sha = excluded.active_sha THEN workflow_files.active_since"
+            " ELSE excluded.active_since END, last_error = NULL, last_error_at = NULL,"
+            " checked_at = excluded.checked_at",
+            (path.name, wf.sha256, now, now),
+        )
+        if changed:
+            audit.record(conn, SYSTEM, "workflow.loaded", path.name, source="worker",
+                         detail={"workflow": wf.name, "sha256": wf.sha256, "rules": len(wf.rules),
+                                 "new_version": bool(new)}, ts=now)
+    if changed:
+        log.info("workflow loaded", extra={"workflow_file": path.name, "workflow": wf.name,
+                                           "rules": len(wf.rules), "sha256": wf.sha256[:12]})
+
+
+def _record_rejected(conn: sqlite3.Connection, path: Path, problems: list[str],
+                     keep: Workflow | None, now: float) -> None:
+    text = "\n".join(problems)
+    kept = keep.sha256 if keep else None
+    with db.transaction(conn):
+        conn.execute(
+            "INSERT INTO workflow_files (filename, active_sha, active_since, last_error,"
+            " last_error_at, checked_at) VALUES (?,?,?,?,?,?) ON CONFLICT(filename) DO UPDATE"
+            " SET active_sha = excluded.active_sha, last_error = excluded.last_error,"
+            " last_error_at = excluded.last_error_at, checked_at = excluded.checked_at",
+            (path.name, kept, now if kept else None, text, now, now),
+        )
+        audit.record(conn, SYSTEM, "workflow.rejected", path.name, source="worker",
+                     outcome="error", detail={"problems": problems, "kept_sha256": kept}, ts=now)
+    log.error("workflow edit rejected, %s: %s",
+              "last good version stays in force" if keep else "no good version to keep", text,
+              extra={"workflow_file": path.name})
+
+
+_SETS: dict[Path, WorkflowSet] = {}
+_LOCK = threading.Lock()
+
+
+def workflow_set(directory: Path) -> WorkflowSet:
+    """One set per directory per process, so unchanged files are not re-parsed each pass."""
+    key = Path(directory).resolve()
+    if key not in _SETS:
+        _SETS[key] = WorkflowSet(key)
+    return _SETS[key]
+
+
+# -- completion ----------------------------------------------------------------------------------
+def study_facts(conn: sqlite3.Connection, study_uid: str) -> engine.StudyFacts | None:
+    """What the workflow sees of a stored study, from the index tables."""
+    study = conn.execute("SELECT * FROM studies WHERE study_uid = ?", (study_uid,)).fetchone()
+    if study is None:
+        return None
+    series = conn.execute("SELECT modality, body_part, series_description FROM series"
+                          " WHERE study_uid = ? ORDER BY series_number, series_uid",
+                          (study_uid,)).fetchall()
+    return facts.from_index(dict(study), [dict(s) for s in series])
+
+
+def complete_studies(conn: sqlite3.Connection, workflows: list[Workflow], now: float,
+                     quiet_s: float) -> dict[str, int]:
+    """Create read items for quiet studies; attach late instances to existing items."""
+    counts = {"created": 0, "late": 0}
+    while True:
+        with db.transaction(conn):
+            rows = conn.execute(
+                "SELECT p.study_uid, s.study_uid AS present, s.last_received, s.num_instances,"
+                " r.id AS item_id, r.instances_seen, r.claimed_by, r.state"
+                " FROM pending_completions p LEFT JOIN studies s USING (study_uid)"
+                " LEFT JOIN read_items r ON r.study_uid = p.study_uid"
+                " WHERE s.study_uid IS NULL OR r.id IS NOT NULL OR s.last_received <= ?"
+                " LIMIT ?", (now - quiet_s, BATCH),
+            ).fetchall()
+            for row in rows:
+                if row["present"] is None:
+                    pass  # the study was removed from the index: nothing to read
+                elif row["item_id"] is not None:
+                    counts["late"] += _attach_late(conn, row, now)
+                else:
+                    _create_item(conn, row["study_uid"], workflows, now)
+                    counts["created"] += 1
+                conn.execute("DELETE FROM pending_completions WHERE study_uid = ?",
+                             (row["study_uid"],))
+        if len(rows) < BATCH:
+            return counts
+
+
+def _create_item(conn: sqlite3.Connection, study_uid: str, workflows: list[Workflow],
+                 now: float) -> int:
+    f = study_facts(conn, study_uid)
+    decision = engine.decide(workflows, f)
+    study = conn.execute("SELECT first_received, num_instances, modalities FROM studies"
+                         " WHERE study_uid = ?", (study_uid,)).fetchone()
+    first = float(study["first_received"])
+    pool = decision.pool
+    cur = conn.execute(
+        "INSERT INTO read_items (study_uid, state, priority, priority_rank, sla_minutes,"
+        " first_received, due_at, created_at, updated_at, pool, pool_roles, pool_tags, workflow,"
+        " rule, workflow_sha, actions, hold, modalities, instances_seen)"
+        " VALUES (?, 'queued', ?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (study_uid, decision.priority, decision.priority_rank, decision.sla_minutes, first,
+         decision.due_at(first), now, now, pool.name, ",".join(pool.roles), ",".join(pool.tags),
+         decision.workflow, decision.rule, decision.workflow_sha, json.dumps(decision.actions),
+         int(decision.hold), "\\".join(f.modalities), study["num_instances"]),
+    )
+    item_id = cur.lastrowid
+    for index, fire_at, step in decision.step_times(first):
+        target: dict[str, Any] = {}
+        if step.action == "notify_on_call":
+            target = {"on_call": step.on_call, "users": list(step.recipients)}
+        elif step.action == "reopen" and step.pool is not None:
+            target = step.pool.to_dict()
+        conn.execute(
+            "INSERT INTO escalation_steps (item_id, step_index, action, target, description,"
+            " fire_at) VALUES (?,?,?,?,?,?)",
+            (item_id, index, step.action, json.dumps(target), step.describe(), fire_at),
+        )
+    worklist.add_history(conn, item_id, now, SYSTEM, "created", None, "queued", {
+        "workflow": decision.workflow, "rule": decision.rule, "priority": decision.priority,
+        "sla_minutes": decision.sla_minutes, "due_at": decision.due_at(first),
+        "pool": pool.name, "actions": decision.actions, "instances": study["num_instances"],
+    })
+    if decision.hold:
+        notifications.notify(conn, [{"roles": notifications.FALLBACK_ROLES, "tags": ()}],
+                             "triage", f"Held for manual triage: read item {item_id}",
+                             f"Rule {decision.rule} holds this study for triage.",
+                             item_id=item_id, now=now)
+    log.info("read item created", extra={"item_id": item_id, "study_uid": study_uid,
+                                         "priority": decision.priority, "rule": decision.rule})
+    return item_id
+
+
+def _attach_late(conn: sqlite3.Connection, row: sqlite3.Row, now: float) -> int:
+    """Instances after the item was made: flag the item, tell its reader; never a new item."""
+    extra = int(row["num_instances"]) - int(row["instances_seen"])
+    if extra <= 0:
+        return 0
+    conn.execute(
+        "UPDATE read_items SET late_instances = late_instances + ?, instances_seen = ?,"
+        " late_at = ?, updated_at = ? WHERE id = ?",
+        (extra, row["num_instances"], now, now, row["item_id"]),
+    )
+    worklist.add_history(conn, row["item_id"], now, SYSTEM, "late_instances", row["state"],
+                         row["state"], {"added": extra, "total": row["num_instances"]})
+    if row["claimed_by"]:
+        notifications.notify(conn, [row["claimed_by"]], "late_instances",
+                             f"{extra} more image(s) arrived for read item {row['item_id']}",
+                             "Images arrived after the study was queued; review them before "
+                             "signing.", item_id=row["item_id"], now=now)
+    log.info("late instances attached", extra={"item_id": row["item_id"], "added": extra})
+    return 1
+
+
+# -- escalation ----------------------------------------------------------------------------------
+def fire_escalations(conn: sqlite3.Connection, now: float) -> int:
+    """Fire every due step once; steps of items already read are skipped, not fired."""
+    fired = 0
+    while True:
+        with db.transaction(conn):
+            rows = conn.execute(
+                "SELECT e.id, e.item_id, e.step_index, e.action, e.target, e.description,"
+                " e.fire_at, r.state, r.study_uid, r.priority, r.due_at, r.pool, r.pool_roles,"
+                " r.pool_tags, r.claimed_by FROM escalation_steps e JOIN read_items r"
+                " ON r.id = e.item_id WHERE e.fired_at IS NULL AND e.skipped_at IS NULL"
+                " AND e.fire_at <= ? ORDER BY e.fire_at LIMIT ?", (now, BATCH),
+            ).fetchall()
+            for row in rows:
+                if row["state"] not in worklist.OPEN_STATES:
+                    conn.execute("UPDATE escalation_steps SET skipped_at = ? WHERE id = ?",
+                                 (now, row["id"]))
+                    continue
+                done = conn.execute("UPDATE escalation_steps SET fired_at = ? WHERE id = ?"
+                                    " AND fired_at IS NULL", (now, row["id"])).rowcount
+                if done:
+                    _fire(conn, row, now)
+                    fired += 1
+        if len(rows) < BATCH:
+            return fired
+
+
+def _pool_spec(roles: str, tags: str) -> dict[str, Any]:
+    return {"roles": [r for r in roles.split(",") if r], "tags": [t for t in tags.split(",") if t]}
+
+
+def _minutes_left(row: sqlite3.Row, now: float) -> str:
+    left = (row["due_at"] - now) / 60.0
+    return f"due in {left:.0f} min" if left >= 0 else f"{-left:.0f} min overdue"
+
+
+def _fire(conn: sqlite3.Connection, row: sqlite3.Row, now: float) -> None:
+    action, item_id = row["action"], row["item_id"]
+    target = json.loads(row["target"] or "{}")
+    pool = _pool_spec(row["pool_roles"], row["pool_tags"])
+    what = f"{row['priority'].upper()} read item {item_id}"
+    detail: dict[str, Any] = {"step": row["step_index"], "action": action,
+                              "scheduled_at": row["fire_at"]}
+    if action == "notify_pool" and row["claimed_by"]:
+        # Someone is reading it: remind that reader, not the whole pool.
+        sent = notifications.notify(conn, [row["claimed_by"]], "escalation.reminder",
+                                    f"{what} you hold is {_minutes_left(row, now)}",
+                                    row["description"], item_id, row["id"], now)
+    elif action == "notify_pool":
+        sent = notifications.notify(conn, [pool], "escalation",
+                                    f"{what} is waiting, {_minutes_left(row, now)}",
+                                    row["description"], item_id, row["id"], now)
+    elif action == "notify_on_call":
+        sent = notifications.notify(conn, target.get("users", []), "escalation.on_call",
+                                    f"On call: {what} needs a reader, {_minutes_left(row, now)}",
+                                    row["description"], item_id, row["id"], now)
+    elif action == "reopen":
+        # The wider pool may claim it as soon as it is queued; a live claim is kept.
+        conn.execute("UPDATE read_items SET pool = ?, pool_roles = ?, pool_tags = ?,"
+                     " updated_at = ? WHERE id = ?",
+                     (target.get("name", "wider"), ",".join(target.get("roles", [])),
+                      ",".join(target.get("tags", [])), now, item_id))
+        detail["from_pool"], detail["to_pool"] = row["pool"], target.get("name")
+        sent = notifications.notify(conn, [target], "escalation.reopened",
+                                    f"{what} is open to you now, {_minutes_left(row, now)}",
+                                    row["description"], item_id, row["id"], now)
+    else:  # mark_breached
+        conn.execute("UPDATE read_items SET breached = 1, breached_at = ?, updated_at = ?"
+                     " WHERE id = ? AND breached = 0", (now, now, item_id))
+        recipients: list[Any] = [pool] + ([row["claimed_by"]] if row["claimed_by"] else [])
+        sent = notifications.notify(conn, recipients, "breach", f"SLA breached: {what}",
+                                    row["description"], item_id, row["id"], now)
+    detail["notified"] = sent
+    worklist.add_history(conn, item_id, now, SYSTEM, f"escalation.{action}", row["state"],
+                         row["state"], detail)
+    audit.record(conn, SYSTEM, f"read_item.escalation.{action}", row["study_uid"],
+                 source="worker", detail={"item_id": item_id, **detail}, ts=now)
+
+
+# -- the sweep -------------------------------------------------------------------------------------
+def run_once(conn: sqlite3.Connection, workflows_dir: Path, now: float,
+             quiet_s: float) -> dict[str, int]:
+    """One pass over everything due at ``now``; safe to repeat or to die part way."""
+    wfs = workflow_set(workflows_dir).refresh(conn, now)
+    counts = complete_studies(conn, wfs, now, quiet_s)
+    counts["claims_expired"] = worklist.expire_claims(conn, now)
+    counts["escalations"] = fire_escalations(conn, now)
+    return counts
+
+
+def sweep(cfg: config.Config, now: float | None = None,
+          clock: Clock = time.time) -> dict[str, int] | None:
+    """The worker's periodic step. A pass already running in this process is not doubled."""
+    if not _LOCK.acquire(blocking=False):
+        return None
+    try:
+        conn = db.connect(cfg.db_path)
+        try:
+            return run_once(conn, cfg.workflows_dir, clock() if now is None else now,
+                            float(cfg["worker"]["quiet_period_s"]))
+        finally:
+            conn.close()
+    finally:
+        _LOCK.release()
+
+
+def loaded_workflows(conn: sqlite3.Connection, directory: Path) -> tuple[list[Workflow],
+                                                                           list[str]]:
+    """Workflows in force for a directory, read without changing anything (for explain).
+
+    An invalid file contributes its last good version; its problems are returned.
+    """
+    out, problems = [], []
+    for path in WorkflowSet(directory).paths():
+        try:
+            out.append(parse(path.read_text(encoding="utf-8"), path, accounts.ROLES))
+        except (WorkflowError, UnicodeDecodeError, OSError) as e:
+            problems.extend(e.problems if isinstance(e, WorkflowError) else [f"{path}: {e}"])
+            good = _last_good(conn, path)
+            if good is not None:
+                out.append(good)
+    return out, problems

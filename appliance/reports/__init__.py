@@ -1,0 +1,1 @@
+"""Reports: model, SR/PDF documents, delivery to the site, critical findings, report templates, pages, CLI."""

@@ -1,0 +1,1 @@
+"""Standing up a site: ``appliance init`` and ``appliance provision``."""

@@ -1,0 +1,1 @@
+"""Cloud sync: outbox, bundle format, upload targets (S3, folder), restore, CLI."""

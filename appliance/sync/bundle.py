@@ -1,0 +1,585 @@
+"""Encrypted, signed bundles: the unit of cloud sync, hand carriage and disaster recovery.
+
+Layout of a bundle file (docs/bundle-format.md is the reference)::
+
+    b"FIELDBUNDLE/1\\n"                 magic
+    age v1 ciphertext                   X25519 recipients (cloud + escrow), via pyrage
+    trailer                             compact JSON, see TRAILER_KEYS
+    8-byte big-endian trailer length
+    b"\\nFBEND/1"                        end magic
+
+Inside the ciphertext is a plain tar: ``manifest.json``, ``manifest.sig``
+(Ed25519 by the appliance identity key), then every file the manifest lists,
+in its order.  The trailer carries a detached Ed25519 signature over
+``SHA-256(ciphertext) || bundle_id`` so that anyone holding only the public
+key (the cloud, a courier's laptop) rejects junk before decrypting, and the
+bundle id names the site and the sequence number, so both are signed too.
+
+Why a trailer and not a header: the ciphertext hash is known only once the
+stream has been written, and a build must stay streaming (bounded memory
+whatever the study size).  Nothing here hand-rolls cryptography: age does
+the AEAD, ``cryptography`` does Ed25519 and SHA-256.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sqlite3
+import tarfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyrage
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from appliance.core import durable
+from appliance.core.identity import key_id as _key_id
+
+FORMAT = 1
+MAGIC = b"FIELDBUNDLE/1\n"
+END_MAGIC = b"\nFBEND/1"
+TRAILER_KEYS = frozenset({"format", "bundle_id", "key_id", "public_key", "ciphertext_sha256",
+                          "ciphertext_size", "signature"})
+MANIFEST_KEYS = frozenset({"format", "bundle_id", "site_id", "key_id", "seq", "priority", "kind",
+                           "subject", "created_at", "files"})
+MAX_TRAILER = 64 * 1024
+MAX_MANIFEST = 64 * 1024 * 1024
+CHUNK = 1024 * 1024
+BUNDLE_ID_RE = re.compile(r"^(?P<site>[a-z0-9][a-z0-9-]{0,39})\.(?P<seq>[0-9]{10})\.[0-9a-f]{12}$")
+MEMBER_RE = re.compile(r"^(dicom|records|recordings)/[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+){0,3}$")
+
+PRIORITY_STAT, PRIORITY_RECORDS, PRIORITY_ROUTINE = 0, 1, 2
+
+
+class BundleError(Exception):
+    """A bundle is malformed, tampered with, replayed or not for us; the message says which."""
+
+
+@dataclass
+class Entry:
+    """One file to put in a bundle: its name inside, where it is, what it must hash to."""
+
+    name: str
+    sha256: str
+    size: int
+    source: Path | None = None  # a file on disk …
+    data: bytes | None = None  # … or bytes (records)
+    meta: dict[str, Any] = field(default_factory=dict)  # study/series/sop uids, report id …
+
+    @classmethod
+    def record(cls, name: str, obj: Any, **meta: Any) -> Entry:
+        data = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+        return cls(name, hashlib.sha256(data).hexdigest(), len(data), data=data, meta=meta)
+
+
+@dataclass
+class BundleInfo:
+    """What the outside of a bundle says, after its signature checked out."""
+
+    bundle_id: str
+    site_id: str
+    seq: int
+    key_id: str
+    public_key: ed25519.Ed25519PublicKey
+    sha256: str  # of the ciphertext
+    size: int  # of the whole file
+    ciphertext_size: int = 0
+    file_sha256: str = ""  # of the whole file: what the cloud object must hash to
+
+
+def new_bundle_id(site_id: str, seq: int) -> str:
+    """``site.sequence.random``: the site and sequence number ride under the outer signature."""
+    bid = f"{site_id}.{seq:010d}.{uuid.uuid4().hex[:12]}"
+    if not BUNDLE_ID_RE.match(bid):
+        raise BundleError(f"site id {site_id!r} is not usable in a bundle id "
+                          "(lowercase letters, digits and dashes, at most 40)")
+    return bid
+
+
+def parse_bundle_id(bundle_id: str) -> tuple[str, int]:
+    m = BUNDLE_ID_RE.match(bundle_id)
+    if not m:
+        raise BundleError(f"malformed bundle id {bundle_id!r}")
+    return m["site"], int(m["seq"])
+
+
+def parse_recipients(keys: Iterable[str]) -> list[pyrage.x25519.Recipient]:
+    out = []
+    for k in keys:
+        try:
+            out.append(pyrage.x25519.Recipient.from_str(k.strip()))
+        except Exception:
+            raise BundleError(f"not an age X25519 public key: {k[:16]}…") from None
+    if not out:
+        raise BundleError("no recipients: set sync.recipients in appliance.yaml or pass "
+                          "--recipient AGE_PUBKEY")
+    return out
+
+
+def load_identity(path: Path) -> list[pyrage.x25519.Identity]:
+    """age identities (``AGE-SECRET-KEY-1…`` lines, as written by age-keygen)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise BundleError(f"cannot read identity file {path}: {e.strerror}") from None
+    ids = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("AGE-SECRET-KEY-"):
+            try:
+                ids.append(pyrage.x25519.Identity.from_str(line))
+            except Exception:
+                raise BundleError(f"{path}: malformed age secret key") from None
+    if not ids:
+        raise BundleError(f"{path}: no age secret key (AGE-SECRET-KEY-1…) in it")
+    return ids
+
+
+# -- building -----------------------------------------------------------------------------
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime, info.type = size, 0o600, 0, tarfile.REGTYPE
+    return info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8", errors="strict")
+
+
+def _pad(size: int) -> bytes:
+    return b"\0" * (-size % tarfile.BLOCKSIZE)
+
+
+def _tar_stream(entries: list[Entry]) -> Iterator[bytes]:
+    """The tar as a stream of chunks; each file is hashed as read and must match the index."""
+    for e in entries:
+        yield _tar_header(e.name, e.size)
+        if e.data is not None:
+            yield e.data
+        else:
+            h, n = hashlib.sha256(), 0
+            with open(e.source, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    n += len(chunk)
+                    if n > e.size:
+                        break
+                    h.update(chunk)
+                    yield chunk
+            if n != e.size or h.hexdigest() != e.sha256:
+                raise BundleError(f"{e.source}: on disk it no longer matches the index "
+                                  f"(size or SHA-256 changed); not bundled")
+        yield _pad(e.size)
+    yield b"\0" * (2 * tarfile.BLOCKSIZE)
+
+
+class _StreamReader(io.RawIOBase):
+    """A readable file over a generator of chunks, for pyrage's pull-style ``encrypt_io``."""
+
+    def __init__(self, chunks: Iterator[bytes]):
+        self._chunks, self._buf, self._pos, self.error = chunks, memoryview(b""), 0, None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        try:
+            while self._pos >= len(self._buf):
+                self._buf, self._pos = memoryview(next(self._chunks)), 0
+        except StopIteration:
+            return 0
+        except BaseException as e:  # surfaced after encrypt_io returns or fails
+            self.error = e
+            raise
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = self._buf[self._pos:self._pos + n]  # no copy of the rest of the chunk
+        self._pos += n
+        return n
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, f: BinaryIO, whole):
+        self.f, self.h, self.n, self.whole = f, hashlib.sha256(), 0, whole
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[override]
+        self.h.update(b)
+        self.whole.update(b)
+        self.n += len(b)
+        self.f.write(b)
+        return len(b)
+
+
+def manifest_for(bundle_id: str, key_id: str, priority: int, kind: str, subject: str,
+                 entries: list[Entry]) -> dict[str, Any]:
+    site_id, seq = parse_bundle_id(bundle_id)
+    return {
+        "format": FORMAT, "bundle_id": bundle_id, "site_id": site_id, "key_id": key_id,
+        "seq": seq, "priority": priority, "kind": kind, "subject": subject,
+        "created_at": round(time.time(), 3),
+        "files": [{"name": e.name, "sha256": e.sha256, "size": e.size, **e.meta} for e in entries],
+    }
+
+
+def build(out: Path, bundle_id: str, signing_key: ed25519.Ed25519PrivateKey,
+          recipients: list[str], entries: list[Entry], priority: int = PRIORITY_ROUTINE,
+          kind: str = "study", subject: str = "") -> BundleInfo:
+    """Write a bundle to ``out`` durably (temp + fsync + rename), streaming every file."""
+    for e in entries:
+        if not MEMBER_RE.match(e.name) or ".." in e.name:
+            raise BundleError(f"unsafe member name {e.name!r}")
+    kid = _key_id(signing_key.public_key())
+    manifest = json.dumps(manifest_for(bundle_id, kid, priority, kind, subject, entries),
+                          sort_keys=True, separators=(",", ":")).encode()
+    sig = signing_key.sign(manifest)
+    inner = [Entry("manifest.json", "", len(manifest), data=manifest),
+             Entry("manifest.sig", "", len(sig), data=sig), *entries]
+    return seal(out, bundle_id, signing_key, recipients, _tar_stream(inner))
+
+
+def seal(out: Path, bundle_id: str, signing_key: ed25519.Ed25519PrivateKey,
+         recipients: list[str], plaintext: Iterator[bytes]) -> BundleInfo:
+    """Encrypt a plaintext stream to the recipients and sign the outside."""
+    parse_bundle_id(bundle_id)
+    rcpts = parse_recipients(recipients)
+    out = Path(out)
+    durable.ensure_dir(out.parent)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}{durable.TMP_SUFFIX}")
+    reader = _StreamReader(plaintext)
+    try:
+        with open(tmp, "wb") as f:
+            os.chmod(tmp, 0o600)
+            f.write(MAGIC)
+            whole = hashlib.sha256(MAGIC)
+            w = _HashingWriter(f, whole)
+            try:
+                pyrage.encrypt_io(reader, w, rcpts)
+            except Exception as e:
+                raise (reader.error or BundleError(f"encryption failed: {e}")) from None
+            if reader.error:
+                raise reader.error
+            digest = w.h.digest()
+            pub = signing_key.public_key()
+            trailer = json.dumps({
+                "format": FORMAT, "bundle_id": bundle_id, "key_id": _key_id(pub),
+                "public_key": base64.b64encode(_raw(pub)).decode(),
+                "ciphertext_sha256": digest.hex(), "ciphertext_size": w.n,
+                "signature": base64.b64encode(signing_key.sign(digest + bundle_id.encode()))
+                .decode(),
+            }, sort_keys=True, separators=(",", ":")).encode()
+            tail = trailer + len(trailer).to_bytes(8, "big") + END_MAGIC
+            whole.update(tail)
+            f.write(tail)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+        durable.fsync_dir(out.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return BundleInfo(bundle_id, *parse_bundle_id(bundle_id), _key_id(pub), pub, digest.hex(),
+                      out.stat().st_size, w.n, whole.hexdigest())
+
+
+def _raw(pub: ed25519.Ed25519PublicKey) -> bytes:
+    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+# -- verifying (no decryption key needed) ---------------------------------------------------
+def read_trailer(f: BinaryIO, size: int) -> dict[str, Any]:
+    tail = len(END_MAGIC) + 8
+    if size < len(MAGIC) + tail + 2:
+        raise BundleError("not a bundle: too short (truncated?)")
+    f.seek(0)
+    if f.read(len(MAGIC)) != MAGIC:
+        raise BundleError("not a bundle: bad magic at the start")
+    f.seek(size - tail)
+    end = f.read(tail)
+    if end[8:] != END_MAGIC:
+        raise BundleError("bundle is truncated or damaged: end marker missing")
+    n = int.from_bytes(end[:8], "big")
+    if not 0 < n <= min(MAX_TRAILER, size - len(MAGIC) - tail):
+        raise BundleError("bundle is damaged: trailer length out of range")
+    f.seek(size - tail - n)
+    try:
+        trailer = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError):
+        raise BundleError("bundle is damaged: trailer is not valid JSON") from None
+    if not isinstance(trailer, dict) or set(trailer) != TRAILER_KEYS:
+        raise BundleError("bundle is damaged: trailer fields are wrong")
+    if trailer["format"] != FORMAT:
+        raise BundleError(f"unsupported bundle format {trailer['format']!r} (this is {FORMAT})")
+    if trailer["ciphertext_size"] != size - len(MAGIC) - tail - n:
+        raise BundleError("bundle is truncated or padded: ciphertext size does not match")
+    return trailer
+
+
+def verify(path: Path, trusted_key_ids: Iterable[str] | None = None) -> BundleInfo:
+    """Check structure and the outer signature; with ``trusted_key_ids``, the signer too."""
+    path = Path(path)
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise BundleError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        t = read_trailer(f, size)
+        try:
+            raw = base64.b64decode(t["public_key"], validate=True)
+            pub = ed25519.Ed25519PublicKey.from_public_bytes(raw)
+            sig = base64.b64decode(t["signature"], validate=True)
+        except Exception:
+            raise BundleError("bundle is damaged: public key or signature unreadable") from None
+        if _key_id(pub) != t["key_id"]:
+            raise BundleError("bundle is damaged: key id does not match its public key")
+        trusted = set(trusted_key_ids or ())
+        if trusted and t["key_id"] not in trusted:
+            raise BundleError(f"bundle signed by key {t['key_id']}, which is not trusted here")
+        site_id, seq = parse_bundle_id(str(t["bundle_id"]))
+        f.seek(len(MAGIC))
+        h, left, whole = hashlib.sha256(), t["ciphertext_size"], hashlib.sha256(MAGIC)
+        while left:
+            chunk = f.read(min(CHUNK, left))
+            if not chunk:
+                raise BundleError("bundle is truncated")
+            h.update(chunk)
+            whole.update(chunk)
+            left -= len(chunk)
+        whole.update(f.read())
+        digest = h.digest()
+        if digest.hex() != t["ciphertext_sha256"]:
+            raise BundleError("bundle is damaged or tampered with: ciphertext hash differs")
+        try:
+            pub.verify(sig, digest + t["bundle_id"].encode())
+        except InvalidSignature:
+            raise BundleError("bundle signature is invalid (tampered with, or a signature "
+                              "from another bundle)") from None
+    return BundleInfo(t["bundle_id"], site_id, seq, t["key_id"], pub, digest.hex(), size,
+                      t["ciphertext_size"], whole.hexdigest())
+
+
+# -- opening --------------------------------------------------------------------------------
+class Ledger:
+    """Which (site, sequence number) pairs were accepted: a replayed bundle is refused."""
+
+    def seen(self, site_id: str, seq: int) -> str | None:
+        raise NotImplementedError
+
+    def record(self, info: BundleInfo) -> None:
+        raise NotImplementedError
+
+
+class DbLedger(Ledger):
+    """The ``received_bundles`` table of an appliance database (restore)."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    def seen(self, site_id: str, seq: int) -> str | None:
+        r = self.conn.execute("SELECT bundle_id FROM received_bundles WHERE site_id=? AND seq=?",
+                              (site_id, seq)).fetchone()
+        return r[0] if r else None
+
+    def record(self, info: BundleInfo) -> None:
+        self.conn.execute(
+            "INSERT INTO received_bundles (bundle_id, site_id, key_id, seq, sha256, received_at)"
+            " VALUES (?,?,?,?,?,?)",
+            (info.bundle_id, info.site_id, info.key_id, info.seq, info.sha256, time.time()))
+
+
+class FileLedger(Ledger):
+    """A JSON ledger beside opened bundles (``bundle open`` outside a data directory)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def _load(self) -> dict[str, str]:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            raise BundleError(f"{self.path}: ledger is damaged; refusing to open bundles") from None
+
+    def seen(self, site_id: str, seq: int) -> str | None:
+        return self._load().get(f"{site_id}/{seq}")
+
+    def record(self, info: BundleInfo) -> None:
+        d = self._load()
+        d[f"{info.site_id}/{info.seq}"] = info.bundle_id
+        durable.atomic_write(self.path, json.dumps(d, sort_keys=True, indent=1).encode(), 0o600)
+
+
+@dataclass
+class Opened:
+    info: BundleInfo
+    manifest: dict[str, Any]
+    root: Path  # where the files are (the staging directory until committed)
+
+
+def _check_manifest(m: Any, info: BundleInfo) -> None:
+    if not isinstance(m, dict) or set(m) != MANIFEST_KEYS:
+        raise BundleError("manifest fields are wrong")
+    if m["format"] != FORMAT:
+        raise BundleError(f"unsupported manifest format {m['format']!r}")
+    if m["bundle_id"] != info.bundle_id:
+        raise BundleError(f"manifest belongs to bundle {m['bundle_id']}, not {info.bundle_id}")
+    if (m["site_id"], m["seq"], m["key_id"]) != (info.site_id, info.seq, info.key_id):
+        raise BundleError("manifest site, sequence number or key differ from the signed outside")
+    if not isinstance(m["files"], list):
+        raise BundleError("manifest file list is malformed")
+    names = set()
+    for fe in m["files"]:
+        if not isinstance(fe, dict) or not MEMBER_RE.match(str(fe.get("name", ""))) \
+                or ".." in fe["name"] or fe["name"] in names:
+            raise BundleError(f"manifest lists an unsafe or repeated name: {fe!r:.80}")
+        if not isinstance(fe.get("size"), int) or not isinstance(fe.get("sha256"), str):
+            raise BundleError(f"manifest entry {fe['name']} lacks size or sha256")
+        names.add(fe["name"])
+
+
+def _read_member(tar: tarfile.TarFile, expected: str, limit: int) -> tuple[tarfile.TarInfo, Any]:
+    member = tar.next()
+    if member is None or member.name != expected or not member.isreg():
+        got = member.name if member is not None else "end of archive"
+        raise BundleError(f"bundle contents out of order: expected {expected}, found {got}")
+    if member.size > limit:
+        raise BundleError(f"{expected} is implausibly large")
+    return member, tar.extractfile(member)
+
+
+def _extract(plain: Path, info: BundleInfo, staging: Path) -> dict[str, Any]:
+    """Read the decrypted tar: manifest, its signature, then every listed file, hash-checked."""
+    with tarfile.open(plain, mode="r:") as tar:
+        _, f = _read_member(tar, "manifest.json", MAX_MANIFEST)
+        manifest_bytes = f.read()
+        _, f = _read_member(tar, "manifest.sig", 1024)
+        try:
+            info.public_key.verify(f.read(), manifest_bytes)
+        except InvalidSignature:
+            raise BundleError("manifest signature is invalid (manifest or signature swapped or "
+                              "edited)") from None
+        try:
+            manifest = json.loads(manifest_bytes)
+        except ValueError:
+            raise BundleError("manifest is not valid JSON") from None
+        _check_manifest(manifest, info)
+        for fe in manifest["files"]:
+            member, src = _read_member(tar, fe["name"], fe["size"])
+            if member.size != fe["size"]:
+                raise BundleError(f"{fe['name']}: size differs from the manifest")
+            dest = staging / fe["name"]
+            dest.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            h = hashlib.sha256()
+            with os.fdopen(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                           "wb") as out:  # patient data: private to the user who opened it
+                while chunk := src.read(CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if h.hexdigest() != fe["sha256"]:
+                raise BundleError(f"{fe['name']}: SHA-256 differs from the manifest")
+        extra = tar.next()
+        if extra is not None:
+            raise BundleError(f"bundle holds a file its manifest does not list: {extra.name}")
+        durable.atomic_write(staging / "manifest.json", manifest_bytes, 0o600)
+    return manifest
+
+
+def open_to_staging(path: Path, identities: list, staging: Path, ledger: Ledger | None = None,
+                    trusted_key_ids: Iterable[str] | None = None) -> Opened:
+    """Verify, refuse replays, decrypt and check every hash into ``staging`` (made here).
+
+    On any error ``staging`` is removed and the error raised: the caller's
+    destination is never touched by a bad bundle.
+    """
+    info = verify(path, trusted_key_ids)
+    if ledger is not None:
+        prior = ledger.seen(info.site_id, info.seq)
+        if prior is not None:
+            raise BundleError(f"replayed sequence number {info.seq} of site {info.site_id}: "
+                              f"already accepted as bundle {prior}")
+    staging = Path(staging)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True, mode=0o700)
+    try:
+        plain = staging / ".plaintext.tar"
+        with open(path, "rb") as src, open(plain, "wb") as dst:
+            os.chmod(plain, 0o600)
+            src.seek(len(MAGIC))
+            try:
+                pyrage.decrypt_io(_Limited(src, info.ciphertext_size), dst, identities)
+            except Exception as e:
+                raise BundleError(f"cannot decrypt (not addressed to this identity, or "
+                                  f"damaged): {e}") from None
+        try:
+            manifest = _extract(plain, info, staging)
+        except tarfile.TarError as e:
+            raise BundleError(f"bundle contents are not a valid archive: {e}") from None
+        plain.unlink()
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return Opened(info, manifest, staging)
+
+
+class _Limited(io.RawIOBase):
+    """The ciphertext only: stops where the trailer starts."""
+
+    def __init__(self, f: BinaryIO, size: int):
+        self.f, self.left = f, size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        if self.left <= 0:
+            return 0
+        data = self.f.read(min(len(b), self.left))
+        b[: len(data)] = data
+        self.left -= len(data)
+        return len(data)
+
+
+def open_bundle(path: Path, identities: list, out: Path, ledger: Ledger | None = None,
+                trusted_key_ids: Iterable[str] | None = None,
+                on_opened: Callable[[Opened], None] | None = None) -> Opened:
+    """Open into ``out``: all checks first in a staging directory, then move into place."""
+    out = Path(out)
+    staging = out.parent / f".{out.name}.opening-{os.getpid()}"
+    opened = open_to_staging(path, identities, staging, ledger, trusted_key_ids)
+    try:
+        if not out.exists():
+            durable.ensure_dir(out)
+            os.chmod(out, 0o700)
+        for fe in [{"name": "manifest.json"}, *opened.manifest["files"]]:
+            dest = out / fe["name"]
+            if fe["name"] != "manifest.json" and dest.exists():
+                raise BundleError(f"{dest} exists already; refusing to overwrite")
+        for fe in opened.manifest["files"]:
+            dest = out / fe["name"]
+            for d in reversed([*dest.relative_to(out).parents][:-1]):
+                if not (out / d).exists():
+                    (out / d).mkdir(mode=0o700)
+            os.replace(staging / fe["name"], dest)
+        durable.fsync_dir(out)
+        os.replace(staging / "manifest.json",
+                   out / f"manifest-{opened.info.bundle_id}.json")
+        if ledger is not None:
+            ledger.record(opened.info)
+        if on_opened:
+            on_opened(opened)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    opened.root = out
+    return opened
