@@ -9,6 +9,7 @@ has one name and one place to change.
 from __future__ import annotations
 
 from dicom_node.durable import (
+    TMP_SUFFIX,
     atomic_write,
     discard,
     ensure_dir,
@@ -19,5 +20,5 @@ from dicom_node.durable import (
     write_temp,
 )
 
-__all__ = ["atomic_write", "discard", "ensure_dir", "free_mb", "fsync_dir", "move_into_place",
+__all__ = ["TMP_SUFFIX", "atomic_write", "discard", "ensure_dir", "free_mb", "fsync_dir", "move_into_place",
            "remove_temp_files", "write_temp"]
