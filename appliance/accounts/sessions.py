@@ -48,10 +48,10 @@ from werkzeug.wrappers import Response
 
 from appliance.accounts import tokens
 from appliance.accounts import users as accounts
+from appliance.accounts.roles import READERS as READER_ROLES
 from appliance.core import audit
 from appliance.web import get_db
 
-READER_ROLES = ("radiologist", "neurologist")
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 TOUCH_EVERY_S = 30  # last_seen is written at most this often per session
 SECRET_KEY_FILE = "web-session.key"

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.accounts import users as accounts
+from appliance.accounts.roles import CONSULT_HOSTS
 from appliance.core import audit
 from appliance.core.db import transaction
 from appliance.health import series as health_series
@@ -42,7 +43,7 @@ EVENT_KINDS = ("signal", "chat", "ladder", "presence", "system")
 # Ladder steps a client reports; "video" is the healthy state.
 LADDER_STEPS = ("video", "audio_only", "ice_restart", "fresh_pc", "chat_only", "dropped")
 JOIN_SLO_MS = 5000
-HOST_ROLES = ("site_staff", "neurologist", "radiologist", "admin", "responder")
+HOST_ROLES = CONSULT_HOSTS  # defined with the other role groups in accounts.roles
 
 
 class ConsultError(Exception):

@@ -279,12 +279,18 @@ def _match_name(q: Query, col: str, value: str) -> None:
 
 
 def run(conn: sqlite3.Connection, q: Query, base_url: str,
-        sites: list[str] | None = None) -> list[dict[str, Any]]:
+        sites: list[str] | None = None,
+        scope: tuple[str, list[Any]] | None = None) -> list[dict[str, Any]]:
     """Execute the query and return DICOM JSON objects (PS3.18 F.2).
 
     ``sites``: institution names a site-scoped user may see (None: all).
+    ``scope``: an SQL condition on ``st.study_uid`` and its parameters, from
+    ``appliance.accounts.permissions.scope_sql`` (who may see which study).
     """
     where, params = list(q.where), list(q.params)
+    if scope is not None:
+        where.append(scope[0])
+        params.extend(scope[1])
     if sites is not None:
         marks = ", ".join("?" for _ in sites)
         where.append(f"lower(st.institution_name) IN ({marks})" if sites else "0")

@@ -24,13 +24,14 @@ from pathlib import Path
 
 from flask import Blueprint, Response, abort, request, send_file
 
+from appliance.accounts import permissions
 from appliance.accounts import sessions as auth
 from appliance.dicomweb import viewer_preload
 from appliance.web import get_db
 
 bp = Blueprint("viewer", __name__)
 
-ROLES = ("admin", "radiologist", "neurologist")
+ROLES = permissions.IMAGE_VIEWERS
 WEB_STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 VIEWER_DIR = WEB_STATIC / "viewer"
 HASHED = re.compile(r"\.[0-9a-f]{16,}\.|^[0-9a-f]{16,}\.")  # webpack content-hashed names
@@ -85,9 +86,8 @@ def preload_script(study_uid: str) -> str:
     Their answers wait in the browser's HTTP cache for OHIF to ask (see
     :mod:`appliance.viewer_preload`); a failed fetch is only a missed head start.
     """
-    from appliance.dicomweb import web as dicomweb
-
-    if not study_uid or not viewer_preload.UID.match(study_uid) or not dicomweb.may_see(study_uid):
+    if not study_uid or not viewer_preload.UID.match(study_uid) \
+            or not permissions.may_see(study_uid):
         return ""
     urls = viewer_preload.first_requests(get_db(), study_uid)
     if not urls:

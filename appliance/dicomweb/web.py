@@ -1,10 +1,11 @@
 """DICOMweb (PS3.18) under ``/dicom-web``: QIDO-RS, WADO-RS, STOW-RS for OHIF and any client.
 
 Every route needs a signed-in reader or admin (session cookie or ``Bearer``
-token). A user whose tags include ``site:<InstitutionName>`` sees only that
-institution's studies (searches leave the others out; a direct request is a
-403 unless the user holds a break-glass grant); users without a site tag see
-every study. Every search and retrieval is audited; frame and rendered image
+token). Who sees which study is ``appliance.accounts.permissions.decide``: a
+``site:<InstitutionName>`` tag limits a user to that institution, a reader to
+the reading pools that admit them, and a break-glass grant opens its study
+(searches leave the others out; a direct request is a 403, audited; STOW-RS
+into such a study is refused). Every search and retrieval is audited; frame and rendered image
 requests, which a viewer makes by the hundred, are audited once per user and
 series per minute and process (the first one always).
 
@@ -26,6 +27,7 @@ from typing import Any
 import pydicom
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from appliance.accounts import permissions
 from appliance.accounts import sessions as auth
 from appliance.core import db
 from appliance.dicomweb import frames as frames_mod
@@ -36,7 +38,7 @@ from dicom_node import study_store
 
 bp = Blueprint("dicomweb", __name__, url_prefix="/dicom-web")
 
-ROLES = ("admin", "radiologist", "neurologist")
+ROLES = permissions.IMAGE_VIEWERS
 DICOM_JSON = "application/dicom+json"
 IMMUTABLE = "private, max-age=31536000, immutable"
 # Searches and series/study metadata may change as images arrive, but OHIF asks for the
@@ -54,6 +56,7 @@ FAILURE_CODES = {
 }
 STUDY_MISMATCH = 0xA900  # data set does not match: StudyInstanceUID differs from the URL
 UNSUPPORTED_PART = 0xC000
+NOT_AUTHORIZED = 0x0124  # PS3.7 Annex C "Refused: Not authorized": another site's study
 
 _audit_seen: dict[tuple[str, str, str], float] = {}
 _audit_lock = threading.Lock()
@@ -79,37 +82,18 @@ def _fail(status: int, message: str) -> HttpError:
 
 
 # -- who may see what ----------------------------------------------------------------------
-def site_scope() -> list[str] | None:
-    """Institutions the caller may see, from ``site:<name>`` tags; None means every site."""
-    user = auth.current_user() or {}
-    tags = [t.strip() for t in (user.get("tags") or "").split(",")]
-    sites = [t[5:].strip() for t in tags if t.lower().startswith("site:") and t[5:].strip()]
-    return sites or None
-
-
+# The decision is appliance.accounts.permissions': site, pool and break-glass, as everywhere.
 def may_see(study_uid: str) -> bool | None:
-    """Whether the caller may see this study (their site, or a break-glass grant); None: unknown."""
-    row = get_db().execute("SELECT institution_name FROM studies WHERE study_uid = ?",
-                           (study_uid,)).fetchone()
-    if row is None:
-        return None
-    sites = site_scope()
-    if sites is None or (row["institution_name"] or "").lower() in {s.lower() for s in sites}:
-        return True
-    return auth.has_break_glass(study_uid)
+    """Whether the caller may see this study; None: no such study."""
+    return permissions.may_see(study_uid)
 
 
 def _check_study(study_uid: str) -> None:
-    """404 for an unknown study, 403 for another site's study (unless break-glass)."""
-    allowed = may_see(study_uid)
-    if allowed is None:
-        raise _fail(404, f"no study {study_uid}")
-    if allowed:
-        return
-    auth.audit_event("dicomweb.denied", study_uid, outcome="denied",
-                     detail={"reason": "study of another site", "path": request.path})
-    raise _fail(403, "this study belongs to another site than yours "
-                     "(open it from the worklist with a break-glass reason if you must)")
+    """404 for an unknown study, 403 (audited) for one the caller may not see."""
+    try:
+        permissions.check_study(study_uid, "dicomweb.denied")
+    except permissions.Refused as e:
+        raise _fail(e.status, e.message) from None
 
 
 def _audit(action: str, study_uid: str, detail: dict[str, Any], coalesce_key: str = "") -> None:
@@ -173,7 +157,8 @@ def _search(level: str, study_uid: str | None = None, series_uid: str | None = N
         q = qido.parse(level, request.args.items(multi=True), study_uid, series_uid)
     except qido.QueryError as e:
         raise _fail(400, str(e)) from None
-    results = qido.run(get_db(), q, _base_url(), site_scope())
+    results = qido.run(get_db(), q, _base_url(),
+                       scope=permissions.caller_scope_sql("st.study_uid"))
     _audit("dicomweb.search", study_uid or "", {
         "level": level, "series": series_uid, "query": request.query_string.decode()[:500],
         "results": len(results)})
@@ -185,36 +170,42 @@ def _search(level: str, study_uid: str | None = None, series_uid: str | None = N
 
 @bp.get("/studies")
 @auth.require(*ROLES)
+@permissions.patient_data("list")
 def search_studies():
     return _search(qido.STUDY)
 
 
 @bp.get("/series")
 @auth.require(*ROLES)
+@permissions.patient_data("list")
 def search_all_series():
     return _search(qido.SERIES)
 
 
 @bp.get("/instances")
 @auth.require(*ROLES)
+@permissions.patient_data("list")
 def search_all_instances():
     return _search(qido.INSTANCE)
 
 
 @bp.get("/studies/<study>/series")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def search_series(study: str):
     return _search(qido.SERIES, study)
 
 
 @bp.get("/studies/<study>/instances")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def search_study_instances(study: str):
     return _search(qido.INSTANCE, study)
 
 
 @bp.get("/studies/<study>/series/<series>/instances")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def search_series_instances(study: str, series: str):
     return _search(qido.INSTANCE, study, series)
 
@@ -291,18 +282,21 @@ def _retrieve(study: str, series: str | None = None, sop: str | None = None):
 
 @bp.get("/studies/<study>")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def retrieve_study(study: str):
     return _retrieve(study)
 
 
 @bp.get("/studies/<study>/series/<series>")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def retrieve_series(study: str, series: str):
     return _retrieve(study, series)
 
 
 @bp.get("/studies/<study>/series/<series>/instances/<sop>")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def retrieve_instance(study: str, series: str, sop: str):
     return _retrieve(study, series, sop)
 
@@ -318,18 +312,21 @@ def _metadata(study: str, series: str | None = None, sop: str | None = None):
 
 @bp.get("/studies/<study>/metadata")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def study_metadata(study: str):
     return _metadata(study)
 
 
 @bp.get("/studies/<study>/series/<series>/metadata")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def series_metadata(study: str, series: str):
     return _metadata(study, series)
 
 
 @bp.get("/studies/<study>/series/<series>/instances/<sop>/metadata")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def instance_metadata(study: str, series: str, sop: str):
     return _metadata(study, series, sop)
 
@@ -361,6 +358,7 @@ def _pixel_response(blobs: Iterator[bytes], count: int, part_media: str, ts: str
 
 @bp.get("/studies/<study>/series/<series>/instances/<sop>/frames/<frame_list>")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def retrieve_frames(study: str, series: str, sop: str, frame_list: str):
     row = _instances(study, series, sop)[0]
     pixel = frames_mod.pixel_info(row["pixel"])
@@ -398,6 +396,7 @@ def _has_pixels(row: dict) -> bool:
 
 @bp.get("/studies/<study>/series/<series>/instances/<sop>/bulkdata/<tag>")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def retrieve_bulkdata(study: str, series: str, sop: str, tag: str):
     row = _instances(study, series, sop)[0]
     tag = tag.upper()
@@ -460,36 +459,42 @@ def _middle(rows: list[dict]) -> dict:
 
 @bp.get("/studies/<study>/series/<series>/instances/<sop>/rendered")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def rendered_instance(study: str, series: str, sop: str):
     return _rendered(_instances(study, series, sop)[0], study, 1, False)
 
 
 @bp.get("/studies/<study>/series/<series>/instances/<sop>/frames/<int:frame>/rendered")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def rendered_frame(study: str, series: str, sop: str, frame: int):
     return _rendered(_instances(study, series, sop)[0], study, frame, False)
 
 
 @bp.get("/studies/<study>/thumbnail")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def thumbnail_study(study: str):
     return _rendered(_middle(_instances(study)), study, 1, True)
 
 
 @bp.get("/studies/<study>/series/<series>/thumbnail")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def thumbnail_series(study: str, series: str):
     return _rendered(_middle(_instances(study, series)), study, 1, True)
 
 
 @bp.get("/studies/<study>/series/<series>/instances/<sop>/thumbnail")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def thumbnail_instance(study: str, series: str, sop: str):
     return _rendered(_instances(study, series, sop)[0], study, 1, True)
 
 
 @bp.get("/studies/<study>/series/<series>/instances/<sop>/frames/<int:frame>/thumbnail")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def thumbnail_frame(study: str, series: str, sop: str, frame: int):
     return _rendered(_instances(study, series, sop)[0], study, frame, True)
 
@@ -542,7 +547,29 @@ def _peek_uids(data: bytes) -> tuple[str, str, str]:
         return "", "", ""
 
 
+def _stow_refusal(data: bytes, study_uid: str) -> str | None:
+    """Why the caller may not store into this part's study (another site's, outside their
+    pool), or None. A study not yet here is judged by the part's own InstitutionName."""
+    facts = permissions.studies(get_db(), [study_uid]).get(study_uid) if study_uid else None
+    if facts is None:
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+                                 specific_tags=["InstitutionName"])
+            institution = str(ds.get("InstitutionName", "") or "")
+        except Exception:
+            return None  # unreadable: the study store refuses it with its own reason
+        facts = permissions.Study(study_uid, institution)
+    granted = bool(study_uid) and auth.has_break_glass(study_uid)
+    decision = permissions.decide(auth.current_user(), facts, granted)
+    if decision:
+        return None
+    permissions.deny("dicomweb.store", study_uid, decision.reason)
+    return decision.reason
+
+
 def _stow(study: str | None):
+    if study is not None and permissions.studies(get_db(), [study]):
+        _check_study(study)  # storing into a study is seeing it: another site's is a 403
     boundary = _boundary(request.headers.get("Content-Type", ""))
     store, addr, base = _store(), auth.client_address(), _base_url()
     ok_items, failed_items, reasons = [], [], []
@@ -555,6 +582,8 @@ def _stow(study: str | None):
                 code, why = UNSUPPORTED_PART, f"part {i}: {ctype} is not application/dicom"
             elif study is not None and st and st != study:
                 code, why = STUDY_MISMATCH, f"part {i}: StudyInstanceUID {st} is not {study}"
+            elif (refusal := _stow_refusal(data, st)) is not None:
+                code, why = NOT_AUTHORIZED, f"part {i}: {refusal}"
             else:
                 result = store.store(data, calling_ae="STOW", remote_addr=addr)
                 if result.success:
@@ -596,11 +625,13 @@ def _stow(study: str | None):
 
 @bp.post("/studies")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def store_instances():
     return _stow(None)
 
 
 @bp.post("/studies/<study>")
 @auth.require(*ROLES)
+@permissions.patient_data("study")
 def store_study_instances(study: str):
     return _stow(study)

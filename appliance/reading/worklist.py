@@ -26,8 +26,9 @@ import sqlite3
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from appliance.accounts import permissions
 from appliance.core import audit, db
-from workflows.schema import PRIORITIES
+from workflows.schema import PRIORITIES, Pool
 
 log = logging.getLogger("appliance.worklist")
 
@@ -186,14 +187,10 @@ def list_items(
     return out
 
 
-def _user_tags(user: Mapping[str, Any]) -> set[str]:
-    tags = user.get("tags") or ""
-    items = tags.split(",") if isinstance(tags, str) else tags
-    return {t.strip().lower() for t in items if t and t.strip()}
-
-
 def _admits(pool_roles: str, pool_tags: str, user: Mapping[str, Any]) -> bool:
-    return user.get("role") in _split(pool_roles) and set(_split(pool_tags)) <= _user_tags(user)
+    """Whether the item's pool admits the reader (who may claim it): ``permissions.in_pool``."""
+    pool = Pool("", tuple(_split(pool_roles)), tuple(_split(pool_tags)))
+    return permissions.in_pool(user, pool)
 
 
 def history(conn: sqlite3.Connection, item_id: int) -> list[dict[str, Any]]:
@@ -330,7 +327,7 @@ def release(conn: sqlite3.Connection, item_id: int, user: str | Mapping[str, Any
         row = _locked_row(conn, item_id)
         if row["state"] != "claimed":
             raise Conflict(f"item {item_id} is {row['state']}, not claimed")
-        if row["claimed_by"] != name and who.get("role") not in ("admin", "responder"):
+        if row["claimed_by"] != name and who.get("role") not in permissions.OPERATORS:
             raise NotAllowed(f"item {item_id} is claimed by {row['claimed_by']}, not {name}")
         conn.execute(
             "UPDATE read_items SET state = 'queued', claimed_by = NULL, claimed_at = NULL,"
@@ -413,7 +410,7 @@ def _check_actor(row: sqlite3.Row, new_state: str, who: Mapping[str, Any]) -> No
     if new_state in ("preliminary", "final") and row["claimed_by"] != name:
         raise NotAllowed(f"only {row['claimed_by'] or 'the claiming reader'} may report "
                          f"item {row['id']}")
-    if new_state in ("cancelled", "queued") and role not in ("admin", "responder"):
+    if new_state in ("cancelled", "queued") and role not in permissions.OPERATORS:
         raise NotAllowed(f"only an admin or responder may set item {row['id']} {new_state}")
 
 

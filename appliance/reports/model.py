@@ -35,12 +35,13 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from appliance.accounts.roles import READERS
 from appliance.core import audit, db
 
 PACKAGE_TEMPLATES = Path(__file__).resolve().parent / "templates"
 FIELD_TYPES = ("choice", "text", "number", "boolean", "aspects")
 MAX_TEXT = 20_000  # characters of findings or impression; a report, not a book
-READER_ROLES = ("radiologist", "neurologist")
+READER_ROLES = READERS
 
 
 class ReportError(Exception):

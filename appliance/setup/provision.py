@@ -18,6 +18,7 @@ from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
 
 from appliance.accounts import users as accounts
+from appliance.accounts.roles import READERS
 from appliance.core import config
 
 # DICOM modality defined terms (PS3.3 C.7.3.1.1.1) a site is likely to send.
@@ -26,7 +27,7 @@ MODALITIES = frozenset(
     "NM OAM OCT OP OPM OPT OPV OT PR PT PX REG RESP RF RG RTDOSE RTIMAGE RTPLAN RTRECORD "
     "RTSTRUCT SEG SM SMR SR SRF TG US VA XA XC".split()
 )
-READER_ROLES = ("radiologist", "neurologist")
+READER_ROLES = READERS
 CLOUD_TARGETS = ("none", "s3", "folder")
 AGE_KEY_RE = re.compile(r"^age1[02-9ac-hj-np-z]{58}$")  # bech32 alphabet
 ANSWER_KEYS = ("site_name", "ae_title", "dicom_port", "web_port", "allowed_modalities", "cloud",
