@@ -43,11 +43,11 @@ from appliance.web import get_db
 bp = Blueprint("reports", __name__)
 
 # Who may read a signed report: the readers, and the site staff it is written for.
-VIEWERS = (*permissions.READERS, "site_staff")
+VIEWERS = permissions.REPORT_VIEWERS
 # The site's list of critical findings: its staff, and the responders and admins to whom
 # unacknowledged findings escalate. Readers see the findings of their own reports.
-CRITICAL_VIEWERS = ("site_staff", "admin", "responder")
-ACKNOWLEDGERS = ("site_staff",)
+CRITICAL_VIEWERS = (*permissions.SITE_STAFF, *permissions.OPERATORS)
+ACKNOWLEDGERS = permissions.SITE_STAFF
 
 
 def _templates() -> dict[str, reports.Template]:
@@ -79,14 +79,18 @@ def _worklist():
 # -- the report of a read item -------------------------------------------------------------------
 @bp.get("/reports/item/<int:item_id>")
 @auth.require(*permissions.READERS)
+@permissions.patient_data("item")
 def for_item(item_id: int):
     """Open the item's report; the claim holder's first visit starts the draft."""
     conn, user = get_db(), _user()
     wl = _worklist()
     try:
         item = wl.get_item(conn, item_id)
+        permissions.check_study(item["study_uid"], "report.open")
     except wl.WorklistError as e:
         return _fail(e)
+    except permissions.Refused as e:
+        return _fail(ReportError(e.message, e.status))
     report = reports.report_for_item(conn, item_id)
     if report is None:
         if item["claimed_by"] != user["username"]:
@@ -134,34 +138,34 @@ def _page_data(conn, report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _may_read(conn, report: dict[str, Any]) -> ReportError | None:
-    """Why the caller may not read this report, or None.
+def _may_read(conn, report: dict[str, Any], action: str = "report.view") -> ReportError | None:
+    """Why the caller may not read this report, or None (a denial is audited).
 
-    Site staff read signed reports of their site. A reader reads a report they
-    wrote, or one of a study in their reading pool, or under a break-glass
-    grant for the study, exactly as they may open its images.
+    Exactly as they may open its images (``permissions.check_study``: site, pool,
+    their claim, a break-glass grant); site staff read only signed reports.
     """
-    user = _user()
-    if user["role"] == "site_staff":
-        return None if report["status"] != "draft" else ReportError(
-            "this report is not signed yet", 403)
-    if report["author"] == user["username"] or auth.has_break_glass(report["study_uid"]):
-        return None
-    if report["read_item_id"] is not None:
-        try:
-            item = _worklist().get_item(conn, report["read_item_id"])
-        except Exception:
-            item = None
-        tags = {t.strip().lower() for t in (user.get("tags") or "").split(",") if t.strip()}
-        if item and user["role"] in item["pool"]["roles"] and \
-                {t.lower() for t in item["pool"]["tags"]} <= tags:
-            return None
-    return ReportError("this study is outside your reading pool: open it through break-glass "
-                       f"(/break-glass?study={report['study_uid']}) with a reason", 403)
+    try:
+        permissions.check_study(report["study_uid"], action)
+    except permissions.Refused as e:
+        return ReportError(e.message, e.status)
+    if _user()["role"] in permissions.SITE_STAFF and report["status"] == "draft":
+        return ReportError("this report is not signed yet", 403)
+    return None
+
+
+def _checked_report(rid: int, action: str) -> dict[str, Any]:
+    """The report, if the caller may see its study: every report route starts here."""
+    conn = get_db()
+    report = reports.get_report(conn, rid)
+    refusal = _may_read(conn, report, action)
+    if refusal is not None:
+        raise refusal
+    return report
 
 
 @bp.get("/reports/<int:rid>")
 @auth.require(*VIEWERS)
+@permissions.patient_data("report")
 def page(rid: int):
     conn = get_db()
     try:
@@ -170,8 +174,6 @@ def page(rid: int):
         return _fail(e)
     refusal = _may_read(conn, report)
     if refusal is not None:
-        auth.audit_event("report.view", f"report:{rid}", outcome="denied",
-                         detail={"study_uid": report["study_uid"]})
         return _fail(refusal)
     auth.audit_event("report.view", f"report:{rid}", detail={"study_uid": report["study_uid"]})
     return render_template("reports/report.html", **_page_data(conn, report),
@@ -204,8 +206,10 @@ def _body() -> dict[str, Any]:
 
 @bp.post("/reports/<int:rid>/autosave")
 @auth.require(*permissions.READERS)
+@permissions.patient_data("report")
 def autosave(rid: int):
     try:
+        _checked_report(rid, "report.autosave")
         data = _body()
         revision = reports.autosave(
             get_db(), rid, actor=_user()["username"], templates=_templates(),
@@ -220,12 +224,13 @@ def autosave(rid: int):
 
 @bp.post("/reports/<int:rid>/sign")
 @auth.require(*permissions.READERS)
+@permissions.patient_data("report")
 def sign(rid: int):
     """Sign what the reader sees: the revision sent must be the one stored."""
     conn = get_db()
     try:
+        report = _checked_report(rid, "report.sign")
         data = _body()
-        report = reports.get_report(conn, rid)
         if "revision" in data and int(data["revision"]) != report["revision"]:
             raise ReportError("the report changed since this page saved it; reload and sign "
                               "again", 409)
@@ -242,8 +247,11 @@ def sign(rid: int):
 
 @bp.post("/reports/<int:rid>/addendum")
 @auth.require(*permissions.READERS)
+@permissions.patient_data("report")
 def addendum(rid: int):
+    """Start an addendum: the same right as reading the study (pool, site or a grant)."""
     try:
+        _checked_report(rid, "report.addendum")
         add_id = reports.add_addendum(get_db(), rid, actor=_user()["username"],
                                       text=_body().get("text", ""),
                                       source=auth.client_address(), now=auth.now())
@@ -256,9 +264,11 @@ def addendum(rid: int):
 
 @bp.post("/reports/<int:rid>/critical")
 @auth.require(*permissions.READERS)
+@permissions.patient_data("report")
 def flag_critical(rid: int):
     cfg = current_app.config["SITE"]
     try:
+        _checked_report(rid, "report.critical")
         fid = critical_findings.flag(
             get_db(), rid, actor=_user()["username"], description=_body().get("description", ""),
             ack_minutes=float(cfg["reports"]["critical_ack_minutes"]),
@@ -272,6 +282,7 @@ def flag_critical(rid: int):
 
 @bp.get("/reports")
 @auth.require(*VIEWERS)
+@permissions.patient_data("list")
 def results():
     """Signed reports, newest first: what the site staff come for ("is the CT read?").
 
@@ -290,6 +301,8 @@ def results():
         " FROM reports r LEFT JOIN studies s ON s.study_uid = r.study_uid"
         " WHERE r.status != 'draft' AND (? = 0 OR r.author = ?)"
         " ORDER BY r.updated_at DESC LIMIT 200", (int(mine), user["username"]))]
+    seen = permissions.visible_to_caller(r["study_uid"] for r in rows)
+    rows = [r for r in rows if r["study_uid"] in seen]  # the staff's own site, the reader's pool
     for r in rows:
         r["patient_name"] = (r["patient_name"] or "").replace("^", " ").strip()
     auth.audit_event("report.list", "", detail={"rows": len(rows)})
@@ -299,6 +312,8 @@ def results():
 # -- critical findings for the site ---------------------------------------------------------------
 def _findings_view(open_only: bool = False) -> list[dict[str, Any]]:
     rows = critical_findings.listing(get_db(), open_only=open_only)
+    seen = permissions.visible_to_caller(r["study_uid"] for r in rows)
+    rows = [r for r in rows if r["study_uid"] in seen]  # the site's own findings
     for r in rows:
         r["patient_name"] = (r.get("patient_name") or "").replace("^", " ").strip()
         r["flagged"] = fmt_time(r["flagged_at"])
@@ -308,6 +323,7 @@ def _findings_view(open_only: bool = False) -> list[dict[str, Any]]:
 
 @bp.get("/critical")
 @auth.require(*CRITICAL_VIEWERS)
+@permissions.patient_data("list")
 def critical_page():
     rows = _findings_view()
     auth.audit_event("critical.view", "", detail={"rows": len(rows)})
@@ -319,12 +335,22 @@ def critical_page():
 @auth.require(*CRITICAL_VIEWERS)
 def critical_open():
     """Ids of unacknowledged findings, for the page's background check (no patient data)."""
-    return jsonify(open=[r["id"] for r in critical_findings.listing(get_db(), open_only=True)])
+    rows = critical_findings.listing(get_db(), open_only=True)
+    seen = permissions.visible_to_caller(r["study_uid"] for r in rows)
+    return jsonify(open=[r["id"] for r in rows if r["study_uid"] in seen])
 
 
 @bp.post("/critical/<int:fid>/acknowledge")
 @auth.require(*ACKNOWLEDGERS)
+@permissions.patient_data("finding")
 def acknowledge(fid: int):
+    try:
+        finding = critical_findings.get(get_db(), fid)
+        permissions.check_study(finding["study_uid"], "critical.acknowledge")
+    except ReportError as e:
+        return _fail(e)
+    except permissions.Refused as e:
+        return _fail(ReportError(e.message, e.status))
     try:
         critical_findings.acknowledge(get_db(), fid, actor=_user()["username"],
                                       note=_body().get("note", ""),
@@ -339,10 +365,7 @@ def acknowledge(fid: int):
 # -- paper ----------------------------------------------------------------------------------------
 def _signed(rid: int) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
     conn = get_db()
-    report = reports.get_report(conn, rid)
-    refusal = _may_read(conn, report)
-    if refusal is not None:
-        raise refusal
+    report = _checked_report(rid, "report.print")
     version = reports.final_version(conn, rid) or reports.latest_version(conn, rid)
     if version is None:
         raise ReportError("this report is not signed yet; only signed reports are printed", 409)
@@ -353,6 +376,7 @@ def _signed(rid: int) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, An
 
 @bp.get("/reports/<int:rid>/print")
 @auth.require(*VIEWERS)
+@permissions.patient_data("report")
 def printable(rid: int):
     try:
         report, version, adds = _signed(rid)
@@ -367,6 +391,7 @@ def printable(rid: int):
 
 @bp.get("/reports/<int:rid>.pdf")
 @auth.require(*VIEWERS)
+@permissions.patient_data("report")
 def pdf(rid: int):
     try:
         report, version, _adds = _signed(rid)
