@@ -15,8 +15,10 @@ ends after ``STREAM_S`` and the browser's EventSource reconnects with
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,6 +34,7 @@ from flask import (
     session,
 )
 
+from appliance.accounts import permissions
 from appliance.accounts import sessions as auth
 from appliance.consults import media_jobs
 from appliance.consults import recordings as consult_recordings
@@ -51,6 +54,55 @@ def _consult_error(e: consults.ConsultError):
     if auth.wants_json():
         return jsonify(error=str(e)), 400
     return render_template("error.html", message=str(e)), 400
+
+
+@bp.errorhandler(permissions.Refused)
+def _refused(e: permissions.Refused):
+    if auth.wants_json():
+        return jsonify(error=e.message), e.status
+    return render_template("error.html", message=e.message), e.status
+
+
+# -- who may see a consult -------------------------------------------------------------------------
+def _may_enter(consult: Any, user: dict[str, Any], action: str) -> None:
+    """A consult of a study is that study's patient data: its creator, its participants,
+    a host who came by its invite link, and whoever may see the study (site, pool, grant)
+    may enter; anyone else is refused (403, audited). A consult without a study is open
+    to every host."""
+    if not consult["study_uid"] or consult["created_by"] == user["username"]:
+        return
+    if consults.user_participant(get_db(), consult["id"], user["id"]) is not None:
+        return
+    if str(consult["id"]) in (session.get("consult_invited") or {}):
+        return
+    permissions.check_study(consult["study_uid"], action)
+
+
+def _consult_access(action: str) -> Callable:
+    """Mark a consult route as patient data and check the signed-in caller first
+    (guests, who have no account, are checked by the view against their secret)."""
+    def decorate(view: Callable) -> Callable:
+        @functools.wraps(view)
+        def wrapped(cid: int, *args: Any, **kwargs: Any):
+            user = auth.current_user()
+            if user is not None:
+                _may_enter(consults.get_consult(get_db(), cid), user, action)
+            return view(cid, *args, **kwargs)
+
+        return permissions.patient_data("consult")(wrapped)
+
+    return decorate
+
+
+def _visible_consults(rows: list[dict]) -> list[dict]:
+    """The open consults the caller may enter (the list names patients in its titles)."""
+    user = auth.current_user()
+    seen = permissions.visible_to_caller(r["study_uid"] for r in rows if r["study_uid"])
+    mine = {r["consult_id"] for r in get_db().execute(
+        "SELECT DISTINCT consult_id FROM consult_participants WHERE user_id = ?", (user["id"],))}
+    invited = session.get("consult_invited") or {}
+    return [r for r in rows if not r["study_uid"] or r["study_uid"] in seen
+            or r["created_by"] == user["username"] or r["id"] in mine or str(r["id"]) in invited]
 
 
 def _cfg() -> Any:
@@ -82,6 +134,7 @@ def _caller(cid: int, lobby_ok: bool = False) -> tuple[Any, str]:
         p = consults.guest_by_secret(conn, cid, secret)
         if p is not None and (p["state"] == "admitted" or (lobby_ok and p["state"] == "lobby")):
             return p, f"guest:{p['name']}"
+    permissions.deny("consult.denied", f"consult:{cid}", "not a participant of this consult")
     abort(403, "you are not in this consult")
 
 
@@ -102,18 +155,23 @@ def _body() -> dict[str, Any]:
 # -- pages ----------------------------------------------------------------------------------------
 @bp.get("/consults")
 @auth.require(*HOSTS)
+@permissions.patient_data("list")
 def index():
-    rows = consults.open_consults(get_db())
+    rows = _visible_consults(consults.open_consults(get_db()))
     return render_template("consults/index.html", consults=rows,
                            study_uid=request.args.get("study", ""))
 
 
 @bp.post("/consults")
 @auth.require(*HOSTS)
+@permissions.patient_data("study")
 def start():
     """Start a consult from a study (``study_uid``) or from scratch."""
     data = _body()
     user = auth.current_user()
+    study_uid = str(data.get("study_uid") or "").strip()
+    if study_uid and permissions.studies(get_db(), [study_uid]):  # its title names the patient
+        permissions.check_study(study_uid, "consult.create")
     cid = consults.create_consult(get_db(), user["username"], data.get("study_uid", ""),
                                   data.get("title", ""), now=_now(), source=auth.client_address())
     if auth.wants_json():
@@ -123,6 +181,7 @@ def start():
 
 @bp.get("/consults/<int:cid>")
 @auth.public
+@_consult_access("consult.room")
 def room(cid: int):
     """The device check, then the call (one page, so the camera is asked for once)."""
     conn = get_db()
@@ -147,6 +206,7 @@ def join_link(token: str):
         return render_template("error.html", message=str(e)), 403
     user = auth.current_user()
     if user is not None and user["role"] in HOSTS:
+        session["consult_invited"] = {**(session.get("consult_invited") or {}), str(cid): True}
         return redirect(f"/consults/{cid}")
     if _guest_secret(cid) and consults.guest_by_secret(conn, cid, _guest_secret(cid)):
         return redirect(f"/consults/{cid}")
@@ -169,6 +229,7 @@ def join_link(token: str):
 # -- JSON -----------------------------------------------------------------------------------------
 @bp.post("/consults/<int:cid>/invite")
 @auth.require(*HOSTS)
+@_consult_access("consult.invite")
 def invite(cid: int):
     minutes = _cfg()["consults"]["invite_minutes"]
     token = consults.make_invite(get_db(), _invite_key(), cid, auth.current_user()["username"],
@@ -186,6 +247,7 @@ def _link_base() -> str:
 
 @bp.post("/consults/<int:cid>/join")
 @auth.public
+@_consult_access("consult.join")
 def join(cid: int):
     """Enter after the device check: what the client needs to connect."""
     conn = get_db()
@@ -212,6 +274,7 @@ def join(cid: int):
 
 @bp.get("/consults/<int:cid>/events")
 @auth.public
+@permissions.patient_data("consult")  # participants only: _caller
 def events(cid: int):
     """SSE: this participant's events after ``Last-Event-ID`` (or ``?after=``)."""
     me, _actor = _caller(cid, lobby_ok=True)
@@ -249,6 +312,7 @@ def events(cid: int):
 
 @bp.post("/consults/<int:cid>/signal")
 @auth.public
+@permissions.patient_data("consult")  # participants only: _caller
 def post_signal(cid: int):
     me, _actor = _caller(cid)
     data = _body()
@@ -262,6 +326,7 @@ def post_signal(cid: int):
 
 @bp.post("/consults/<int:cid>/chat")
 @auth.public
+@permissions.patient_data("consult")  # participants only: _caller
 def post_chat(cid: int):
     me, actor = _caller(cid)
     eid = consults.post_chat(get_db(), cid, me, str(_body().get("text", "")), actor,
@@ -271,6 +336,7 @@ def post_chat(cid: int):
 
 @bp.post("/consults/<int:cid>/ladder")
 @auth.public
+@permissions.patient_data("consult")  # participants only: _caller
 def post_ladder(cid: int):
     me, _actor = _caller(cid)
     body = _body()
@@ -282,6 +348,7 @@ def post_ladder(cid: int):
 
 @bp.post("/consults/<int:cid>/stats")
 @auth.public
+@permissions.patient_data("consult")  # participants only: _caller
 def post_stats(cid: int):
     me, _actor = _caller(cid)
     return jsonify(stored=consults.record_stats(get_db(), cid, me["id"],
@@ -290,6 +357,7 @@ def post_stats(cid: int):
 
 @bp.post("/consults/<int:cid>/leave")
 @auth.public
+@permissions.patient_data("consult")  # participants only: _caller
 def post_leave(cid: int):
     me, _actor = _caller(cid, lobby_ok=True)
     seat = _body().get("seat")
@@ -300,6 +368,7 @@ def post_leave(cid: int):
 
 @bp.post("/consults/<int:cid>/admit/<int:pid>")
 @auth.require(*HOSTS)
+@_consult_access("consult.admit")
 def post_admit(cid: int, pid: int):
     allow = _body().get("allow", True) not in (False, "0", "false", "no")
     consults.admit(get_db(), cid, pid, auth.current_user()["username"], allow=allow,
@@ -309,6 +378,7 @@ def post_admit(cid: int, pid: int):
 
 @bp.post("/consults/<int:cid>/consent")
 @auth.require(*HOSTS)
+@_consult_access("consult.consent")
 def post_consent(cid: int):
     consults.record_consent(get_db(), cid, auth.current_user()["username"], now=_now(),
                             source=auth.client_address())
@@ -317,6 +387,7 @@ def post_consent(cid: int):
 
 @bp.post("/consults/<int:cid>/recording")
 @auth.require(*HOSTS)
+@_consult_access("consult.recording")
 def post_recording(cid: int):
     """Ask the media service to record (after consent; refused with the reason otherwise)."""
     if not _cfg()["sync"]["recipients"]:
@@ -332,6 +403,7 @@ def post_recording(cid: int):
 
 @bp.post("/consults/<int:cid>/recording/stop")
 @auth.require(*HOSTS)
+@_consult_access("consult.recording")
 def post_recording_stop(cid: int):
     n = media_jobs.cancel(get_db(), cid, "record", auth.current_user()["username"], now=_now(),
                           source=auth.client_address())
@@ -340,6 +412,7 @@ def post_recording_stop(cid: int):
 
 @bp.post("/consults/<int:cid>/relay")
 @auth.public
+@permissions.patient_data("consult")  # participants only: _caller
 def post_relay(cid: int):
     """A participant whose media cannot get through even TURN asks for the appliance relay."""
     _me, actor = _caller(cid)
@@ -350,6 +423,7 @@ def post_relay(cid: int):
 
 @bp.post("/consults/<int:cid>/end")
 @auth.require(*HOSTS)
+@_consult_access("consult.end")
 def post_end(cid: int):
     consults.end_consult(get_db(), cid, auth.current_user()["username"], now=_now(),
                          source=auth.client_address())
@@ -373,6 +447,7 @@ def summary():
 
 @bp.get("/consults/<int:cid>/record")
 @auth.require(*HOSTS)
+@_consult_access("consult.view")
 def record(cid: int):
     """The consult's record: who took part, the chat, the ladder steps, its sealed recordings
     (audited: patient data)."""

@@ -21,6 +21,7 @@ from appliance.web import get_db
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 WORKLIST_ROLES = tuple(dict.fromkeys(permissions.READERS + permissions.OPERATORS))
+PATIENT_FIELDS = ("patient_id", "patient_name", "accession_number", "study_description")
 TRUE = ("1", "true", "yes")
 FALSE = ("0", "false", "no")
 
@@ -62,8 +63,28 @@ def _worklist_error(e: worklist.WorklistError):
     return _error(str(e), e.status)
 
 
+@bp.errorhandler(permissions.Refused)
+def _refused(e: permissions.Refused):
+    return _error(e.message, e.status)
+
+
+def _checked_item(item_id: int, action: str) -> dict[str, Any]:
+    """The item, if the caller may see its study (else 403, audited, or 404)."""
+    item = worklist.get_item(get_db(), item_id)
+    permissions.check_study(item["study_uid"], action)
+    return item
+
+
+def _redacted(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Items of studies the caller may not see keep their place but name no patient."""
+    seen = permissions.visible_to_caller(i["study_uid"] for i in items)
+    return [i if i["study_uid"] in seen else
+            {**i, **dict.fromkeys(PATIENT_FIELDS, None), "restricted": True} for i in items]
+
+
 @bp.get("/worklist/items")
 @auth.require(*WORKLIST_ROLES)
+@permissions.patient_data("list")
 def list_items():
     """Read items soonest due first; filters: state, priority, modality, pool, breached,
     mine, eligible (only what the caller may claim), limit, offset."""
@@ -79,6 +100,9 @@ def list_items():
         eligible_for=user if eligible else None,
         limit=_int_arg("limit", 100), offset=_int_arg("offset", 0),
     )
+    items = _redacted(items)
+    if eligible:
+        items = [i for i in items if not i.get("restricted")]
     auth.audit_event("worklist.list", "", detail={"rows": len(items),
                                                   "filters": dict(request.args)})
     return jsonify(now=auth.now(), count=len(items), items=items)
@@ -86,15 +110,18 @@ def list_items():
 
 @bp.get("/worklist/items/<int:item_id>")
 @auth.require(*WORKLIST_ROLES)
+@permissions.patient_data("item")
 def get_item(item_id: int):
-    item = worklist.get_item(get_db(), item_id)
+    item = _checked_item(item_id, "read_item.view")
     auth.audit_event("read_item.view", item["study_uid"], detail={"item_id": item_id})
     return jsonify(now=auth.now(), item=item)
 
 
 @bp.get("/worklist/items/<int:item_id>/history")
 @auth.require(*WORKLIST_ROLES)
+@permissions.patient_data("item")
 def item_history(item_id: int):
+    _checked_item(item_id, "read_item.history")
     rows = worklist.history(get_db(), item_id)
     return jsonify(item_id=item_id, history=rows)
 
@@ -105,7 +132,9 @@ def _body() -> dict[str, Any]:
 
 @bp.post("/worklist/items/<int:item_id>/claim")
 @auth.require(*permissions.READERS)
+@permissions.patient_data("item")
 def claim(item_id: int):
+    _checked_item(item_id, "read_item.claim")
     item = worklist.claim(get_db(), item_id, auth.current_user(), auth.now(), _lease_s(),
                           source=auth.client_address())
     return jsonify(now=auth.now(), item=item)
@@ -113,7 +142,9 @@ def claim(item_id: int):
 
 @bp.post("/worklist/items/<int:item_id>/renew")
 @auth.require(*permissions.READERS)
+@permissions.patient_data("item")
 def renew(item_id: int):
+    _checked_item(item_id, "read_item.renew")
     item = worklist.renew(get_db(), item_id, auth.current_user(), auth.now(), _lease_s(),
                           source=auth.client_address())
     return jsonify(now=auth.now(), item=item)
@@ -121,7 +152,9 @@ def renew(item_id: int):
 
 @bp.post("/worklist/items/<int:item_id>/release")
 @auth.require(*WORKLIST_ROLES)
+@permissions.patient_data("item")
 def release(item_id: int):
+    _checked_item(item_id, "read_item.release")
     item = worklist.release(get_db(), item_id, auth.current_user(), auth.now(),
                             reason=str(_body().get("reason", ""))[:500],
                             source=auth.client_address())
@@ -130,8 +163,10 @@ def release(item_id: int):
 
 @bp.post("/worklist/items/<int:item_id>/state")
 @auth.require(*WORKLIST_ROLES)
+@permissions.patient_data("item")
 def set_state(item_id: int):
     """Move an item: ``{"state": "cancelled", "note": "duplicate"}``; the worklist checks who."""
+    _checked_item(item_id, "read_item.state")
     body = _body()
     state = body.get("state")
     if not isinstance(state, str):
@@ -144,8 +179,10 @@ def set_state(item_id: int):
 
 @bp.post("/worklist/items/<int:item_id>/release-hold")
 @auth.require(*permissions.OPERATORS)
+@permissions.patient_data("item")
 def release_hold(item_id: int):
     """Manual triage done: a study a rule held (``hold: true``) may now be claimed."""
+    _checked_item(item_id, "read_item.release_hold")
     item = worklist.release_hold(get_db(), item_id, auth.current_user()["username"], auth.now(),
                                  note=str(_body().get("note", ""))[:500])
     return jsonify(now=auth.now(), item=item)

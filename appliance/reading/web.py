@@ -7,7 +7,9 @@ The page refreshes its rows every few seconds with ``X-Background: 1`` so
 that an unattended worklist is still logged off when idle. Claim and release
 are one click (a JSON POST with the CSRF header).
 
-Opening a study outside one's pool goes through the break-glass page first.
+Opening a study outside one's pool or site goes through the break-glass page first;
+``scope=all`` lists such items without naming their patients
+(``appliance.accounts.permissions`` decides).
 """
 
 from __future__ import annotations
@@ -45,11 +47,7 @@ def viewer_url(study_uid: str) -> str:
     return "/viewer?StudyInstanceUIDs=" + quote(study_uid, safe="")
 
 
-def _eligible(item: dict[str, Any], user: dict[str, Any]) -> bool:
-    """Whether the item's pool admits this reader (role listed, every pool tag held)."""
-    tags = {t.strip().lower() for t in (user.get("tags") or "").split(",") if t.strip()}
-    pool = item["pool"]
-    return user["role"] in pool["roles"] and {t.lower() for t in pool["tags"]} <= tags
+PATIENT_FIELDS = ("patient_name", "patient_id", "description", "accession")
 
 
 def _body_parts(study_uids: list[str]) -> dict[str, str]:
@@ -61,9 +59,14 @@ def _body_parts(study_uids: list[str]) -> dict[str, str]:
         f" WHERE study_uid IN ({marks}) AND body_part != '' GROUP BY study_uid", study_uids)}
 
 
-def row_view(item: dict[str, Any], user: dict[str, Any], body_part: str) -> dict[str, Any]:
-    """What the page shows of one read item (and nothing it does not need)."""
-    eligible = _eligible(item, user)
+def row_view(item: dict[str, Any], user: dict[str, Any], body_part: str,
+             eligible: bool) -> dict[str, Any]:
+    """What the page shows of one read item (and nothing it does not need).
+
+    ``eligible``: the caller may see the study (``permissions``); a row they may not
+    see (``scope=all``) keeps its place, priority and break-glass link but names no
+    patient.
+    """
     open_url = viewer_url(item["study_uid"])
     if not eligible:
         open_url = ("/break-glass?study=" + quote(item["study_uid"], safe="")
@@ -80,7 +83,7 @@ def row_view(item: dict[str, Any], user: dict[str, Any], body_part: str) -> dict
         "patient_name": (item.get("patient_name") or "").replace("^", " ").strip(),
         "patient_id": item.get("patient_id") or "", "description": item.get("study_description") or "",
         "accession": item.get("accession_number") or "", "open_url": open_url,
-    }
+    } | ({} if eligible else dict.fromkeys(PATIENT_FIELDS, ""))
 
 
 def query_items(args: Any, user: dict[str, Any]) -> list[dict[str, Any]]:
@@ -98,12 +101,17 @@ def query_items(args: Any, user: dict[str, Any]) -> list[dict[str, Any]]:
         )
     except worklist.WorklistError as e:
         abort(400, str(e))
-    parts = _body_parts([i["study_uid"] for i in items])
-    return [row_view(i, user, parts.get(i["study_uid"], "")) for i in items]
+    seen = permissions.visible_to_caller(i["study_uid"] for i in items)
+    if args.get("scope") != "all":
+        items = [i for i in items if i["study_uid"] in seen]  # in the pool, not the site
+    parts = _body_parts([i["study_uid"] for i in items if i["study_uid"] in seen])
+    return [row_view(i, user, parts.get(i["study_uid"], ""), i["study_uid"] in seen)
+            for i in items]
 
 
 @bp.get("/worklist")
 @auth.require(*permissions.READERS)
+@permissions.patient_data("list")
 def worklist_page() -> ResponseReturnValue:
     user = auth.current_user()
     rows = query_items(request.args, user)
@@ -115,6 +123,7 @@ def worklist_page() -> ResponseReturnValue:
 
 @bp.get("/worklist/items")
 @auth.require(*permissions.READERS)
+@permissions.patient_data("list")
 def worklist_items() -> ResponseReturnValue:
     rows = query_items(request.args, auth.current_user())
     _audit_list_view(rows)
@@ -142,6 +151,13 @@ def _audit_list_view(rows: list[dict[str, Any]]) -> None:
 def _claim_action(item_id: int, action: str) -> ResponseReturnValue:
     user = auth.current_user()
     try:
+        permissions.check_study(worklist.get_item(get_db(), item_id)["study_uid"],
+                                f"read_item.{action}")
+    except worklist.WorklistError as e:
+        return jsonify(error=str(e)), e.status
+    except permissions.Refused as e:
+        return jsonify(error=e.message), e.status
+    try:
         if action == "claim":
             lease_s = float(current_app.config["SITE"]["worker"]["claim_lease_s"])
             item = worklist.claim(get_db(), item_id, user, now=auth.now(), lease_s=lease_s,
@@ -154,17 +170,20 @@ def _claim_action(item_id: int, action: str) -> ResponseReturnValue:
         return jsonify(error=str(e)), e.status
     item = worklist.get_item(get_db(), item_id)
     parts = _body_parts([item["study_uid"]])
-    return jsonify(now=auth.now(), item=row_view(item, user, parts.get(item["study_uid"], "")))
+    return jsonify(now=auth.now(),
+                   item=row_view(item, user, parts.get(item["study_uid"], ""), True))
 
 
 @bp.post("/worklist/<int:item_id>/claim")
 @auth.require(*permissions.READERS)
+@permissions.patient_data("item")
 def claim(item_id: int) -> ResponseReturnValue:
     return _claim_action(item_id, "claim")
 
 
 @bp.post("/worklist/<int:item_id>/release")
 @auth.require(*permissions.READERS)
+@permissions.patient_data("item")
 def release(item_id: int) -> ResponseReturnValue:
     return _claim_action(item_id, "release")
 
