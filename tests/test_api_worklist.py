@@ -129,9 +129,18 @@ def test_turnaround_and_state_changes(api: Api):
     routine = item_id(api, "1.2.3.1")
     api.as_("rad1", "post", f"/api/v1/worklist/items/{routine}/claim")
     api.a.clock.advance(1200)
-    r = api.as_("rad1", "post", f"/api/v1/worklist/items/{routine}/state",
-                json={"state": "final"})
-    assert r.status_code == 200 and r.get_json()["item"]["state"] == "final"
+    # The read is made by signing a report (the /state API may not set final: see
+    # test_permissions.py::test_claim_holder_cannot_set_final_or_delivered_through_the_api).
+    r = api.as_("rad1", "get", f"/reports/item/{routine}")
+    rid = int(r.headers["Location"].rsplit("/", 1)[1])
+    r = api.as_("rad1", "post", f"/reports/{rid}/autosave",
+                json={"revision": 0, "template_id": "generic", "findings": "No acute finding.",
+                      "impression": "Normal."})
+    assert r.status_code == 200, r.get_data(as_text=True)
+    r = api.as_("rad1", "post", f"/reports/{rid}/sign", json={"level": "final"})
+    assert r.status_code == 200 and r.get_json()["status"] == "final", r.get_data(as_text=True)
+    assert api.as_("rad1", "get", f"/api/v1/worklist/items/{routine}").get_json()["item"][
+        "state"] == "final"
     r = api.as_("rad1", "post", f"/api/v1/worklist/items/{item_id(api, '1.2.3.3')}/state",
                 json={"state": "cancelled"})
     assert r.status_code == 403

@@ -480,6 +480,23 @@ def test_stow_into_another_sites_study_is_refused(world: World):
     assert _state(world) == before
 
 
+def test_claim_holder_cannot_set_final_or_delivered_through_the_api(world: World):
+    """``final`` with no report would stop escalation and count a read in SLA; ``delivered``
+    would say the PACS has it. Only signing and delivery move an item there."""
+    _uid, item = _queued_study(world, "SECOND^PAT")
+    assert world.call("insider", "POST", f"/api/v1/worklist/items/{item}/claim"
+                      ).status_code == 200
+    before = _state(world)
+    for state in ("final", "delivered", "preliminary"):
+        r = world.call("insider", "POST", f"/api/v1/worklist/items/{item}/state",
+                       json={"state": state})
+        assert r.status_code == 409, r.get_data(as_text=True)
+        assert "signing the report" in r.get_json()["error"]
+    assert _state(world) == before
+    r = world.call("insider", "GET", f"/api/v1/worklist/items/{item}").get_json()["item"]
+    assert r["state"] == "claimed" and r["read_at"] is None
+
+
 def test_decide_is_the_pool_and_site_rule():
     """The one function, alone: role, pool (``Pool.admits``), site tags, grant."""
     from workflows.schema import Pool

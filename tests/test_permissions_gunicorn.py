@@ -51,8 +51,8 @@ def _session(site: Site, user: str) -> requests.Session:
     return s
 
 
-def test_reader_outside_pool_cannot_addend_report_under_gunicorn(site: Site):
-    study, (item, _second) = _prepare(site)
+def test_reader_outside_pool_cannot_addend_report_or_finish_a_read_without_one(site: Site):
+    study, (item, second) = _prepare(site)
     site.start("web", wait_port=site.web_port)
     base = f"https://localhost:{site.web_port}"
     reader = _session(site, "dr.in")
@@ -75,10 +75,18 @@ def test_reader_outside_pool_cannot_addend_report_under_gunicorn(site: Site):
         r = s.post(f"{base}/consults", json={"study_uid": study})
         assert r.status_code == 403 and "VICTIM" not in r.text
 
+    # The claim holder of the second study tries to close it with no report.
+    assert reader.post(f"{base}/api/v1/worklist/items/{second}/claim").status_code == 200
+    for state in ("final", "delivered"):
+        r = reader.post(f"{base}/api/v1/worklist/items/{second}/state", json={"state": state})
+        assert r.status_code == 409 and "signing the report" in r.json()["error"]
+
     conn = site.db()
     try:
         assert conn.execute("SELECT count(*) FROM reports").fetchone()[0] == 1  # no addendum
         assert conn.execute("SELECT count(*) FROM consults").fetchone()[0] == 0
+        assert tuple(conn.execute("SELECT state, read_at FROM read_items WHERE id = ?",
+                            (second,)).fetchone()) == ("claimed", None)
         denied = {(r[0], r[1]) for r in conn.execute(
             "SELECT actor, action FROM audit WHERE outcome = 'denied'")}
     finally:

@@ -21,6 +21,9 @@ from appliance.web import get_db
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
 WORKLIST_ROLES = tuple(dict.fromkeys(permissions.READERS + permissions.OPERATORS))
+# What /state may set: the report code moves an item to preliminary and final when a report
+# is signed, the delivery code to delivered when the site's PACS accepted it.
+API_STATES = ("cancelled", "queued")
 PATIENT_FIELDS = ("patient_id", "patient_name", "accession_number", "study_description")
 TRUE = ("1", "true", "yes")
 FALSE = ("0", "false", "no")
@@ -165,12 +168,21 @@ def release(item_id: int):
 @auth.require(*WORKLIST_ROLES)
 @permissions.patient_data("item")
 def set_state(item_id: int):
-    """Move an item: ``{"state": "cancelled", "note": "duplicate"}``; the worklist checks who."""
+    """Cancel or re-queue an item: ``{"state": "cancelled", "note": "duplicate"}``.
+
+    Only these: ``final`` without a signed report would stop the escalation and count
+    a read within SLA that nobody made, ``delivered`` would say a PACS accepted what it
+    never got. Signing (``/reports``) and delivery move an item there.
+    """
     _checked_item(item_id, "read_item.state")
     body = _body()
     state = body.get("state")
     if not isinstance(state, str):
         return _error("give the new state as {\"state\": ...}", 400)
+    if state not in API_STATES:
+        return _error(f"state {state!r} cannot be set here: only {' or '.join(API_STATES)}"
+                      " (preliminary and final are set by signing the report at"
+                      f" /reports/item/{item_id}, delivered by report delivery)", 409)
     item = worklist.transition(get_db(), item_id, state, auth.current_user(), auth.now(),
                                detail={"note": str(body.get("note", ""))[:500]},
                                source=auth.client_address())
