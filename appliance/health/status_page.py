@@ -33,6 +33,8 @@ from markupsafe import Markup
 from appliance.core import metrics
 from appliance.health import readiness, status_report
 from appliance.health import series as health_series
+from appliance.reading import read_queue
+from appliance.sync import outbox
 from appliance.web import get_db
 
 bp = Blueprint("status_page", __name__)
@@ -149,34 +151,39 @@ def _sql_families(conn, now, Gauge, Counter):
         except sqlite3.OperationalError:  # an area this build does not have
             return []
 
+    def area(read, *args):
+        """An owner's figure, or None when this build does not have its tables."""
+        try:
+            return read(*args)
+        except sqlite3.OperationalError:
+            return None
+
     r = rows("SELECT COUNT(*), COALESCE(SUM(num_instances), 0) FROM studies")
     if r:
         yield Gauge("appliance_studies", "Studies stored", value=r[0][0])
         yield Gauge("appliance_instances", "Instances stored", value=r[0][1])
     by_state = Gauge("appliance_read_items", "Read items by state", labels=["state"])
-    for state, n in rows("SELECT state, COUNT(*) FROM read_items GROUP BY state"):
+    for state, n in (area(read_queue.counts_by_state, conn) or {}).items():
         by_state.add_metric([state], n)
     yield by_state
     waiting = readiness.studies_waiting(conn)
     if waiting is not None:
         yield Gauge("appliance_studies_waiting", "Studies waiting for a read", value=waiting)
-    r = rows("SELECT COUNT(*) FROM read_items WHERE breached = 1")
-    if r:
+    totals = area(read_queue.read_totals, conn)
+    if totals:
         yield Counter("appliance_sla_breaches", "Read items that breached their SLA",
-                      value=r[0][0])
-    r = rows("SELECT COUNT(*), COALESCE(SUM(read_at - first_received), 0) FROM read_items"
-             " WHERE read_at IS NOT NULL")
-    if r:
-        yield Counter("appliance_time_to_read_seconds_count", "Reads done", value=r[0][0])
+                      value=totals["breached"])
+        yield Counter("appliance_time_to_read_seconds_count", "Reads done",
+                      value=totals["reads"])
         yield Counter("appliance_time_to_read_seconds_sum", "Seconds from arrival to read",
-                      value=r[0][1])
+                      value=totals["read_seconds"])
     lag = readiness.sync_lag_s(conn, now)
     if lag is not None:
         yield Gauge("appliance_sync_lag_seconds", "Age of the oldest bundle not uploaded",
                     value=lag)
-    r = rows("SELECT COALESCE(SUM(bytes_sent), 0) FROM bundles")
-    if r:
-        yield Counter("appliance_sync_bytes", "Bytes uploaded to the sync target", value=r[0][0])
+    sent = area(outbox.bytes_uploaded, conn)
+    if sent is not None:
+        yield Counter("appliance_sync_bytes", "Bytes uploaded to the sync target", value=sent)
     yield from _consult_families(conn, now, Gauge)
 
 
