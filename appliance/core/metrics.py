@@ -172,7 +172,7 @@ def instrument_store(store, data_dir: Path) -> None:
     """Time every C-STORE write of the DICOM node's study store, by calling AE and outcome.
 
     dicom_node must not import appliance, so the appliance wraps the store it
-    hands to the node (appliance/dicom_service.py calls this once at start).
+    hands to the node (appliance/runtime/dicom_service.py calls this once at start).
     """
     import time
 

@@ -1,7 +1,7 @@
 """What the status page shows: overall colour, components, SLOs with error budgets, alerts, plots.
 
 Everything is computed from SQLite, the data directory and the same checks as
-``/readyz`` (:mod:`appliance.readiness`), so the page works on an appliance
+``/readyz`` (:mod:`appliance.health.readiness`), so the page works on an appliance
 with no network and no metrics server.  Kept out of ``appliance.web`` so the
 logic can be tested without HTTP.
 """

@@ -1,13 +1,13 @@
 """``appliance media serve``: the appliance's WebRTC participant as a long-running service.
 
 One asyncio loop (aiortc's) that takes work from ``consult_media_jobs``
-(:mod:`appliance.media_jobs`): recordings asked for after consent, synthetic
+(:mod:`appliance.consults.media_jobs`): recordings asked for after consent, synthetic
 probes (every ``consults.probe_interval_s`` for each consult with someone in
 it, for the SLO dashboard; 0 = off) and the capped relay. It beats a
 ``media`` heartbeat so ``/readyz``, ``/status`` and ``appliance status`` show it.
 
 Idempotent: at start it first seals what a killed recorder left (see
-:mod:`appliance.consult_recordings`: a non-empty clear part is sealed and
+:mod:`appliance.consults.recordings`: a non-empty clear part is sealed and
 indexed as incomplete, an empty one discarded), then takes over jobs whose
 holder is gone, releasing the dead participant's seat. On SIGTERM every
 participant leaves and every recording is sealed before the process exits;
