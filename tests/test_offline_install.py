@@ -148,6 +148,7 @@ def test_fresh_debian_offline_install_then_echo_and_store(tmp_path, dcmtk):
         assert first_store_s < 300
         # The installed web app answers too, and reports every component ready.
         _wait_ready_https(root, web_port, up)
+        _open_consult_pages(root, web_port)
         if (kit / "viewer").is_dir():  # the viewer went where the web app serves it from
             site_packages = next((root / "opt" / "appliance" / "venv" / "lib").glob(
                 "python3*/site-packages"))
@@ -214,6 +215,52 @@ def _wait_ready_https(root: Path, port: int, proc: subprocess.Popen) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"the installed appliance never became ready: {last}")
+
+
+def _open_consult_pages(root: Path, port: int) -> None:
+    """/consults and a consult room render from the installed package (a kit's wheel once had
+    no consult templates, so these pages failed on every field install)."""
+    code = ("from appliance.accounts import users; from appliance.consults import rooms;"
+            " from appliance.core import config, db; cfg = config.load('/var/lib/appliance');"
+            " c = db.connect(cfg.db_path); users.add_user(c, 'kitcheck', 'admin', KITCHECK_PW);"
+            " print(rooms.create_consult(c, 'kitcheck', title='Kit check room')); c.close()"
+            ).replace("KITCHECK_PW", repr(KITCHECK_PW))
+    made = subprocess.run(in_chroot(root, "runuser", "-u", "appliance", "--",
+                                    "/opt/appliance/venv/bin/python", "-c", code, network=False),
+                          capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stdout[-3000:] + made.stderr[-3000:]
+    consult_id = int(made.stdout.strip().splitlines()[-1])
+    opener = _signed_in(root, port, "kitcheck", KITCHECK_PW)
+    for path, marker in (("/consults", 'data-testid="consults"'),
+                         (f"/consults/{consult_id}", 'data-testid="device-check"')):
+        with opener.open(f"https://localhost:{port}{path}", timeout=15) as resp:
+            body = resp.read().decode()
+        assert resp.status == 200 and marker in body and "Kit check room" in body, path
+
+
+KITCHECK_PW = "kit-check-password-1"
+
+
+def _signed_in(root: Path, port: int, username: str, password: str):
+    """A urllib opener holding a signed-in session cookie (CSRF token from the form)."""
+    import http.cookiejar
+    import re
+    import ssl
+    import urllib.parse
+    import urllib.request
+
+    ctx = ssl.create_default_context(cafile=str(root / "var/lib/appliance/tls/ca.crt"))
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPSHandler(context=ctx),
+        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    base = f"https://localhost:{port}"
+    with opener.open(f"{base}/login", timeout=15) as resp:
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', resp.read().decode()).group(1)
+    form = urllib.parse.urlencode({"username": username, "password": password,
+                                   "csrf_token": csrf}).encode()
+    with opener.open(f"{base}/login", data=form, timeout=15) as resp:
+        assert "/login" not in urllib.parse.urlparse(resp.url).path, "sign-in failed"
+    return opener
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -46,7 +46,7 @@ def _day_start(text: str, end: bool = False) -> float | None:
 @auth.require(*permissions.ADMINS)
 def users() -> ResponseReturnValue:
     rows = accounts.list_users(get_db())
-    return render_template("admin_users.html", users=rows, fmt_time=fmt_time,
+    return render_template("accounts/admin_users.html", users=rows, fmt_time=fmt_time,
                            roles=accounts.ROLES)
 
 
@@ -107,7 +107,7 @@ def audit_trail() -> ResponseReturnValue:
     auth.audit_event("audit.view", "", detail={k: request.args[k] for k in request.args
                                                if k in AUDIT_FILTERS + ("since", "until")})
     nxt = rows[-1]["id"] if len(rows) == PAGE else None
-    return render_template("admin_audit.html", rows=rows, fmt_time=fmt_time, filters=request.args,
+    return render_template("accounts/admin_audit.html", rows=rows, fmt_time=fmt_time, filters=request.args,
                            next_before=nxt, chain_ok=chain_ok, chain_msg=chain_msg,
                            fields=AUDIT_FILTERS)
 
@@ -121,5 +121,5 @@ def break_glass_list() -> ResponseReturnValue:
         " FROM break_glass b JOIN users u ON u.id = b.user_id"
         " LEFT JOIN studies s ON s.study_uid = b.study_uid ORDER BY b.id DESC LIMIT 500")]
     auth.audit_event("break_glass.review", "", detail={"rows": len(rows)})
-    return render_template("admin_break_glass.html", rows=rows, fmt_time=fmt_time,
+    return render_template("accounts/admin_break_glass.html", rows=rows, fmt_time=fmt_time,
                            now=auth.now())

@@ -376,11 +376,9 @@ def break_glass(study_uid: str, reason: str) -> int:
     if not study_uid or len(study_uid) > 64:
         raise BreakGlassError("no study given")
     t = now()
-    conn = get_db()
-    with_tx = not conn.in_transaction
-    if with_tx:
-        conn.execute("BEGIN IMMEDIATE")
-    try:
+    from appliance.core.db import transaction
+
+    with transaction(get_db()) as conn:
         cur = conn.execute(
             "INSERT INTO break_glass (ts, user_id, study_uid, reason, address, expires_at)"
             " VALUES (?,?,?,?,?,?)",
@@ -388,12 +386,6 @@ def break_glass(study_uid: str, reason: str) -> int:
              t + auth_cfg()["break_glass_hours"] * 3600),
         )
         audit_event("study.break_glass", study_uid, detail={"reason": reason[:500]})
-        if with_tx:
-            conn.execute("COMMIT")
-    except BaseException:
-        if with_tx:
-            conn.execute("ROLLBACK")
-        raise
     return cur.lastrowid
 
 

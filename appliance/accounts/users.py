@@ -244,3 +244,25 @@ def open_totp(keys_dir: Path, stored: str, user_id: int) -> str:
     raw = base64.b64decode(stored[len(SEALED_PREFIX):])
     return AESGCM(key_file(keys_dir, TOTP_KEY_FILE)).decrypt(
         raw[:12], raw[12:], str(user_id).encode()).decode()
+
+
+# -- what other capabilities read of the accounts tables (they hold no SQL on them) -------------
+def public_user(conn: sqlite3.Connection, username: str) -> dict | None:
+    """One account without its secrets (id, name, role, tags, disabled); None when unknown."""
+    row = conn.execute("SELECT id, username, display_name, role, tags, disabled FROM users"
+                       " WHERE username = ?", (username,)).fetchone()
+    return dict(row) if row else None
+
+
+def active_usernames(conn: sqlite3.Connection, roles: tuple[str, ...]) -> list[str]:
+    """Enabled accounts holding any of ``roles``, by name (who is told of a finding)."""
+    marks = ",".join("?" * len(roles))
+    return [r[0] for r in conn.execute(
+        f"SELECT username FROM users WHERE role IN ({marks}) AND disabled = 0 ORDER BY username",
+        roles)]
+
+
+def display_name(conn: sqlite3.Connection, username: str) -> str:
+    """The name shown for an account (its user name when it has none or is unknown)."""
+    r = conn.execute("SELECT display_name FROM users WHERE username = ?", (username,)).fetchone()
+    return r[0] if r and r[0] else username

@@ -104,7 +104,7 @@ def _fail(username: str, reason: str, action: str = "auth.login") -> None:
 # -- login --------------------------------------------------------------------------------------
 def _login_page(error: str = "", status: int = 200, username: str = "", notice: str = "") -> ResponseReturnValue:
     nxt = safe_next(request.values.get("next"))
-    return render_template("login.html", error=error, username=username, next=nxt,
+    return render_template("accounts/login.html", error=error, username=username, next=nxt,
                            notice=notice), status
 
 
@@ -169,7 +169,7 @@ def _totp_page(row: sqlite3.Row, secret: str | None, error: str = "", status: in
     issuer = current_app.config["SITE"]["site"]["name"] or "Field appliance"
     uri = pyotp.TOTP(secret).provisioning_uri(name=row["username"], issuer_name=issuer) if enrol else ""
     qr = segno.make(uri, error="m").svg_data_uri(scale=5) if enrol else ""
-    return render_template("totp.html", enrol=enrol, secret=secret if enrol else "", uri=uri,
+    return render_template("accounts/totp.html", enrol=enrol, secret=secret if enrol else "", uri=uri,
                            qr=qr, error=error, next=safe_next(request.values.get("next")),
                            action="/login/totp"), status
 
@@ -270,10 +270,10 @@ def change_password() -> ResponseReturnValue:
     page = {"must_change": bool(row["must_change_password"]),
             "next": safe_next(request.values.get("next"))}
     if request.method == "GET":
-        return render_template("password.html", **page)
+        return render_template("accounts/password.html", **page)
     error = _password_problem(row, request.form)
     if error:
-        return render_template("password.html", error=error, **page), 400
+        return render_template("accounts/password.html", error=error, **page), 400
     conn, t = get_db(), auth.now()
     conn.execute("UPDATE users SET password_hash = ?, must_change_password = 0,"
                  " password_changed_at = ? WHERE id = ?",
@@ -307,9 +307,9 @@ def break_glass() -> Response | tuple:
     study = (request.values.get("study") or "").strip()
     nxt = safe_next(request.values.get("next"), f"/viewer?StudyInstanceUIDs={study}")
     if request.method == "GET":
-        return render_template("break_glass.html", study_uid=study, next=nxt)
+        return render_template("accounts/break_glass.html", study_uid=study, next=nxt)
     try:
         auth.break_glass(study, request.form.get("reason") or "")
     except auth.BreakGlassError as e:
-        return render_template("break_glass.html", study_uid=study, next=nxt, error=str(e)), 400
+        return render_template("accounts/break_glass.html", study_uid=study, next=nxt, error=str(e)), 400
     return redirect(nxt)

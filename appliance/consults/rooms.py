@@ -539,3 +539,19 @@ def call_summary(conn: sqlite3.Connection, since: float = 0.0) -> dict[str, Any]
             "join_ms_mean": statistics.fmean(joins) if joins else None,
             "degraded_share": degraded / len(steps) if steps else 0.0,
             "calls": calls, "drop_rate": dropped / calls if calls else 0.0}
+
+
+# -- what the media service asks of the rooms (it holds no SQL on the consult tables) -----------
+def needing_probe(conn: sqlite3.Connection) -> list[int]:
+    """Open consults with a browser in them and no media participant (an SLO probe is due)."""
+    return [r[0] for r in conn.execute(
+        "SELECT c.id FROM consults c WHERE c.ended_at IS NULL AND EXISTS (SELECT 1 FROM"
+        " consult_participants p WHERE p.consult_id = c.id AND p.state = 'admitted'"
+        " AND p.kind != 'media') AND NOT EXISTS (SELECT 1 FROM consult_participants p"
+        " WHERE p.consult_id = c.id AND p.state = 'admitted' AND p.kind = 'media')").fetchall()]
+
+
+def is_open(conn: sqlite3.Connection, consult_id: int) -> bool:
+    """Whether the consult exists and has not ended."""
+    row = conn.execute("SELECT ended_at FROM consults WHERE id = ?", (consult_id,)).fetchone()
+    return row is not None and row["ended_at"] is None

@@ -33,13 +33,12 @@ def record(
 ) -> int:
     """Append one audit row durably and return its id.
 
-    Runs in its own IMMEDIATE transaction unless the caller already holds one,
-    so the chain is never forked by two writers.
+    Runs in its own IMMEDIATE transaction (a savepoint inside the caller's), so
+    the chain is never forked by two writers.
     """
-    own = not conn.in_transaction
-    if own:
-        conn.execute("BEGIN IMMEDIATE")
-    try:
+    from appliance.core.db import transaction
+
+    with transaction(conn):
         last = conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
         prev = last[1] if last else GENESIS
         row = {
@@ -55,12 +54,6 @@ def record(
             " hash) VALUES (?,?,?,?,?,?,?,?,?,?)",
             (*[row[k] for k in FIELDS], prev, digest),
         )
-        if own:
-            conn.execute("COMMIT")
-    except BaseException:
-        if own:
-            conn.execute("ROLLBACK")
-        raise
     return row["id"]
 
 

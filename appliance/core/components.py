@@ -13,6 +13,8 @@ import threading
 import time
 from typing import Any
 
+from appliance.core import processes
+
 NAMES = ("dicom", "web", "worker")
 # Started only where they can run (the consult media service needs aiortc): shown and
 # counted once they have beaten on this site, so a box without them is not "down".
@@ -57,20 +59,8 @@ def read(conn: sqlite3.Connection, now: float | None = None) -> dict[str, dict[s
     for r in conn.execute("SELECT name, pid, started_at, heartbeat_at, detail FROM components"):
         age = now - (r["heartbeat_at"] or 0)
         out[r["name"]] = {
-            "pid": r["pid"], "up": age <= STALE_AFTER_S and _pid_alive(r["pid"]),
+            "pid": r["pid"], "up": age <= STALE_AFTER_S and processes.alive(r["pid"]),
             "heartbeat_age_s": round(age, 1), "started_at": r["started_at"],
             "detail": json.loads(r["detail"] or "{}"),
         }
     return out
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -12,6 +12,8 @@ import os
 import socket
 import uuid
 
+from appliance.core import processes
+
 
 def new_owner() -> str:
     """``host:pid:random``: unique per claimer, and says which process holds it."""
@@ -30,9 +32,7 @@ def holder_gone(owner: str | None) -> bool:
     if host != socket.gethostname():
         return False
     try:
-        os.kill(int(rest.split(":", 1)[0]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError):
-        return False
-    return False
+        pid = int(rest.split(":", 1)[0])
+    except ValueError:
+        return False  # not an owner we wrote: let it run out by time
+    return not processes.alive(pid)

@@ -22,6 +22,8 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+from appliance.core import processes
+
 log = logging.getLogger("appliance.metrics")
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -60,23 +62,11 @@ def setup(data_dir: Path) -> Path:
 def _remove_dead(path: Path) -> None:
     for f in path.glob("*.db"):
         match = _PID_FILE.search(f.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not processes.alive(int(match.group(1))):
             try:
                 f.unlink()
             except FileNotFoundError:
                 pass
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def m() -> SimpleNamespace:
@@ -182,7 +172,7 @@ def instrument_store(store, data_dir: Path) -> None:
     """Time every C-STORE write of the DICOM node's study store, by calling AE and outcome.
 
     dicom_node must not import appliance, so the appliance wraps the store it
-    hands to the node (appliance/dicom_service.py calls this once at start).
+    hands to the node (appliance/runtime/dicom_service.py calls this once at start).
     """
     import time
 

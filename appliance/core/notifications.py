@@ -5,7 +5,7 @@ names or a pool (roles + tags).  Each channel delivers to one user; the inbox
 channel stores a row the reader sees in the web app and logs the fact (never
 the patient).  Email, SMS or a webhook plug in later as another channel in
 :data:`CHANNELS`.  :func:`notify` runs inside the caller's transaction when
-there is one, so an escalation step and its notifications commit together.
+there is one (as a savepoint), so an escalation step and its notifications commit together.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import sqlite3
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
+
+from appliance.core.db import transaction
 
 log = logging.getLogger("appliance.notifications")
 
@@ -97,19 +99,10 @@ def notify(conn: sqlite3.Connection, recipients: Iterable[str | Mapping[str, Any
     if not names:
         names = resolve(conn, [{"roles": FALLBACK_ROLES, "tags": ()}])
         kind = f"{kind}.unrouted"
-    own = not conn.in_transaction
-    if own:
-        conn.execute("BEGIN IMMEDIATE")
-    try:
+    with transaction(conn):
         for name in names:
             for channel in CHANNELS:
                 channel.deliver(conn, name, kind, subject, body, item_id, step_id, now)
-        if own:
-            conn.execute("COMMIT")
-    except BaseException:
-        if own:
-            conn.execute("ROLLBACK")
-        raise
     log.info("notified", extra={"kind": kind, "item_id": item_id, "recipients": len(names)})
     return names
 

@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from appliance.reading import read_queue
+
 log = logging.getLogger("appliance.health")
 
 
@@ -115,9 +117,15 @@ def sample_values(cfg, conn: sqlite3.Connection, now: float) -> dict[str, float 
         "instances_per_min": _scalar(conn, "SELECT COUNT(*) FROM instances WHERE received_at >= ?",
                                      (now - SAMPLE_EVERY_S,)),
         "sync_lag_s": readiness.sync_lag_s(conn, now),
-        "overdue_reads": _scalar(conn, "SELECT COUNT(*) FROM read_items WHERE state IN"
-                                 " ('queued','claimed','preliminary') AND due_at < ?", (now,)),
+        "overdue_reads": _overdue_reads(conn, now),
     }
+
+
+def _overdue_reads(conn: sqlite3.Connection, now: float) -> float | None:
+    try:
+        return sum(r["n"] for r in read_queue.overdue_by_priority(conn, now))
+    except sqlite3.OperationalError:  # no read queue in this build
+        return None
 
 
 def _scalar(conn: sqlite3.Connection, sql: str, params: Iterable[Any] = ()) -> float | None:

@@ -25,7 +25,7 @@ from flask import (
     g,
     has_request_context,
     jsonify,
-    render_template_string,
+    render_template,
     request,
 )
 from markupsafe import Markup
@@ -33,6 +33,8 @@ from markupsafe import Markup
 from appliance.core import metrics
 from appliance.health import readiness, status_report
 from appliance.health import series as health_series
+from appliance.reading import read_queue
+from appliance.sync import outbox
 from appliance.web import get_db
 
 bp = Blueprint("status_page", __name__)
@@ -149,34 +151,39 @@ def _sql_families(conn, now, Gauge, Counter):
         except sqlite3.OperationalError:  # an area this build does not have
             return []
 
+    def area(read, *args):
+        """An owner's figure, or None when this build does not have its tables."""
+        try:
+            return read(*args)
+        except sqlite3.OperationalError:
+            return None
+
     r = rows("SELECT COUNT(*), COALESCE(SUM(num_instances), 0) FROM studies")
     if r:
         yield Gauge("appliance_studies", "Studies stored", value=r[0][0])
         yield Gauge("appliance_instances", "Instances stored", value=r[0][1])
     by_state = Gauge("appliance_read_items", "Read items by state", labels=["state"])
-    for state, n in rows("SELECT state, COUNT(*) FROM read_items GROUP BY state"):
+    for state, n in (area(read_queue.counts_by_state, conn) or {}).items():
         by_state.add_metric([state], n)
     yield by_state
     waiting = readiness.studies_waiting(conn)
     if waiting is not None:
         yield Gauge("appliance_studies_waiting", "Studies waiting for a read", value=waiting)
-    r = rows("SELECT COUNT(*) FROM read_items WHERE breached = 1")
-    if r:
+    totals = area(read_queue.read_totals, conn)
+    if totals:
         yield Counter("appliance_sla_breaches", "Read items that breached their SLA",
-                      value=r[0][0])
-    r = rows("SELECT COUNT(*), COALESCE(SUM(read_at - first_received), 0) FROM read_items"
-             " WHERE read_at IS NOT NULL")
-    if r:
-        yield Counter("appliance_time_to_read_seconds_count", "Reads done", value=r[0][0])
+                      value=totals["breached"])
+        yield Counter("appliance_time_to_read_seconds_count", "Reads done",
+                      value=totals["reads"])
         yield Counter("appliance_time_to_read_seconds_sum", "Seconds from arrival to read",
-                      value=r[0][1])
+                      value=totals["read_seconds"])
     lag = readiness.sync_lag_s(conn, now)
     if lag is not None:
         yield Gauge("appliance_sync_lag_seconds", "Age of the oldest bundle not uploaded",
                     value=lag)
-    r = rows("SELECT COALESCE(SUM(bytes_sent), 0) FROM bundles")
-    if r:
-        yield Counter("appliance_sync_bytes", "Bytes uploaded to the sync target", value=r[0][0])
+    sent = area(outbox.bytes_uploaded, conn)
+    if sent is not None:
+        yield Counter("appliance_sync_bytes", "Bytes uploaded to the sync target", value=sent)
     yield from _consult_families(conn, now, Gauge)
 
 
@@ -247,7 +254,7 @@ def status_json():
 def status_html():
     user = _user()
     report = _report(detailed=user is not None)
-    html = render_template_string(PAGE, r=report, user=user, plots=_plots(report),
+    html = render_template("health/status.html", r=report, user=user, plots=_plots(report),
                                   fmt_pct=_pct, when=_when, ms=_ms)
     return html, (200 if report["status"] != "red" else 503), {"Refresh": "30"}
 
@@ -304,67 +311,3 @@ def sparkline(points: list, t0: float, t1: float, w: int = 320, h: int = 60) -> 
         f'<polyline fill="none" stroke="#2563eb" stroke-width="1.5" points="{line}"/>{dots}'
         f'<text x="{w - 4}" y="12" text-anchor="end">{hi:g}</text>'
         f'<text x="{w - 4}" y="{h - 4}" text-anchor="end">{lo:g}</text></svg>')
-
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{{ r.site }} — status</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body{font:15px/1.4 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#111}
-header{padding:18px 24px;color:#fff}
-header.green{background:#15803d} header.amber{background:#b45309} header.red{background:#b91c1c}
-header h1{margin:0;font-size:26px} main{padding:16px 24px}
-section{background:#fff;border-radius:8px;padding:12px 16px;margin-bottom:16px}
-table{border-collapse:collapse;width:100%} td,th{text-align:left;padding:4px 8px;
-border-bottom:1px solid #e5e7eb} .ok{color:#15803d} .bad{color:#b91c1c;font-weight:600}
-.alert{padding:6px 10px;border-left:5px solid;margin:4px 0}
-.alert.red{border-color:#b91c1c;background:#fef2f2} .alert.amber{border-color:#b45309;
-background:#fffbeb} .plots{display:flex;flex-wrap:wrap;gap:16px}
-.plot text{font-size:10px;fill:#555} .plot{background:#f9fafb;border:1px solid #e5e7eb}
-</style></head><body>
-<header class="{{ r.status }}" data-status="{{ r.status }}">
-<h1>{{ r.site }}: {{ {'green': 'healthy', 'amber': 'needs attention',
-                     'red': 'NOT READY'}[r.status] }}</h1>
-<div>checked {{ when(r.checked_at) }} · refreshes every 30 s</div></header>
-<main>
-{% if not user %}
-<section><a href="/login?next=/status">Sign in</a> for components, SLOs and alerts.</section>
-{% else %}
-<section id="alerts"><h2>Alerts ({{ r.alerts|length }})</h2>
-{% for a in r.alerts %}<div class="alert {{ a.severity }}"><b>{{ a.title }}</b>
-{% if a.detail %} — {{ a.detail }}{% endif %}</div>{% else %}<p class="ok">No alerts.</p>{% endfor %}
-</section>
-<section id="components"><h2>Components</h2><table>
-<tr><th>component</th><th>state</th><th>pid</th><th>last heartbeat</th><th>starts (24 h)</th></tr>
-{% for name, c in r.components.items() %}<tr><td>{{ name }}</td>
-<td class="{{ 'ok' if c.up else 'bad' }}">{{ 'up' if c.up else 'DOWN' }}</td><td>{{ c.pid }}</td>
-<td>{{ c.heartbeat_age_s }} s ago</td><td>{{ c.starts_24h }}</td></tr>{% endfor %}
-<tr><td>DICOM port</td><td class="{{ 'ok' if r.checks.dicom_port == 'listening' else 'bad' }}">
-{{ r.checks.dicom_port }}</td><td></td><td></td><td></td></tr>
-<tr><td>database</td><td class="{{ 'ok' if r.checks.database == 'writable' else 'bad' }}">
-{{ r.checks.database }}</td><td></td><td></td><td></td></tr>
-<tr><td>free disk</td><td>{{ r.checks.free_disk_mb }} MiB</td><td></td><td></td><td></td></tr>
-</table></section>
-<section id="slos"><h2>Service level objectives (this month)</h2><table>
-<tr><th>SLO</th><th>objective</th><th>current</th><th>error budget left</th><th>measured on</th></tr>
-{% for s in r.slos %}<tr><td>{{ s.name }}</td><td>{{ s.objective }}</td>
-<td class="{{ 'ok' if s.met else 'bad' }}">{{ fmt_pct(s.current) }}</td>
-<td class="{{ 'ok' if s.budget_left > 0 else 'bad' }}">{{ fmt_pct(s.budget_left, 0) }}</td>
-<td>{{ s.total }} {{ 'minutes' if s.key == 'uptime' else 'events' }}</td></tr>{% endfor %}
-</table></section>
-{% if r.consults %}<section id="consults"><h2>Consults (last 30 days)</h2><table>
-<tr><th>calls</th><th>joins measured</th><th>join p50</th><th>join p95</th><th>drop rate</th>
-<th>time degraded</th></tr>
-<tr><td data-figure="calls">{{ r.consults.calls }}</td>
-<td data-figure="joins">{{ r.consults.joins }}</td>
-<td data-figure="join_p50">{{ ms(r.consults.join_ms_p50) }}</td>
-<td data-figure="join_p95">{{ ms(r.consults.join_ms_p95) }}</td>
-<td data-figure="drop_rate">{{ fmt_pct(r.consults.drop_rate, 1) }}</td>
-<td data-figure="degraded">{{ fmt_pct(r.consults.degraded_share, 1) }}</td></tr>
-</table></section>{% endif %}
-<section id="plots"><h2>Last 24 hours</h2><div class="plots">
-{% for title, svg, last in plots %}<figure><figcaption>{{ title }} — {{ last }}</figcaption>
-{{ svg }}</figure>{% endfor %}</div></section>
-{% endif %}
-</main></body></html>
-"""

@@ -1,7 +1,7 @@
 """What the status page shows: overall colour, components, SLOs with error budgets, alerts, plots.
 
 Everything is computed from SQLite, the data directory and the same checks as
-``/readyz`` (:mod:`appliance.readiness`), so the page works on an appliance
+``/readyz`` (:mod:`appliance.health.readiness`), so the page works on an appliance
 with no network and no metrics server.  Kept out of ``appliance.web`` so the
 logic can be tested without HTTP.
 """
@@ -19,6 +19,8 @@ from appliance.consults import rooms as consults
 from appliance.core import components
 from appliance.health import readiness
 from appliance.health import series as health_series
+from appliance.reading import read_queue
+from appliance.sync import outbox
 
 RESTART_LOOP_COUNT = 3
 RESTART_LOOP_WINDOW_S = 600
@@ -92,16 +94,9 @@ def slos(conn: sqlite3.Connection, now: float) -> list[Slo]:
 def _reads(conn: sqlite3.Connection, start: float, now: float) -> tuple[int, int]:
     """Reads finished this month, plus unread studies already past due (they count as late)."""
     try:
-        done, late = conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(read_at > due_at), 0) FROM read_items"
-            " WHERE read_at IS NOT NULL AND read_at >= ?", (start,)).fetchone()
-        overdue = conn.execute(
-            "SELECT COUNT(*) FROM read_items WHERE read_at IS NULL AND state IN"
-            " ('queued','claimed','preliminary') AND due_at < ? AND due_at >= ?",
-            (now, start)).fetchone()[0]
+        return read_queue.reads_in_window(conn, start, now)
     except sqlite3.OperationalError:
         return 0, 0
-    return int(done) + int(overdue), int(late) + int(overdue)
 
 
 def alerts(cfg, conn: sqlite3.Connection, reasons: list[str], now: float) -> list[Alert]:
@@ -117,10 +112,7 @@ def alerts(cfg, conn: sqlite3.Connection, reasons: list[str], now: float) -> lis
 
 def _sla_alerts(conn: sqlite3.Connection, now: float) -> list[Alert]:
     try:
-        rows = conn.execute(
-            "SELECT priority, COUNT(*) AS n, MIN(due_at) AS oldest FROM read_items"
-            " WHERE state IN ('queued','claimed','preliminary') AND due_at < ?"
-            " GROUP BY priority ORDER BY MIN(priority_rank)", (now,)).fetchall()
+        rows = read_queue.overdue_by_priority(conn, now)
     except sqlite3.OperationalError:
         return []
     return [Alert("red", f"{r['n']} {r['priority']} read(s) past their SLA",
@@ -162,12 +154,11 @@ def _sync_alerts(cfg, conn: sqlite3.Connection, now: float) -> list[Alert]:
     if lag is None or lag < limit / 2:
         return []
     try:
-        err = conn.execute("SELECT last_error FROM bundles WHERE last_error != ''"
-                           " ORDER BY created_at LIMIT 1").fetchone()
+        err = outbox.oldest_error(conn)
     except sqlite3.OperationalError:
         err = None
     return [Alert("amber" if lag < limit else "red", f"sync stalled for {lag / 60:.0f} min",
-                  f"last error: {err[0]}" if err else "no upload completed")]
+                  f"last error: {err}" if err else "no upload completed")]
 
 
 def _cert_alerts(cfg, now: float) -> list[Alert]:

@@ -2,7 +2,7 @@
 
 /readyz answers 503 with every reason it found, so a responder sees what to
 fix, not only that something is wrong.  The checks live in
-:mod:`appliance.readiness` (the status page and the worker's sampler use the
+:mod:`appliance.health.readiness` (the status page and the worker's sampler use the
 same ones); each is bounded so /readyz answers within a few seconds even while
 the database is locked.  No login: load balancers and systemd probes call them.
 """

@@ -407,3 +407,49 @@ def loaded_workflows(conn: sqlite3.Connection, directory: Path) -> tuple[list[Wo
             if good is not None:
                 out.append(good)
     return out, problems
+
+
+# -- what other capabilities read of the read queue (they hold no SQL on its tables) ------------
+OPEN_STATES = ("queued", "claimed", "preliminary")
+
+
+def on_call_targets(conn: sqlite3.Connection, item_id: int) -> list[dict[str, Any]]:
+    """The item's notify_on_call escalation targets, in ladder order (a critical finding calls
+    the people the workflow named)."""
+    rows = conn.execute("SELECT target FROM escalation_steps WHERE item_id = ?"
+                        " AND action = 'notify_on_call' ORDER BY step_index", (item_id,))
+    return [json.loads(r[0] or "{}") for r in rows]
+
+
+def counts_by_state(conn: sqlite3.Connection) -> dict[str, int]:
+    """Read items per state (the /metrics gauge)."""
+    return dict(conn.execute("SELECT state, COUNT(*) FROM read_items GROUP BY state").fetchall())
+
+
+def overdue_by_priority(conn: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
+    """Open items past their due time, per priority (most urgent first): n and oldest due_at."""
+    return [dict(r) for r in conn.execute(
+        "SELECT priority, COUNT(*) AS n, MIN(due_at) AS oldest FROM read_items"
+        f" WHERE state IN ({','.join('?' * len(OPEN_STATES))}) AND due_at < ?"
+        " GROUP BY priority ORDER BY MIN(priority_rank)", (*OPEN_STATES, now))]
+
+
+def read_totals(conn: sqlite3.Connection) -> dict[str, float]:
+    """Since the start: items that breached, reads done and their seconds from arrival to read."""
+    breached = conn.execute("SELECT COUNT(*) FROM read_items WHERE breached = 1").fetchone()[0]
+    reads, seconds = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(read_at - first_received), 0) FROM read_items"
+        " WHERE read_at IS NOT NULL").fetchone()
+    return {"breached": breached, "reads": reads, "read_seconds": seconds}
+
+
+def reads_in_window(conn: sqlite3.Connection, start: float, now: float) -> tuple[int, int]:
+    """(reads, late reads) since ``start``; unread items already past due count as both."""
+    done, late = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(read_at > due_at), 0) FROM read_items"
+        " WHERE read_at IS NOT NULL AND read_at >= ?", (start,)).fetchone()
+    overdue = conn.execute(
+        "SELECT COUNT(*) FROM read_items WHERE read_at IS NULL AND state IN"
+        f" ({','.join('?' * len(OPEN_STATES))}) AND due_at < ? AND due_at >= ?",
+        (*OPEN_STATES, now, start)).fetchone()[0]
+    return int(done) + int(overdue), int(late) + int(overdue)

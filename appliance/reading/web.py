@@ -116,7 +116,7 @@ def worklist_page() -> ResponseReturnValue:
     user = auth.current_user()
     rows = query_items(request.args, user)
     _audit_list_view(rows)
-    return render_template("worklist.html", rows=rows, now=auth.now(), filters=request.args,
+    return render_template("reading/worklist.html", rows=rows, now=auth.now(), filters=request.args,
                            poll_ms=POLL_MS, priorities=("stat", "urgent", "routine"),
                            limit=PAGE_LIMIT)
 
@@ -226,7 +226,7 @@ def dashboard_data() -> dict[str, Any]:
 @bp.get("/dashboard")
 @auth.require(*permissions.DASHBOARD)
 def dashboard() -> ResponseReturnValue:
-    return render_template("dashboard.html", d=dashboard_data(), poll_ms=POLL_MS * 2)
+    return render_template("reading/dashboard.html", d=dashboard_data(), poll_ms=POLL_MS * 2)
 
 
 @bp.get("/dashboard/data")

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from appliance.accounts import permissions
+from appliance.accounts import users as accounts
 from appliance.core import audit, db
 from workflows.schema import PRIORITIES, Pool
 
@@ -222,11 +223,10 @@ def add_history(conn: sqlite3.Connection, item_id: int, now: float, actor: str, 
 def _user(conn: sqlite3.Connection, user: str | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(user, Mapping):
         return dict(user)
-    row = conn.execute("SELECT id, username, role, tags, disabled FROM users WHERE username = ?",
-                       (user,)).fetchone()
+    row = accounts.public_user(conn, user)
     if row is None or row["disabled"]:
         raise NotAllowed(f"no active user {user!r}")
-    return dict(row)
+    return row
 
 
 def _locked_row(conn: sqlite3.Connection, item_id: int) -> sqlite3.Row:

@@ -21,12 +21,13 @@ one); a committed level is never repeated.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 from typing import Any
 
+from appliance.accounts import users as accounts
 from appliance.core import audit, db
+from appliance.reading import read_queue
 from appliance.reports.model import ReportError, get_report
 
 ESCALATE_ROLES = ("responder", "admin")
@@ -37,10 +38,7 @@ def _now(now: float | None) -> float:
 
 
 def _users(conn: sqlite3.Connection, roles: tuple[str, ...]) -> list[str]:
-    marks = ",".join("?" * len(roles))
-    return [r[0] for r in conn.execute(
-        f"SELECT username FROM users WHERE role IN ({marks}) AND disabled = 0 ORDER BY username",
-        roles)]
+    return accounts.active_usernames(conn, roles)
 
 
 def notify_users(conn: sqlite3.Connection, usernames: list[str], subject: str, body: str,
@@ -138,14 +136,12 @@ def on_call_people(conn: sqlite3.Connection, read_item_id: int | None) -> list[s
     if read_item_id is None:
         return []
     try:
-        rows = conn.execute("SELECT target FROM escalation_steps WHERE item_id = ?"
-                            " AND action = 'notify_on_call' ORDER BY step_index",
-                            (read_item_id,)).fetchall()
+        targets = read_queue.on_call_targets(conn, read_item_id)
     except sqlite3.OperationalError:  # no read queue tables in this build
         return []
     people: list[str] = []
-    for r in rows:
-        people += [u for u in json.loads(r[0] or "{}").get("users", []) if u not in people]
+    for target in targets:
+        people += [u for u in target.get("users", []) if u not in people]
     return people
 
 

@@ -35,6 +35,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
+from appliance.accounts import users as accounts
 from appliance.accounts.roles import READERS
 from appliance.core import audit, db
 
@@ -435,8 +436,7 @@ def autosave(conn: sqlite3.Connection, report_id: int, *, actor: str, templates:
 
 
 def _display_name(conn: sqlite3.Connection, username: str) -> str:
-    r = conn.execute("SELECT display_name FROM users WHERE username = ?", (username,)).fetchone()
-    return (r[0] if r and r[0] else username)
+    return accounts.display_name(conn, username)
 
 
 def sign(conn: sqlite3.Connection, report_id: int, *, actor: str, level: str,

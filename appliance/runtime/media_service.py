@@ -1,13 +1,13 @@
 """``appliance media serve``: the appliance's WebRTC participant as a long-running service.
 
 One asyncio loop (aiortc's) that takes work from ``consult_media_jobs``
-(:mod:`appliance.media_jobs`): recordings asked for after consent, synthetic
+(:mod:`appliance.consults.media_jobs`): recordings asked for after consent, synthetic
 probes (every ``consults.probe_interval_s`` for each consult with someone in
 it, for the SLO dashboard; 0 = off) and the capped relay. It beats a
 ``media`` heartbeat so ``/readyz``, ``/status`` and ``appliance status`` show it.
 
 Idempotent: at start it first seals what a killed recorder left (see
-:mod:`appliance.consult_recordings`: a non-empty clear part is sealed and
+:mod:`appliance.consults.recordings`: a non-empty clear part is sealed and
 indexed as incomplete, an empty one discarded), then takes over jobs whose
 holder is gone, releasing the dead participant's seat. On SIGTERM every
 participant leaves and every recording is sealed before the process exits;
@@ -119,16 +119,11 @@ class MediaService:
 
     def _schedule_probes(self) -> None:
         """A probe for each open consult with a browser in it and no media participant."""
-        for r in self.conn.execute(
-                "SELECT c.id FROM consults c WHERE c.ended_at IS NULL AND EXISTS (SELECT 1 FROM"
-                " consult_participants p WHERE p.consult_id = c.id AND p.state = 'admitted'"
-                " AND p.kind != 'media') AND NOT EXISTS (SELECT 1 FROM consult_participants p"
-                " WHERE p.consult_id = c.id AND p.state = 'admitted' AND p.kind = 'media')"
-                ).fetchall():
+        for consult_id in consults.needing_probe(self.conn):
             try:
-                media_jobs.request(self.conn, r["id"], "probe", media_jobs.ACTOR, PROBE_SECONDS)
+                media_jobs.request(self.conn, consult_id, "probe", media_jobs.ACTOR, PROBE_SECONDS)
             except consults.ConsultError as e:
-                log.info("no probe for consult %s: %s", r["id"], e)
+                log.info("no probe for consult %s: %s", consult_id, e)
 
     async def _stop_all(self) -> None:
         self.shutting_down = True
@@ -178,10 +173,8 @@ class MediaService:
         """Stopping for a restart mid-recording (or mid-relay) of an open consult."""
         if not self.shutting_down or state != "done" or job["kind"] == "probe":
             return False
-        row = self.conn.execute("SELECT ended_at FROM consults WHERE id = ?",
-                                (job["consult_id"],)).fetchone()
         held = media_jobs.get(self.conn, job["id"])
-        return row is not None and row["ended_at"] is None and held["state"] == "running"
+        return consults.is_open(self.conn, job["consult_id"]) and held["state"] == "running"
 
     def _participant(self, job) -> media.Participant:
         if job["kind"] == "record":

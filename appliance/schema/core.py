@@ -38,3 +38,19 @@ BEGIN SELECT RAISE(ABORT, 'audit rows are append-only'); END;
 CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
 BEGIN SELECT RAISE(ABORT, 'audit rows are append-only'); END;
 """
+
+# Migration 5 (with the read queue): the in-app notification inbox of core/notifications.py.
+NOTIFICATIONS = """CREATE TABLE notifications (
+    id INTEGER PRIMARY KEY,
+    username TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    body TEXT NOT NULL DEFAULT '',
+    item_id INTEGER,
+    step_id INTEGER,
+    created_at REAL NOT NULL,
+    read_at REAL
+);
+CREATE INDEX notifications_user ON notifications(username, id);
+CREATE INDEX notifications_item ON notifications(item_id);
+"""

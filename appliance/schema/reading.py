@@ -1,9 +1,12 @@
 """Tables of the read queue (migration 5): read items, their history, escalation steps,
-pending completions, loaded workflow versions, and the notification inbox.
+pending completions, loaded workflow versions; the notification inbox, which core owns
+(``core/notifications.py``), was created by the same migration and is in ``core.py``.
 
 Kept apart from the modules that use them so that ``appliance.db`` can import
 the DDL without importing the worklist (which itself needs ``appliance.db``).
 """
+
+from appliance.schema import core
 
 SCHEMA = """
 CREATE TABLE read_items (
@@ -112,17 +115,4 @@ CREATE TABLE workflow_files (
     checked_at REAL NOT NULL
 );
 
-CREATE TABLE notifications (
-    id INTEGER PRIMARY KEY,
-    username TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    body TEXT NOT NULL DEFAULT '',
-    item_id INTEGER,
-    step_id INTEGER,
-    created_at REAL NOT NULL,
-    read_at REAL
-);
-CREATE INDEX notifications_user ON notifications(username, id);
-CREATE INDEX notifications_item ON notifications(item_id);
-"""
+""" + core.NOTIFICATIONS

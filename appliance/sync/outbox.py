@@ -758,3 +758,16 @@ def _restore_report(conn: sqlite3.Connection, rec: dict[str, Any]) -> int:
                     conn.execute(f"UPDATE reports SET {', '.join(f'{k}=?' for k in sets)}"
                                  " WHERE id=?", (*sets.values(), row["id"]))
     return 1
+
+
+# -- what other capabilities read of the outbox (health: /metrics, the status page) -------------
+def bytes_uploaded(conn: sqlite3.Connection) -> int:
+    """Bytes sent to the sync target, all bundles together."""
+    return conn.execute("SELECT COALESCE(SUM(bytes_sent), 0) FROM bundles").fetchone()[0]
+
+
+def oldest_error(conn: sqlite3.Connection) -> str | None:
+    """The last upload error of the oldest bundle that has one (why sync is stalled)."""
+    row = conn.execute("SELECT last_error FROM bundles WHERE last_error != ''"
+                       " ORDER BY created_at LIMIT 1").fetchone()
+    return row[0] if row else None
