@@ -12,11 +12,13 @@ import hashlib
 import sqlite3
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 import pyotp
 import segno
 from flask import Blueprint, current_app, redirect, render_template, request, session
 from flask.typing import ResponseReturnValue
+from werkzeug.urls import iri_to_uri
 from werkzeug.wrappers import Response
 
 from appliance.accounts import permissions
@@ -33,10 +35,34 @@ _DUMMY_HASH: list[str] = []  # computed once: equal work for unknown users
 
 
 def safe_next(target: str | None, default: str = "/") -> str:
-    """Only a path on this site (no ``//host`` or scheme): no open redirect after login."""
-    if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
+    """``target`` if it can only be a path on this site, else ``default``: no open redirect.
+
+    Checking the text as received is not enough: Werkzeug drops tabs and newlines when it
+    writes the Location header (``/%09/evil`` → ``//evil``), browsers read ``\\`` as ``/``
+    and strip whitespace. So only plain printable ASCII is accepted (our own links are
+    percent-encoded), and the path must still start with a single ``/`` after Werkzeug's
+    normalisation and after percent-decoding, with no scheme, host or dot segments.
+    """
+    if not target or not all(0x21 <= ord(c) <= 0x7E and c != "\\" for c in target):
         return default
-    return target
+    written = iri_to_uri(target)
+    if written != target:
+        return default
+    for form in (written, unquote(written)):
+        if not _same_origin_path(form):
+            return default
+    return written
+
+
+def _same_origin_path(path: str) -> bool:
+    """One absolute path: no scheme, no host, no ``//`` start, no backslash or control
+    character, no ``.``/``..`` segment (a browser would fold ``/.//x`` into ``//x``)."""
+    parts = urlsplit(path)
+    if parts.scheme or parts.netloc or not path.startswith("/") or path.startswith("//"):
+        return False
+    if any(ord(c) < 0x20 or ord(c) == 0x7F or c == "\\" for c in path):
+        return False
+    return not any(seg in (".", "..") for seg in parts.path.split("/"))
 
 
 def unknown_key(username: str) -> str:
@@ -157,8 +183,6 @@ def _succeed(user: sqlite3.Row, factors: str) -> None:
 
 
 def _quoted_next() -> str:
-    from urllib.parse import quote
-
     return quote(safe_next(request.values.get("next")), safe="")
 
 
@@ -305,7 +329,8 @@ def _password_problem(row: sqlite3.Row, form: Any) -> str:
 def break_glass() -> Response | tuple:
     """Type a reason to open a study outside one's pool or site; then go on to ``next``."""
     study = (request.values.get("study") or "").strip()
-    nxt = safe_next(request.values.get("next"), f"/viewer?StudyInstanceUIDs={study}")
+    nxt = safe_next(request.values.get("next"),
+                    "/viewer?StudyInstanceUIDs=" + quote(study, safe=""))
     if request.method == "GET":
         return render_template("break_glass.html", study_uid=study, next=nxt)
     try:
