@@ -5,6 +5,7 @@
 #
 #   ./install.sh [--site-name NAME] [--ae-title AE] [--dicom-port N] [--web-port N]
 #                [--answers provision.yaml] [--data-dir /var/lib/appliance] [--no-start]
+#                [--log FILE]   (all output to FILE only, made 0600 before its first byte)
 #
 # What it does: checks the kit's checksums; installs the Debian packages this machine lacks;
 # makes /opt/appliance/venv from the wheels (pip --no-index); creates the 'appliance' system
@@ -18,7 +19,7 @@ PREFIX=/opt/appliance
 DATA_DIR=/var/lib/appliance
 ETC=/etc/appliance
 SITE_NAME="Field site"; AE_TITLE=FIELDAPP; DICOM_PORT=11112; WEB_PORT=8443
-ANSWERS=""; START=1
+ANSWERS=""; START=1; LOG=""
 
 usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "install.sh: error: $*" >&2; exit 1; }
@@ -33,11 +34,22 @@ while [ $# -gt 0 ]; do
     --answers) ANSWERS=$(cd "$(dirname "$2")" && pwd)/$(basename "$2"); shift ;;
     --data-dir) DATA_DIR="$2"; shift ;;
     --no-start) START=0 ;;
+    --log) LOG="$2"; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
   shift
 done
+
+# The log keeps the admin password of a first install: it is made (or tightened) 0600
+# before anything is written to it, never opened wider and fixed up afterwards.
+open_log() {
+  [ -n "$LOG" ] || return 0
+  (umask 077 && : >> "$LOG") || die "cannot create the log $LOG"
+  chmod 0600 "$LOG" || die "cannot make the log $LOG private"
+  exec >> "$LOG" 2>&1
+}
+open_log
 
 [ "$(id -u)" = 0 ] || die "run as root (sudo $0)"
 [ -f "$KIT/SHA256SUMS" ] || die "$KIT is not an appliance kit (no SHA256SUMS)"

@@ -1,4 +1,4 @@
-"""Admin pages: users (disable/enable), the audit trail with filters, break-glass openings.
+"""Admin pages: users (disable/enable, unlock), the audit trail with filters, break-glass openings.
 
 Only ``admin`` opens these. Looking at the audit trail is itself audited
 (it names patients' studies), and so is every change made here.
@@ -45,7 +45,10 @@ def _day_start(text: str, end: bool = False) -> float | None:
 @bp.get("/users")
 @auth.require(*permissions.ADMINS)
 def users() -> ResponseReturnValue:
-    rows = accounts.list_users(get_db())
+    conn, t, cfg = get_db(), auth.now(), auth.auth_cfg()
+    rows = accounts.list_users(conn)
+    for row in rows:
+        row["blocks"] = accounts.sign_in_blocks(conn, row["username"], t, cfg)
     return render_template("accounts/admin_users.html", users=rows, fmt_time=fmt_time,
                            roles=accounts.ROLES)
 
@@ -63,6 +66,20 @@ def set_disabled(username: str) -> ResponseReturnValue:
     except accounts.AccountError as e:
         abort(404, str(e))
     auth.audit_event("user.disable" if disabled else "user.enable", username)
+    return redirect("/admin/users")
+
+
+@bp.post("/users/<username>/unlock")
+@auth.require(*permissions.ADMINS)
+def unlock(username: str) -> ResponseReturnValue:
+    """Lift a lockout someone else's guessing put on this account (and its attempt budget)."""
+    conn, t = get_db(), auth.now()
+    try:
+        held = accounts.sign_in_blocks(conn, username, t, auth.auth_cfg())
+        accounts.unlock(conn, username, "admin:" + auth.current_user()["username"], t)
+    except accounts.AccountError as e:
+        abort(404, str(e))
+    auth.audit_event("user.unlock", username, detail=held)
     return redirect("/admin/users")
 
 

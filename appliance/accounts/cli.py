@@ -132,6 +132,27 @@ def cmd_user_reset_password(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_user_unlock(args: argparse.Namespace) -> int:
+    """Lift a lockout now (the real user is locked out by someone else's guessing)."""
+    cfg = config.load(args.data_dir)
+    conn = db.open_db(cfg.db_path)
+    try:
+        with db.transaction(conn):
+            held = accounts.sign_in_blocks(conn, args.username, time.time(), cfg["auth"])
+            accounts.unlock(conn, args.username, "cli")
+            audit.record(conn, actor(), "user.unlock", args.username, source="cli", detail=held)
+    finally:
+        conn.close()
+    print(f"unlocked {args.username}: {_held_text(held)}")
+    return 0
+
+
+def _held_text(held: dict) -> str:
+    parts = [f"lifted the lockout for {', '.join(held['locked'])}"] if held["locked"] else []
+    parts += ["refilled the spent attempt budget"] if held["budget_spent"] else []
+    return "; ".join(parts) or "nothing was holding it back"
+
+
 # -- token -------------------------------------------------------------------------------------
 def cmd_token_create(args: argparse.Namespace) -> int:
     expires = tokens.parse_duration(args.expires) if args.expires else None
@@ -181,7 +202,7 @@ def _wrap(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespa
 
 # -- parser -------------------------------------------------------------------------------------
 def register_user(sub: argparse._SubParsersAction) -> None:
-    user = sub.add_parser("user", help="manage user accounts (add, list, modify, disable, enable, reset-password)")
+    user = sub.add_parser("user", help="manage user accounts (add, list, modify, disable, enable, unlock, reset-password)")
     us = user.add_subparsers(dest="user_command", metavar="ACTION")
     us.required = True
     pw_help = "read the password from the first line of stdin (else one is generated and printed)"
@@ -216,6 +237,11 @@ def register_user(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tags", help="replaces the tags, e.g. 'neuro,site:north' ('' clears them)")
     p.add_argument("--display-name")
     p.set_defaults(func=cmd_user_modify)
+
+    p = us.add_parser("unlock", help="lift a sign-in lockout and the account's attempt limit")
+    data_dir_arg(p)
+    p.add_argument("username")
+    p.set_defaults(func=cmd_user_unlock)
 
     p = us.add_parser("reset-password", help="set a new password (also lifts a lockout)")
     data_dir_arg(p)

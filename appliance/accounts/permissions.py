@@ -291,6 +291,7 @@ NO_PATIENT_DATA: dict[str, str] = {
     "viewer.viewer_file": "the viewer's static build",
     "admin.users": "accounts, no patient",
     "admin.set_disabled": "accounts, no patient",
+    "admin.unlock": "accounts (lifts a sign-in lockout), no patient",
     "admin.audit_trail": "the admins' oversight of every access: the whole trail, by design",
     "admin.break_glass_list": "the admins' oversight of every grant: all of them, by design",
     "auth_views.home": "a redirect to the caller's area",

@@ -162,8 +162,8 @@ def reset_password(conn: sqlite3.Connection, username: str, password: str,
                    must_change: bool = True, reset_totp: bool = False) -> None:
     """Set a new password, end the user's sessions and lift a lockout.
 
-    The lockout counts failures since the last successful attempt, so a
-    success row marked ``reset`` lifts it.
+    The lockouts and the account's attempt budget count only what came after
+    the last ``reset`` or ``unlock`` row, so the row written here lifts them.
     """
     if len(password) < 10:
         raise AccountError("password must be at least 10 characters")
@@ -177,6 +177,90 @@ def reset_password(conn: sqlite3.Connection, username: str, password: str,
     end_sessions(conn, row["id"], "password reset", now)
     conn.execute("INSERT INTO login_attempts (ts, username, address, ok, reason)"
                  " VALUES (?, ?, 'cli', 1, 'reset')", (now, username))
+
+
+# -- sign-in limits: lockout per (account, address), the account's budget -------------------
+# Rows of login_attempts by reason: a password or code was checked ('ok', 'password',
+# 'totp', 'disabled'), the attempt was refused unchecked ('rate', 'locked'), or an admin
+# lifted the limits ('reset', 'unlock'). Only checked attempts count against an account,
+# so an address that is already refused cannot keep anyone else out.
+CHECKED = ("ok", "password", "totp", "disabled")
+LIFTED = ("reset", "unlock")
+_IN_CHECKED = "reason IN ('ok', 'password', 'totp', 'disabled')"
+
+
+def _last_lift(conn: sqlite3.Connection, username: str) -> int:
+    """Id of the last ``reset``/``unlock`` row of this account (0 if none)."""
+    return conn.execute(
+        "SELECT max(id) FROM login_attempts WHERE username = ? AND ok = 1"
+        " AND reason IN ('reset', 'unlock')", (username,),
+    ).fetchone()[0] or 0
+
+
+def failures_in_a_row(conn: sqlite3.Connection, username: str, address: str,
+                      since: float) -> int:
+    """Failed passwords or codes for this account from this address since its last success
+    there (or an admin's unlock), counted from ``since``.
+
+    The lockout is per address: whoever guesses at ``admin`` locks only themselves out,
+    and the real admin signs in from elsewhere. Attempts refused unchecked are not
+    counted, so the lock lifts on time however often a locked address knocks.
+    """
+    last_ok = conn.execute(
+        "SELECT max(id) FROM login_attempts WHERE username = ? AND ok = 1"
+        " AND (address = ? OR reason IN ('reset', 'unlock'))", (username, address),
+    ).fetchone()[0] or 0
+    return conn.execute(
+        "SELECT count(*) FROM login_attempts WHERE username = ? AND address = ? AND ok = 0"
+        " AND id > ? AND ts > ? AND reason IN ('password', 'totp')",
+        (username, address, last_ok, since),
+    ).fetchone()[0]
+
+
+def checked_attempts(conn: sqlite3.Connection, username: str, since: float) -> int:
+    """Passwords or codes checked for this account since ``since`` (and its last unlock),
+    from every address: the account's budget against guessing spread over many addresses.
+    """
+    return conn.execute(
+        "SELECT count(*) FROM login_attempts WHERE username = ? AND ts > ? AND id > ?"
+        f" AND {_IN_CHECKED}", (username, since, _last_lift(conn, username)),
+    ).fetchone()[0]
+
+
+def known_address(conn: sqlite3.Connection, username: str, address: str) -> bool:
+    """Whether this user signed in from this address before (within the kept attempts):
+    such an address is not held back by the account's budget that others used up."""
+    return conn.execute(
+        "SELECT 1 FROM login_attempts WHERE username = ? AND address = ? AND ok = 1"
+        " AND reason = 'ok' LIMIT 1", (username, address),
+    ).fetchone() is not None
+
+
+def locked_addresses(conn: sqlite3.Connection, username: str, now: float,
+                     auth: dict) -> list[str]:
+    """The addresses this account is locked for now (``auth`` is the site's auth section)."""
+    since = now - auth["lockout_min"] * 60
+    candidates = [r[0] for r in conn.execute(
+        "SELECT DISTINCT address FROM login_attempts WHERE username = ? AND ok = 0"
+        " AND ts > ? AND reason IN ('password', 'totp')", (username, since))]
+    return [a for a in candidates
+            if failures_in_a_row(conn, username, a, since) >= auth["lockout_after_failures"]]
+
+
+def sign_in_blocks(conn: sqlite3.Connection, username: str, now: float,
+                   auth: dict) -> dict:
+    """What holds this account back now: ``locked`` (addresses) and ``budget_spent``."""
+    used = checked_attempts(conn, username, now - auth["attempt_window_min"] * 60)
+    return {"locked": locked_addresses(conn, username, now, auth),
+            "budget_spent": used >= auth["attempts_per_account"]}
+
+
+def unlock(conn: sqlite3.Connection, username: str, by: str, now: float | None = None) -> None:
+    """Lift every lockout of an account and refill its attempt budget (an admin's act)."""
+    get_user(conn, username)
+    conn.execute("INSERT INTO login_attempts (ts, username, address, ok, reason)"
+                 " VALUES (?, ?, ?, 1, 'unlock')",
+                 (time.time() if now is None else now, username, by[:64]))
 
 
 def modify_user(conn: sqlite3.Connection, username: str, role: str | None = None,

@@ -3,7 +3,9 @@
 Rate limits and lockout are computed from ``login_attempts``: failures for
 an unknown username count exactly like failures for a real one, and the
 password of an unknown user is still checked against a dummy hash, so neither
-the answers nor their timing tell an attacker which accounts exist.
+the answers nor their timing tell an attacker which accounts exist. Guessing
+at a name locks out only the guesser's address (see ``accounts.users``), and
+an admin lifts a lockout with ``appliance user unlock`` or on /admin/users.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import hashlib
 import sqlite3
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 import pyotp
 import segno
 from flask import Blueprint, current_app, redirect, render_template, request, session
 from flask.typing import ResponseReturnValue
+from werkzeug.urls import iri_to_uri
 from werkzeug.wrappers import Response
 
 from appliance.accounts import permissions
@@ -33,10 +37,34 @@ _DUMMY_HASH: list[str] = []  # computed once: equal work for unknown users
 
 
 def safe_next(target: str | None, default: str = "/") -> str:
-    """Only a path on this site (no ``//host`` or scheme): no open redirect after login."""
-    if not target or not target.startswith("/") or target.startswith(("//", "/\\")):
+    """``target`` if it can only be a path on this site, else ``default``: no open redirect.
+
+    Checking the text as received is not enough: Werkzeug drops tabs and newlines when it
+    writes the Location header (``/%09/evil`` → ``//evil``), browsers read ``\\`` as ``/``
+    and strip whitespace. So only plain printable ASCII is accepted (our own links are
+    percent-encoded), and the path must still start with a single ``/`` after Werkzeug's
+    normalisation and after percent-decoding, with no scheme, host or dot segments.
+    """
+    if not target or not all(0x21 <= ord(c) <= 0x7E and c != "\\" for c in target):
         return default
-    return target
+    written = iri_to_uri(target)
+    if written != target:
+        return default
+    for form in (written, unquote(written)):
+        if not _same_origin_path(form):
+            return default
+    return written
+
+
+def _same_origin_path(path: str) -> bool:
+    """One absolute path: no scheme, no host, no ``//`` start, no backslash or control
+    character, no ``.``/``..`` segment (a browser would fold ``/.//x`` into ``//x``)."""
+    parts = urlsplit(path)
+    if parts.scheme or parts.netloc or not path.startswith("/") or path.startswith("//"):
+        return False
+    if any(ord(c) < 0x20 or ord(c) == 0x7F or c == "\\" for c in path):
+        return False
+    return not any(seg in (".", "..") for seg in parts.path.split("/"))
 
 
 def unknown_key(username: str) -> str:
@@ -60,39 +88,35 @@ def _record_attempt(username: str, ok: bool, reason: str) -> None:
 
 
 def _refusal(username: str) -> tuple[int, str] | None:
-    """(status, message) when this attempt must be refused before the password is checked."""
-    cfg, t, conn = auth.auth_cfg(), auth.now(), get_db()
+    """(status, message) when this attempt must be refused before the password is checked.
+
+    In this order: the address's own limit (its refused attempts count too, so a hammering
+    address stays refused), the account's budget (only attempts actually checked count,
+    so a refused address spends none of it), then the lockout of this account for this
+    address.
+    """
+    cfg, t, conn, address = auth.auth_cfg(), auth.now(), get_db(), auth.client_address()
     window = t - cfg["attempt_window_min"] * 60
     by_address = conn.execute(
         "SELECT count(*) FROM login_attempts WHERE address = ? AND ts > ? AND ok = 0",
-        (auth.client_address(), window),
+        (address, window),
     ).fetchone()[0]
     if by_address >= cfg["attempts_per_address"]:
         return 429, "too many failed sign-ins from this address; wait a few minutes"
-    by_account = conn.execute(
-        "SELECT count(*) FROM login_attempts WHERE username = ? AND ts > ?", (username, window),
-    ).fetchone()[0]
-    if by_account >= cfg["attempts_per_account"]:
+    if (accounts.checked_attempts(conn, username, window) >= cfg["attempts_per_account"]
+            and not accounts.known_address(conn, username, address)):
         return 429, "too many sign-in attempts for this account; wait a few minutes"
-    if failures_in_a_row(conn, username, t) >= cfg["lockout_after_failures"]:
+    if _locked_here(conn, username, t):
         return 423, (f"this account is locked after repeated failures; try again in "
                      f"{cfg['lockout_min']:g} minutes or ask an administrator")
     return None
 
 
-def failures_in_a_row(conn: sqlite3.Connection, username: str, t: float) -> int:
-    """Failed password or code attempts since the last success, within the lockout time.
-
-    Attempts refused while locked are not counted, so the lock lifts on time.
-    """
-    last_ok = conn.execute(
-        "SELECT max(id) FROM login_attempts WHERE username = ? AND ok = 1", (username,),
-    ).fetchone()[0] or 0
-    return conn.execute(
-        "SELECT count(*) FROM login_attempts WHERE username = ? AND ok = 0 AND id > ?"
-        " AND ts > ? AND reason IN ('password', 'totp')",
-        (username, last_ok, t - auth.auth_cfg()["lockout_min"] * 60),
-    ).fetchone()[0]
+def _locked_here(conn: sqlite3.Connection, username: str, t: float) -> bool:
+    """Whether this account is locked for the caller's address."""
+    cfg = auth.auth_cfg()
+    return accounts.failures_in_a_row(conn, username, auth.client_address(),
+                                      t - cfg["lockout_min"] * 60) >= cfg["lockout_after_failures"]
 
 
 def _fail(username: str, reason: str, action: str = "auth.login") -> None:
@@ -157,8 +181,6 @@ def _succeed(user: sqlite3.Row, factors: str) -> None:
 
 
 def _quoted_next() -> str:
-    from urllib.parse import quote
-
     return quote(safe_next(request.values.get("next")), safe="")
 
 
@@ -221,8 +243,7 @@ def totp() -> ResponseReturnValue:
         return _totp_page(row, secret)
     if not auth.csrf_ok():
         return _totp_page(row, secret, "the form expired; try again", 400)
-    if failures_in_a_row(get_db(), row["username"], auth.now()) >= \
-            auth.auth_cfg()["lockout_after_failures"]:
+    if _locked_here(get_db(), row["username"], auth.now()):
         auth.end_session("locked")
         return _login_page("this account is locked after repeated failures", 423, row["username"])
     step = matching_step(secret, request.form.get("code") or "", auth.now())
@@ -305,7 +326,8 @@ def _password_problem(row: sqlite3.Row, form: Any) -> str:
 def break_glass() -> Response | tuple:
     """Type a reason to open a study outside one's pool or site; then go on to ``next``."""
     study = (request.values.get("study") or "").strip()
-    nxt = safe_next(request.values.get("next"), f"/viewer?StudyInstanceUIDs={study}")
+    nxt = safe_next(request.values.get("next"),
+                    "/viewer?StudyInstanceUIDs=" + quote(study, safe=""))
     if request.method == "GET":
         return render_template("accounts/break_glass.html", study_uid=study, next=nxt)
     try:
