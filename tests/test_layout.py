@@ -381,7 +381,6 @@ INDEX_READERS = {
                                    " instances not yet cached",
     "appliance.dicomweb.viewer_preload": "the viewer's head start reads the study's series and"
                                          " instances to send in its first response",
-    "appliance.dicomweb.web": "STOW/WADO routes look up the study's institution and files",
     "appliance.reading.read_queue": "study completion joins the index to make read items",
     "appliance.reading.worklist": "the worklist sorts and filters read items by study fields"
                                   " (one query, not one per row)",
