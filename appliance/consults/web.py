@@ -204,10 +204,24 @@ def join(cid: int):
     return jsonify(participant=me["id"], name=me["name"], state=me["state"],
                    seat=me["admitted_at"],
                    host=user is not None,
-                   ice_servers=consults.ice_servers(_cfg(), _host_name(), cid, now=_now()),
+                   ice_servers=_ice_servers(cid) if me["state"] == "admitted" else [],
                    video_floor_kbit_s=_cfg()["consults"]["video_floor_kbit_s"],
                    roster=consults.roster(conn, cid), cursor=consults.cursor(conn, cid),
                    chat=consults.chat_log(conn, cid) if me["state"] == "admitted" else [])
+
+
+def _ice_servers(cid: int) -> list[dict]:
+    """TURN credentials, for admitted participants only: a guest still in the lobby is a
+    stranger with a link, and TURN relays from inside the site."""
+    return consults.ice_servers(_cfg(), _host_name(), cid, now=_now())
+
+
+@bp.post("/consults/<int:cid>/enter")
+@auth.public
+def enter(cid: int):
+    """What a guest admitted from the lobby needs to connect: the TURN credentials."""
+    _me, _actor = _caller(cid)
+    return jsonify(ice_servers=_ice_servers(cid))
 
 
 @bp.get("/consults/<int:cid>/events")

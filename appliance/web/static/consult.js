@@ -44,6 +44,9 @@
     chat: [], remoteSteps: {}, peers: {}, roster: [],
   };
   let iceServers = [], floorKbps = Number(root.dataset.floor) || 150;
+  // TURN credentials come only with admission: a guest in the lobby has none, and fetches
+  // them (POST /enter) when let in; signals arriving meanwhile wait for them.
+  let iceLoaded = false, iceReady = null;
   let localStream = null, cameraTrack = null, screenTrack = null, source = null;
   let joinStart = 0, samples = [];
   // Generations start at the page's load time, so a reloaded page outranks its old self.
@@ -108,12 +111,24 @@
     state.me = info.participant;
     state.seat = info.seat;
     iceServers = info.ice_servers;
+    iceLoaded = info.state === "admitted";
     floorKbps = info.video_floor_kbit_s || floorKbps;
     $("check").hidden = true;
     for (const m of info.chat || []) showChat({ id: m.id, sender: m.sender, body: m });
     openEvents(info.cursor);
     if (info.state === "lobby") $("lobby").hidden = false;
     onRoster(info.roster);
+  }
+
+  function enterFromLobby() {
+    if (iceReady) return;
+    iceReady = post("/enter").then((info) => {
+      iceServers = info.ice_servers;
+      iceLoaded = true;
+      iceReady = null;
+      onRoster(state.roster);
+    });
+    iceReady.catch((e) => { iceReady = null; console.warn("enter", e); });
   }
 
   function enterCall() {
@@ -147,7 +162,10 @@
 
   function onEvent(ev) {
     if (ev.kind === "presence") onRoster(ev.body.roster);
-    else if (ev.kind === "signal") onSignal(ev.sender, ev.body).catch((e) => console.warn(e));
+    else if (ev.kind === "signal") {
+      const handle = () => onSignal(ev.sender, ev.body).catch((e) => console.warn(e));
+      if (iceReady) iceReady.then(handle, () => {}); else handle();
+    }
     else if (ev.kind === "chat") showChat(ev);
     else if (ev.kind === "ladder" && ev.sender !== state.me) showRemote(ev);
     else if (ev.kind === "system" && ev.body.ended) { setStep("ended"); closeAll(); }
@@ -159,6 +177,7 @@
     const rec = $("recording");
     if (rec) rec.hidden = !roster.some((p) => p.kind === "media" && p.role === "recorder");
     const mine = roster.find((p) => p.id === state.me);
+    if (mine && mine.state === "admitted" && !iceLoaded) { enterFromLobby(); return; }
     if (mine && mine.state === "admitted") enterCall();
     if (!mine || mine.state !== "admitted") return;
     const others = roster.filter((p) => p.state === "admitted" && p.id !== state.me);
