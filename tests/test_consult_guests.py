@@ -107,3 +107,43 @@ def test_lobby_guest_gets_no_turn_credentials_until_admitted(web):
     servers = guest.post(f"/consults/{cid}/enter", json={}).json()["ice_servers"]
     assert re.fullmatch(rf"\d+:consult-{cid}", servers[1]["username"])
     assert servers[1]["urls"][0].startswith("turn:127.0.0.1:")
+
+
+def lobby_stream(guest: Browser, cid: int) -> str:
+    """Everything the event stream gives a lobby guest, up to its first keepalive ping."""
+    r = guest.http.get(f"{guest.base}/consults/{cid}/events?after=0", verify=guest.ca,
+                       stream=True, timeout=30)
+    assert r.status_code == 200
+    lines = []
+    try:
+        for line in r.iter_lines(decode_unicode=True):
+            if line == "event: ping":
+                break
+            lines.append(line)
+    finally:
+        r.close()
+    return "\n".join(lines)
+
+
+def test_invite_link_and_lobby_show_nothing_of_the_patient(web):
+    """Attack: open a forwarded invite link (and wait in the lobby) to learn whose consult it
+    is: the title made from the study names the patient."""
+    _site, browser = web
+    nurse, cid, link = nurse_with_consult(browser)
+    room = nurse.get(f"/consults/{cid}").text
+    assert PATIENT in room and STUDY_DESC in room  # the host sees the consult named
+    nurse.post(f"/consults/{cid}/chat", json={"text": f"{PATIENT} BP 180/100"})
+    stranger = browser()
+    invite = stranger.get(link).text
+    guest, me = guest_in_lobby(browser, link)
+    seen = {"invite page": invite, "lobby page": guest.get(f"/consults/{cid}").text,
+            "join answer": str(me), "lobby stream": lobby_stream(guest, cid),
+            "enter": guest.post(f"/consults/{cid}/enter", json={}).text}
+    assert "Test Site" in invite and "a consult" in invite.lower()
+    for what, text in seen.items():
+        for secret in (PATIENT, "DOE", "JANE", STUDY_DESC, STUDY, "P91"):
+            assert secret not in text, f"{secret!r} in the {what}"
+    assert nurse.post(f"/consults/{cid}/admit/{me['participant']}", json={}).status_code == 200
+    assert guest.post(f"/consults/{cid}/enter", json={}).json()["title"] == \
+        f"{STUDY_DESC} · {PATIENT}"
+    assert PATIENT in guest.get(f"/consults/{cid}").text  # in the call: named

@@ -85,6 +85,14 @@ def _caller(cid: int, lobby_ok: bool = False) -> tuple[Any, str]:
     abort(403, "you are not in this consult")
 
 
+def _admitted_guest(cid: int) -> bool:
+    """Whether the guest calling is in the call: only then does the page name the consult
+    (its title is often the patient's name); a guest in the lobby is a stranger with a link."""
+    secret = _guest_secret(cid)
+    guest = consults.guest_by_secret(get_db(), cid, secret) if secret else None
+    return guest is not None and guest["state"] == "admitted"
+
+
 def _host_name() -> str:
     """The host name the browser used for us (TURN is on the same host unless configured)."""
     return urlsplit("//" + request.host).hostname or "127.0.0.1"
@@ -133,7 +141,8 @@ def room(cid: int):
     if user is not None and user["role"] not in HOSTS:
         abort(403)
     return render_template("consults/room.html", consult=consult, is_host=user is not None,
-                           floor=_cfg()["consults"]["video_floor_kbit_s"])
+                           floor=_cfg()["consults"]["video_floor_kbit_s"],
+                           admitted=user is not None or _admitted_guest(cid))
 
 
 @bp.route("/consults/join/<token>", methods=["GET", "POST"])
@@ -219,9 +228,11 @@ def _ice_servers(cid: int) -> list[dict]:
 @bp.post("/consults/<int:cid>/enter")
 @auth.public
 def enter(cid: int):
-    """What a guest admitted from the lobby needs to connect: the TURN credentials."""
+    """What a guest admitted from the lobby learns: the TURN credentials, the consult's title."""
     _me, _actor = _caller(cid)
-    return jsonify(ice_servers=_ice_servers(cid))
+    consult = consults.get_consult(get_db(), cid)
+    return jsonify(ice_servers=_ice_servers(cid), title=consult["title"],
+                   study_uid=consult["study_uid"])
 
 
 @bp.get("/consults/<int:cid>/events")

@@ -112,6 +112,7 @@
     state.seat = info.seat;
     iceServers = info.ice_servers;
     iceLoaded = info.state === "admitted";
+    if (iceLoaded && root.dataset.titled !== "true") post("/enter").then(showTitle).catch(() => {});
     floorKbps = info.video_floor_kbit_s || floorKbps;
     $("check").hidden = true;
     for (const m of info.chat || []) showChat({ id: m.id, sender: m.sender, body: m });
@@ -125,10 +126,20 @@
     iceReady = post("/enter").then((info) => {
       iceServers = info.ice_servers;
       iceLoaded = true;
+      showTitle(info);
       iceReady = null;
       onRoster(state.roster);
     });
     iceReady.catch((e) => { iceReady = null; console.warn("enter", e); });
+  }
+
+  // The page names the consult only once its viewer is in the call (the title is often the
+  // patient's name): a guest let in from the lobby learns it from /enter.
+  function showTitle(info) {
+    if (root.dataset.titled === "true") return;
+    root.dataset.titled = "true";
+    $("consult-title").textContent = info.title;
+    root.dataset.study = info.study_uid || "";
   }
 
   function enterCall() {
