@@ -6,7 +6,9 @@ nothing at all once the host removes them or withdraws their link.
 from __future__ import annotations
 
 import re
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import make_site, require_module
@@ -147,3 +149,72 @@ def test_invite_link_and_lobby_show_nothing_of_the_patient(web):
     assert guest.post(f"/consults/{cid}/enter", json={}).json()["title"] == \
         f"{STUDY_DESC} · {PATIENT}"
     assert PATIENT in guest.get(f"/consults/{cid}").text  # in the call: named
+
+
+def stream_until_gone(guest: Browser, cid: int, opened: threading.Event | None = None) -> str:
+    """The guest's event stream read until the server ends it (or 25 s pass); ``opened`` is
+    set once the server's first line arrived."""
+    r = guest.http.get(f"{guest.base}/consults/{cid}/events?after=0", verify=guest.ca,
+                       stream=True, timeout=30)
+    if r.status_code != 200:
+        return f"HTTP {r.status_code}"
+    lines = []
+    try:
+        for line in r.iter_lines(decode_unicode=True):
+            lines.append(line)
+            if opened is not None:
+                opened.set()
+            if line == "event: gone":
+                break
+    finally:
+        r.close()
+    return "\n".join(lines)
+
+
+def test_removed_guest_cannot_rejoin_and_revoked_link_admits_nobody(web):
+    """Attack: a guest the host removed keeps their cookie and comes back (join, stream,
+    chat, TURN credentials); a stranger uses a link the host withdrew."""
+    site, browser = web
+    nurse, cid, link = nurse_with_consult(browser)
+    guest, me = guest_in_lobby(browser, link)
+    assert nurse.post(f"/consults/{cid}/admit/{me['participant']}", json={}).status_code == 200
+    assert guest.post(f"/consults/{cid}/chat", json={"text": "here"}).status_code == 201
+    # Not a host: a guest cannot remove anyone.
+    assert guest.post(f"/consults/{cid}/remove/{me['participant']}", json={}).status_code \
+        in (401, 403)
+    with ThreadPoolExecutor(1) as pool:
+        opened = threading.Event()
+        open_stream = pool.submit(stream_until_gone, guest, cid, opened)  # the page's stream
+        assert opened.wait(20)
+        r = nurse.post(f"/consults/{cid}/remove/{me['participant']}", json={})
+        assert r.status_code == 200 and "Dr Remote" not in str(r.json()["roster"])
+        assert open_stream.result(timeout=30).endswith("event: gone")  # ended at once
+    assert stream_until_gone(guest, cid) == "HTTP 403"
+    for path in ("join", "enter", "chat", "signal", "ladder"):
+        got = guest.post(f"/consults/{cid}/{path}", json={"text": "back", "to": 1,
+                                                          "step": "video"})
+        assert got.status_code == 403, (path, got.status_code, got.text)
+        assert "turn:" not in got.text
+    assert "Dr Remote" not in str(nurse.post(f"/consults/{cid}/join", json={}).json()["roster"])
+    # Withdrawn links: the guest waiting in the lobby is turned away, nobody new gets in,
+    # a guest in the call from it stays but cannot come back once gone.
+    stays, stays_me = guest_in_lobby(browser, link, "Dr Stays")
+    nurse.post(f"/consults/{cid}/admit/{stays_me['participant']}", json={})
+    waiting, wait_me = guest_in_lobby(browser, link, "Dr Waiting")
+    r = nurse.post(f"/consults/{cid}/invites/revoke", json={})
+    assert r.status_code == 200 and r.json()["revoked"] == 1
+    assert waiting.post(f"/consults/{cid}/join", json={}).status_code == 403
+    assert nurse.post(f"/consults/{cid}/admit/{wait_me['participant']}", json={}) \
+        .status_code == 400
+    stranger = browser()
+    page = stranger.get(link)
+    assert page.status_code == 403 and "withdrawn" in page.text
+    assert stays.post(f"/consults/{cid}/chat", json={"text": "still here"}).status_code == 201
+    stays.post(f"/consults/{cid}/leave", json={})
+    assert stays.post(f"/consults/{cid}/join", json={}).status_code == 403
+    conn = site.db()
+    actions = [r["action"] for r in conn.execute(
+        "SELECT action FROM audit WHERE action IN ('consult.remove', 'consult.invite_revoke')"
+        " ORDER BY id")]
+    conn.close()
+    assert actions == ["consult.remove", "consult.invite_revoke"]

@@ -332,6 +332,24 @@ def post_admit(cid: int, pid: int):
     return jsonify(ok=True, roster=consults.roster(get_db(), cid))
 
 
+@bp.post("/consults/<int:cid>/remove/<int:pid>")
+@auth.require(*HOSTS)
+def post_remove(cid: int, pid: int):
+    """Take someone out of the call: their secret stops working and their stream ends."""
+    consults.remove(get_db(), cid, pid, auth.current_user()["username"], now=_now(),
+                    source=auth.client_address())
+    return jsonify(ok=True, roster=consults.roster(get_db(), cid))
+
+
+@bp.post("/consults/<int:cid>/invites/revoke")
+@auth.require(*HOSTS)
+def post_revoke_invites(cid: int):
+    """Withdraw every invite link of this consult (a new one can be made after)."""
+    n = consults.revoke_invites(get_db(), cid, auth.current_user()["username"], now=_now(),
+                                source=auth.client_address())
+    return jsonify(ok=True, revoked=n, roster=consults.roster(get_db(), cid))
+
+
 @bp.post("/consults/<int:cid>/consent")
 @auth.require(*HOSTS)
 def post_consent(cid: int):

@@ -168,7 +168,7 @@
     };
     state.cursor = Math.max(state.cursor || 0, after || 0);
     state.reopenedAt = performance.now();
-    source.addEventListener("gone", () => { source.close(); setStep("left"); });
+    source.addEventListener("gone", () => { source.close(); closeAll(); setStep("left"); });
   }
 
   function onEvent(ev) {
@@ -197,6 +197,7 @@
       if (!others.some((p) => p.id === Number(id))) dropPeer(Number(id));
     }
     if (isHost) showWaiting(roster.filter((p) => p.state === "lobby"));
+    if (isHost) showPeople(others.filter((p) => p.kind !== "media"));
   }
 
   // -- peers ---------------------------------------------------------------------------------------
@@ -575,6 +576,27 @@
     }
   }
 
+  // The host may take anyone out: their secret stops working and their stream ends.
+  function showPeople(people) {
+    const box = $("people");
+    if (!box) return;
+    box.replaceChildren();
+    for (const p of people) {
+      const row = document.createElement("p");
+      const b = document.createElement("button");
+      b.textContent = "Remove";
+      b.className = "secondary";
+      b.dataset.testid = "remove";
+      b.onclick = () => {
+        if (confirm(`Remove ${p.name} from the consult?`)) {
+          post(`/remove/${p.id}`).catch((e) => alert(e.message));
+        }
+      };
+      row.append(document.createTextNode(`${p.name} is in the call `), b);
+      box.appendChild(row);
+    }
+  }
+
   function hostButtons() {
     if (!isHost) return;
     $("invite").onclick = async () => {
@@ -582,6 +604,13 @@
       $("invite-url").hidden = false;
       $("invite-url").value = r.url;
       $("invite-url").select();
+    };
+    $("revoke-invites").onclick = () => {
+      if (!confirm("Withdraw every invite link of this consult?")) return;
+      post("/invites/revoke").then((r) => {
+        $("invite-url").hidden = true;
+        alert(`${r.revoked} link(s) withdrawn; guests already in the call stay until removed.`);
+      }).catch((e) => alert(e.message));
     };
     $("consent").onclick = () => post("/consent").then(() => {
       $("consent").disabled = true;
