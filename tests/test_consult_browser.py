@@ -45,7 +45,8 @@ def configure_turn(site) -> int:
     port = free_port()
     path = site.data_dir / "appliance.yaml"
     path.write_text(path.read_text().replace("turn_port: 3478", f"turn_port: {port}")
-                    .replace('turn_bind: "0.0.0.0"', 'turn_bind: "127.0.0.1"'))
+                    .replace('turn_bind: "0.0.0.0"', 'turn_bind: "127.0.0.1"')
+                    .replace("allowed_peer_ips: []", 'allowed_peer_ips: ["127.0.0.1"]'))
     return port
 
 

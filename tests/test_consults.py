@@ -306,7 +306,8 @@ def test_coturn_allocates_with_minted_credentials_only(tmp_path):
     uclient = require_tool("turnutils_uclient", "/usr/bin/turnutils_uclient")
     port = free_port()
     a = make_auth_app(tmp_path, yaml_edit=lambda t: t.replace("turn_port: 3478", f"turn_port: {port}")
-                      .replace('turn_bind: "0.0.0.0"', 'turn_bind: "127.0.0.1"'))
+                      .replace('turn_bind: "0.0.0.0"', 'turn_bind: "127.0.0.1"')
+                      .replace("allowed_peer_ips: []", 'allowed_peer_ips: ["127.0.0.1"]'))
     cfg = config.load(a.data_dir)
     proc = subprocess.Popen(turn.command(cfg), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

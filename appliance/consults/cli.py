@@ -85,7 +85,7 @@ def cmd_turn_config(args: argparse.Namespace) -> int:
     cfg = config.load(args.data_dir)
     try:
         argv = turn.command(cfg)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, turn.TurnConfigError) as e:
         raise CliError(str(e)) from None
     print(shlex.join(argv))
     return 0

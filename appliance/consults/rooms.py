@@ -254,6 +254,8 @@ def join_user(conn: sqlite3.Connection, consult_id: int, user: dict[str, Any],
         raise ConsultError("this consult has ended")
     with transaction(conn):
         existing = user_participant(conn, consult_id, user["id"])
+        if existing is not None and existing["removed_at"] is not None:
+            raise ConsultError(f"{existing['removed_by']} removed you from this consult")
         if existing is not None and existing["state"] == "admitted":
             # A new page (reload, second tab) takes the seat: a late "leave" from the
             # old page names the old admitted_at and is ignored (see leave()).
@@ -301,7 +303,7 @@ def rejoin_guest(conn: sqlite3.Connection, consult_id: int, guest: sqlite3.Row,
             conn.execute("UPDATE consult_participants SET admitted_at = ? WHERE id = ?",
                          (max(t, guest["admitted_at"] + 1e-3), guest["id"]))
         return participant(conn, guest["id"])
-    if guest["state"] != "left" or guest["admitted_at"] is None:
+    if guest["state"] != "left" or guest["admitted_at"] is None or _revoked(conn, guest):
         return guest
     if get_consult(conn, consult_id)["ended_at"] is not None:
         raise ConsultError("this consult has ended")
@@ -345,6 +347,8 @@ def admit(conn: sqlite3.Connection, consult_id: int, pid: int, actor: str, allow
             raise ConsultError(f"no participant {pid} in this consult")
         if guest["state"] != "lobby":
             raise ConsultError(f"{guest['name']} is not waiting in the lobby")
+        if allow and _revoked(conn, guest):
+            raise ConsultError(f"the link {guest['name']} came by was withdrawn")
         conn.execute("UPDATE consult_participants SET state = ?, admitted_at = ?, admitted_by = ?"
                      " WHERE id = ?", ("admitted" if allow else "denied", t, actor, pid))
         audit.record(conn, actor, "consult.admit" if allow else "consult.deny", _audit_obj(row),
@@ -369,6 +373,55 @@ def leave(conn: sqlite3.Connection, consult_id: int, pid: int, now: float | None
             _announce(conn, consult_id, t)
             return True
     return False
+
+
+def _revoked(conn: sqlite3.Connection, guest: sqlite3.Row) -> bool:
+    """Whether the invite link a guest came by was withdrawn (it admits nobody again)."""
+    return guest["invite_nonce"] is not None and conn.execute(
+        "SELECT 1 FROM consult_invites WHERE nonce = ? AND revoked_at IS NOT NULL",
+        (guest["invite_nonce"],)).fetchone() is not None
+
+
+def remove(conn: sqlite3.Connection, consult_id: int, pid: int, actor: str,
+           now: float | None = None, source: str = "") -> None:
+    """A host takes someone out of the consult: their secret (or account) no longer gets
+    them in, their event stream ends, no TURN credentials are issued to them; audited."""
+    t = now if now is not None else time.time()
+    row = get_consult(conn, consult_id)
+    with transaction(conn):
+        who = participant(conn, pid)
+        if who is None or who["consult_id"] != consult_id:
+            raise ConsultError(f"no participant {pid} in this consult")
+        if who["kind"] == "media":
+            raise ConsultError("the appliance's own participant leaves by itself")
+        if who["removed_at"] is not None:
+            raise ConsultError(f"{who['name']} was already removed")
+        conn.execute("UPDATE consult_participants SET state = 'denied', left_at = ?,"
+                     " removed_at = ?, removed_by = ? WHERE id = ?", (t, t, actor, pid))
+        audit.record(conn, actor, "consult.remove", _audit_obj(row), source=source,
+                     detail={"consult": consult_id, "participant": pid,
+                             "name": who["name"]}, ts=t)
+        _announce(conn, consult_id, t)
+
+
+def revoke_invites(conn: sqlite3.Connection, consult_id: int, actor: str,
+                   now: float | None = None, source: str = "") -> int:
+    """Withdraw every invite link of a consult: they admit nobody any more, guests waiting
+    in the lobby from them are turned away, and guests in the call from them stay until they
+    leave (then cannot come back by them). Returns the number of links withdrawn; audited."""
+    t = now if now is not None else time.time()
+    row = get_consult(conn, consult_id)
+    with transaction(conn):
+        n = conn.execute("UPDATE consult_invites SET revoked_at = ? WHERE consult_id = ?"
+                         " AND revoked_at IS NULL", (t, consult_id)).rowcount
+        conn.execute("UPDATE consult_participants SET state = 'denied', left_at = ?"
+                     " WHERE consult_id = ? AND state = 'lobby' AND invite_nonce IN"
+                     " (SELECT nonce FROM consult_invites WHERE consult_id = ?"
+                     " AND revoked_at IS NOT NULL)", (t, consult_id, consult_id))
+        audit.record(conn, actor, "consult.invite_revoke", _audit_obj(row), source=source,
+                     detail={"consult": consult_id, "links": n}, ts=t)
+        _announce(conn, consult_id, t)
+    return n
 
 
 def record_consent(conn: sqlite3.Connection, consult_id: int, actor: str,

@@ -138,6 +138,14 @@ def _caller(cid: int, lobby_ok: bool = False) -> tuple[Any, str]:
     abort(403, "you are not in this consult")
 
 
+def _admitted_guest(cid: int) -> bool:
+    """Whether the guest calling is in the call: only then does the page name the consult
+    (its title is often the patient's name); a guest in the lobby is a stranger with a link."""
+    secret = _guest_secret(cid)
+    guest = consults.guest_by_secret(get_db(), cid, secret) if secret else None
+    return guest is not None and guest["state"] == "admitted"
+
+
 def _host_name() -> str:
     """The host name the browser used for us (TURN is on the same host unless configured)."""
     return urlsplit("//" + request.host).hostname or "127.0.0.1"
@@ -192,7 +200,8 @@ def room(cid: int):
     if user is not None and user["role"] not in HOSTS:
         abort(403)
     return render_template("consults/room.html", consult=consult, is_host=user is not None,
-                           floor=_cfg()["consults"]["video_floor_kbit_s"])
+                           floor=_cfg()["consults"]["video_floor_kbit_s"],
+                           admitted=user is not None or _admitted_guest(cid))
 
 
 @bp.route("/consults/join/<token>", methods=["GET", "POST"])
@@ -266,10 +275,26 @@ def join(cid: int):
     return jsonify(participant=me["id"], name=me["name"], state=me["state"],
                    seat=me["admitted_at"],
                    host=user is not None,
-                   ice_servers=consults.ice_servers(_cfg(), _host_name(), cid, now=_now()),
+                   ice_servers=_ice_servers(cid) if me["state"] == "admitted" else [],
                    video_floor_kbit_s=_cfg()["consults"]["video_floor_kbit_s"],
                    roster=consults.roster(conn, cid), cursor=consults.cursor(conn, cid),
                    chat=consults.chat_log(conn, cid) if me["state"] == "admitted" else [])
+
+
+def _ice_servers(cid: int) -> list[dict]:
+    """TURN credentials, for admitted participants only: a guest still in the lobby is a
+    stranger with a link, and TURN relays from inside the site."""
+    return consults.ice_servers(_cfg(), _host_name(), cid, now=_now())
+
+
+@bp.post("/consults/<int:cid>/enter")
+@auth.public
+def enter(cid: int):
+    """What a guest admitted from the lobby learns: the TURN credentials, the consult's title."""
+    _me, _actor = _caller(cid)
+    consult = consults.get_consult(get_db(), cid)
+    return jsonify(ice_servers=_ice_servers(cid), title=consult["title"],
+                   study_uid=consult["study_uid"])
 
 
 @bp.get("/consults/<int:cid>/events")
@@ -374,6 +399,24 @@ def post_admit(cid: int, pid: int):
     consults.admit(get_db(), cid, pid, auth.current_user()["username"], allow=allow,
                    now=_now(), source=auth.client_address())
     return jsonify(ok=True, roster=consults.roster(get_db(), cid))
+
+
+@bp.post("/consults/<int:cid>/remove/<int:pid>")
+@auth.require(*HOSTS)
+def post_remove(cid: int, pid: int):
+    """Take someone out of the call: their secret stops working and their stream ends."""
+    consults.remove(get_db(), cid, pid, auth.current_user()["username"], now=_now(),
+                    source=auth.client_address())
+    return jsonify(ok=True, roster=consults.roster(get_db(), cid))
+
+
+@bp.post("/consults/<int:cid>/invites/revoke")
+@auth.require(*HOSTS)
+def post_revoke_invites(cid: int):
+    """Withdraw every invite link of this consult (a new one can be made after)."""
+    n = consults.revoke_invites(get_db(), cid, auth.current_user()["username"], now=_now(),
+                                source=auth.client_address())
+    return jsonify(ok=True, revoked=n, roster=consults.roster(get_db(), cid))
 
 
 @bp.post("/consults/<int:cid>/consent")

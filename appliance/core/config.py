@@ -13,6 +13,7 @@ with the key path, the line and what is wrong.
 from __future__ import annotations
 
 import io
+import ipaddress
 import os
 import re
 from dataclasses import dataclass
@@ -109,6 +110,17 @@ def _timetable(v: list) -> str | None:
     return None
 
 
+def _peer_ips(v: list) -> str | None:
+    """turn.allowed_peer_ips: IP addresses or networks (192.168.1.0/24, 2001:db8::/64)."""
+    for i, item in enumerate(v):
+        try:
+            ipaddress.ip_network(str(item) if isinstance(item, str) else "", strict=False)
+        except ValueError:
+            return (f"entry {i}: {item!r} is not an IP address or network"
+                    " (such as 192.168.1.0/24 or 192.168.1.20)")
+    return None
+
+
 SCHEMA: dict[str, Any] = {
     "site": {
         "name": Leaf(str, "Field site", None, "shown on every page and report"),
@@ -193,6 +205,9 @@ SCHEMA: dict[str, Any] = {
         "video_floor_kbit_s": Leaf(int, 150, _positive),
         "relay_max_streams": Leaf(int, 2, _non_negative),
         "probe_interval_s": Leaf((int, float), 0, _probe_interval),
+    },
+    "turn": {
+        "allowed_peer_ips": Leaf((list,), [], _peer_ips),
     },
 }
 
@@ -622,4 +637,14 @@ consults:
   # probe this often (seconds) to measure join time for the SLO dashboard;
   # 0 = off. Participants see the probe come and go in the roster.
   probe_interval_s: 0
+
+turn:
+  # coturn relays only to addresses on the internet: never to loopback,
+  # link-local (169.254.x.x, cloud metadata), private (10.x, 172.16-31.x,
+  # 192.168.x), CGNAT (100.64/10), IPv6 ULA/link-local, nor this appliance's
+  # own addresses, so an invite link is no way into the hospital network.
+  # List here the ranges the site's own browsers are on (e.g. the bedside
+  # LAN "192.168.1.0/24"); this appliance's addresses stay refused even
+  # inside them unless listed one by one.
+  allowed_peer_ips: []
 """

@@ -51,4 +51,5 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         " CHECK)",
         consults.MEDIA + sync.RECORDING_KIND,
     ),
+    (16, "consult participants removed by a host (removed_at, removed_by)", consults.REMOVALS),
 ]

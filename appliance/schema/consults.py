@@ -91,3 +91,8 @@ MEDIA = """
         );
         CREATE INDEX consult_recordings_consult ON consult_recordings(consult_id);
 """
+
+REMOVALS = """
+        ALTER TABLE consult_participants ADD COLUMN removed_at REAL;
+        ALTER TABLE consult_participants ADD COLUMN removed_by TEXT;
+"""

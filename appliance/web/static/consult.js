@@ -44,6 +44,9 @@
     chat: [], remoteSteps: {}, peers: {}, roster: [],
   };
   let iceServers = [], floorKbps = Number(root.dataset.floor) || 150;
+  // TURN credentials come only with admission: a guest in the lobby has none, and fetches
+  // them (POST /enter) when let in; signals arriving meanwhile wait for them.
+  let iceLoaded = false, iceReady = null;
   let localStream = null, cameraTrack = null, screenTrack = null, source = null;
   let joinStart = 0, samples = [];
   // Generations start at the page's load time, so a reloaded page outranks its old self.
@@ -108,12 +111,35 @@
     state.me = info.participant;
     state.seat = info.seat;
     iceServers = info.ice_servers;
+    iceLoaded = info.state === "admitted";
+    if (iceLoaded && root.dataset.titled !== "true") post("/enter").then(showTitle).catch(() => {});
     floorKbps = info.video_floor_kbit_s || floorKbps;
     $("check").hidden = true;
     for (const m of info.chat || []) showChat({ id: m.id, sender: m.sender, body: m });
     openEvents(info.cursor);
     if (info.state === "lobby") $("lobby").hidden = false;
     onRoster(info.roster);
+  }
+
+  function enterFromLobby() {
+    if (iceReady) return;
+    iceReady = post("/enter").then((info) => {
+      iceServers = info.ice_servers;
+      iceLoaded = true;
+      showTitle(info);
+      iceReady = null;
+      onRoster(state.roster);
+    });
+    iceReady.catch((e) => { iceReady = null; console.warn("enter", e); });
+  }
+
+  // The page names the consult only once its viewer is in the call (the title is often the
+  // patient's name): a guest let in from the lobby learns it from /enter.
+  function showTitle(info) {
+    if (root.dataset.titled === "true") return;
+    root.dataset.titled = "true";
+    $("consult-title").textContent = info.title;
+    root.dataset.study = info.study_uid || "";
   }
 
   function enterCall() {
@@ -142,12 +168,15 @@
     };
     state.cursor = Math.max(state.cursor || 0, after || 0);
     state.reopenedAt = performance.now();
-    source.addEventListener("gone", () => { source.close(); setStep("left"); });
+    source.addEventListener("gone", () => { source.close(); closeAll(); setStep("left"); });
   }
 
   function onEvent(ev) {
     if (ev.kind === "presence") onRoster(ev.body.roster);
-    else if (ev.kind === "signal") onSignal(ev.sender, ev.body).catch((e) => console.warn(e));
+    else if (ev.kind === "signal") {
+      const handle = () => onSignal(ev.sender, ev.body).catch((e) => console.warn(e));
+      if (iceReady) iceReady.then(handle, () => {}); else handle();
+    }
     else if (ev.kind === "chat") showChat(ev);
     else if (ev.kind === "ladder" && ev.sender !== state.me) showRemote(ev);
     else if (ev.kind === "system" && ev.body.ended) { setStep("ended"); closeAll(); }
@@ -159,6 +188,7 @@
     const rec = $("recording");
     if (rec) rec.hidden = !roster.some((p) => p.kind === "media" && p.role === "recorder");
     const mine = roster.find((p) => p.id === state.me);
+    if (mine && mine.state === "admitted" && !iceLoaded) { enterFromLobby(); return; }
     if (mine && mine.state === "admitted") enterCall();
     if (!mine || mine.state !== "admitted") return;
     const others = roster.filter((p) => p.state === "admitted" && p.id !== state.me);
@@ -167,6 +197,7 @@
       if (!others.some((p) => p.id === Number(id))) dropPeer(Number(id));
     }
     if (isHost) showWaiting(roster.filter((p) => p.state === "lobby"));
+    if (isHost) showPeople(others.filter((p) => p.kind !== "media"));
   }
 
   // -- peers ---------------------------------------------------------------------------------------
@@ -545,6 +576,27 @@
     }
   }
 
+  // The host may take anyone out: their secret stops working and their stream ends.
+  function showPeople(people) {
+    const box = $("people");
+    if (!box) return;
+    box.replaceChildren();
+    for (const p of people) {
+      const row = document.createElement("p");
+      const b = document.createElement("button");
+      b.textContent = "Remove";
+      b.className = "secondary";
+      b.dataset.testid = "remove";
+      b.onclick = () => {
+        if (confirm(`Remove ${p.name} from the consult?`)) {
+          post(`/remove/${p.id}`).catch((e) => alert(e.message));
+        }
+      };
+      row.append(document.createTextNode(`${p.name} is in the call `), b);
+      box.appendChild(row);
+    }
+  }
+
   function hostButtons() {
     if (!isHost) return;
     $("invite").onclick = async () => {
@@ -552,6 +604,13 @@
       $("invite-url").hidden = false;
       $("invite-url").value = r.url;
       $("invite-url").select();
+    };
+    $("revoke-invites").onclick = () => {
+      if (!confirm("Withdraw every invite link of this consult?")) return;
+      post("/invites/revoke").then((r) => {
+        $("invite-url").hidden = true;
+        alert(`${r.revoked} link(s) withdrawn; guests already in the call stay until removed.`);
+      }).catch((e) => alert(e.message));
     };
     $("consent").onclick = () => post("/consent").then(() => {
       $("consent").disabled = true;
