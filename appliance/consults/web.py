@@ -289,6 +289,7 @@ def _ice_servers(cid: int) -> list[dict]:
 
 @bp.post("/consults/<int:cid>/enter")
 @auth.public
+@permissions.patient_data("consult")  # participants only: _caller
 def enter(cid: int):
     """What a guest admitted from the lobby learns: the TURN credentials, the consult's title."""
     _me, _actor = _caller(cid)
@@ -403,6 +404,7 @@ def post_admit(cid: int, pid: int):
 
 @bp.post("/consults/<int:cid>/remove/<int:pid>")
 @auth.require(*HOSTS)
+@_consult_access("consult.remove")
 def post_remove(cid: int, pid: int):
     """Take someone out of the call: their secret stops working and their stream ends."""
     consults.remove(get_db(), cid, pid, auth.current_user()["username"], now=_now(),
@@ -412,6 +414,7 @@ def post_remove(cid: int, pid: int):
 
 @bp.post("/consults/<int:cid>/invites/revoke")
 @auth.require(*HOSTS)
+@_consult_access("consult.invite_revoke")
 def post_revoke_invites(cid: int):
     """Withdraw every invite link of this consult (a new one can be made after)."""
     n = consults.revoke_invites(get_db(), cid, auth.current_user()["username"], now=_now(),
