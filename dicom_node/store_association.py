@@ -45,7 +45,7 @@ from pynetdicom.presentation import (
     negotiate_as_acceptor,
 )
 
-from dicom_node.study_store import INVALID, NO_SPACE, StudyStore
+from dicom_node.study_store import INVALID, MOVED, NO_SPACE, StudyStore
 
 log = logging.getLogger("dicom_node")
 
@@ -266,6 +266,8 @@ def store_status(store: StudyStore, build: Callable[[], bytes], calling_ae: str,
                 extra={"calling_ae": calling_ae, "address": address})
     if result.outcome == NO_SPACE:
         return OUT_OF_RESOURCES, result.comment[:64]
+    if result.outcome == MOVED:
+        return DATASET_MISMATCH, result.comment[:64]
     if result.outcome == INVALID:
         code = DATASET_MISMATCH if "missing" in result.comment or "differs" in result.comment \
             else CANNOT_UNDERSTAND
