@@ -62,7 +62,7 @@ class PeerSlots:
 
     def acquire(self, address: str) -> Slot | None:
         """A slot for ``address``, or None when it already holds ``per_peer``."""
-        if _loopback(address):
+        if is_loopback(address):
             return Slot(lambda: None)
         if self.lock_path is None:
             return self._acquire_local(address)
@@ -89,7 +89,8 @@ class PeerSlots:
         return Slot(release)
 
 
-def _loopback(address: str) -> bool:
+def is_loopback(address: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and their IPv4-mapped forms: the appliance itself."""
     try:
         ip = ipaddress.ip_address(address.split("%")[0])
     except ValueError:

@@ -100,6 +100,9 @@ class NodeSettings:
     peer_slots_path: str | None = None
     # Seconds an association may live without transferring data (a C-ECHO is not data).
     max_idle_life_s: float = 600
+    # Query/retrieve from a known AE without a host only from loopback: anyone else could
+    # claim that AE title.
+    require_host_for_query: bool = True
 
 
 def peer_named(settings: NodeSettings, ae_title: str) -> Peer | None:

@@ -358,3 +358,23 @@ def test_echo_every_quarter_second_does_not_keep_an_association_forever(site, co
     lived = time.monotonic() - started
     assert assoc.is_aborted and 1.4 <= lived < 6, lived
     assert "no data for 1.5 s" in node_log(site) or "no dataset for 1.5 s" in node_log(site)
+
+
+# -- a query AE without a host, claimed from the network ----------------------------------------
+def test_spoofed_query_ae_without_host_is_refused_from_the_network(site, dcmtk, netns):
+    added = site.cli("ae", "add", "WS", "--query")
+    assert added.returncode == 0 and "without --host" in added.stderr
+    site.cli("ae", "add", "NEARWS", "--query", "--host", netns.peer_ips[0], check=True)
+    site.start_dicom()
+
+    def findscu(aet: str) -> str:  # from the namespace's first address
+        found = subprocess.run(
+            ["ip", "netns", "exec", netns.name, dcmtk["findscu"], "-v", "-S", "-aet", aet,
+             "-aec", "FIELDAPP", "-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID",
+             netns.host_ip, str(site.dicom_port)],
+            capture_output=True, text=True, timeout=30)
+        return found.stdout + found.stderr
+
+    assert "Status: 0x124" in findscu("WS")  # Refused: Not Authorized, to anyone claiming WS
+    assert "Final Find Response (Success)" in findscu("NEARWS")  # an AE from its own host
+    assert "has no --host, so anyone could claim it" in node_log(site)

@@ -127,6 +127,7 @@ SCHEMA: dict[str, Any] = {
         "max_associations_per_peer": Leaf(int, 4, lambda v: None if 1 <= v <= 1024
                                           else "must be between 1 and 1024"),
         "max_association_idle_life_s": Leaf((int, float), 600, _positive),
+        "require_host_for_query": Leaf(bool, True),
         "known_aes": Leaf((list,), []),
         "allowed_modalities": Leaf((list,), [], lambda v: None if all(
             isinstance(m, str) and m.isalnum() for m in v) else "must be modality codes such as CT, MR"),
@@ -498,6 +499,9 @@ dicom:
   # Seconds an association may stay open without sending any data (a C-ECHO
   # is not data): a peer that only echoes is disconnected after this long.
   max_association_idle_life_s: 600
+  # A known AE added with --query but no --host may query/retrieve only from
+  # this machine itself: from the network anyone could claim its AE title.
+  require_host_for_query: true
   # Remote AEs this site knows. C-FIND, C-MOVE and C-GET are answered only
   # for AEs with query: true; C-MOVE sends only to move_destination: true.
   # Manage with: appliance ae add NAME --host H --port P [--query] [--move-destination]

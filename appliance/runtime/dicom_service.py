@@ -104,6 +104,7 @@ def build_node(cfg: config.Config) -> DicomNode:
         max_associations_per_peer=dcfg["max_associations_per_peer"],
         peer_slots_path=str(cfg.data_dir / PEER_SLOTS_NAME),
         max_idle_life_s=dcfg["max_association_idle_life_s"],
+        require_host_for_query=dcfg["require_host_for_query"],
     )
 
     def on_reject(calling: str, address: str, reason: str) -> None:
