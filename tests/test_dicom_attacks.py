@@ -378,3 +378,27 @@ def test_spoofed_query_ae_without_host_is_refused_from_the_network(site, dcmtk, 
     assert "Status: 0x124" in findscu("WS")  # Refused: Not Authorized, to anyone claiming WS
     assert "Final Find Response (Success)" in findscu("NEARWS")  # an AE from its own host
     assert "has no --host, so anyone could claim it" in node_log(site)
+
+
+# -- /metrics label explosion -------------------------------------------------------------------
+def test_200_random_calling_ae_titles_leave_a_bounded_metrics_label_set(site, tmp_path):
+    import secrets
+
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    from appliance.core import metrics
+
+    site.cli("ae", "add", "CTSCANNER", check=True)
+    site.start_dicom()
+    _, _, (path,) = write_series(tmp_path, 1, rows=16, cols=16)
+    for _ in range(200):
+        ae = AE(ae_title=f"R{secrets.token_hex(6)}")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", site.dicom_port, ae_title="FIELDAPP")
+        assoc.send_c_store(path)
+        assoc.release()
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(metrics.multiproc_dir(site.data_dir)))
+    labels = {s.labels["calling_ae"] for family in registry.collect()
+              if family.name == "appliance_cstore" for s in family.samples}
+    assert "other" in labels and len(labels) <= metrics.AE_LABELS + 1, len(labels)

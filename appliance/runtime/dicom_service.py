@@ -94,7 +94,8 @@ def build_node(cfg: config.Config) -> DicomNode:
     on_event = Auditor(cfg.db_path)
     store = StudyStore(cfg.studies_dir, cfg.db_path, low_water_mb=cfg["dicom"]["low_water_mb"],
                        on_event=on_event, connect=db.connect)
-    metrics.instrument_store(store, cfg.data_dir)  # C-STORE counts/latency for /metrics
+    metrics.instrument_store(store, cfg.data_dir,  # C-STORE counts/latency for /metrics
+                             [a.name for a in cfg.known_aes], cfg["dicom"]["processes"])
     dcfg = cfg["dicom"]
     settings = NodeSettings(
         ae_title=dcfg["ae_title"], port=dcfg["port"], bind=dcfg["bind"],
