@@ -118,6 +118,10 @@ def cmd_ae_add(args: argparse.Namespace) -> int:
 
     config.edit_known_aes(cfg.data_dir, change)
     _audit_config(cfg, "ae.add", name, entry)
+    if args.query and not entry["host"]:
+        print(f"warning: {name} may query without --host: anyone on the network can claim "
+              f"that AE title. With dicom.require_host_for_query (the default) it is answered "
+              f"only from this machine; add --host to allow its workstation.", file=sys.stderr)
     print(f"added {name} ({entry['host'] or 'any host'}:{entry['port']}"
           f"{', query' if args.query else ''}{', move destination' if args.move_destination else ''})")
     return 0

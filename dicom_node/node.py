@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import socketserver
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node import store_association as fast
+from dicom_node.admission import PeerSlots
 from dicom_node.store_association import (  # noqa: F401  (statuses named here since before)
     CANNOT_UNDERSTAND,
     DATASET_MISMATCH,
@@ -91,6 +93,16 @@ class NodeSettings:
     fast_store: bool = True
     network_timeout_s: float = 60  # idle association → A-ABORT
     acse_timeout_s: float = 30  # A-ASSOCIATE-RQ must arrive within this
+    # A dataset larger than this is refused; what is allocated follows the bytes that arrive.
+    max_dataset_bytes: int = fast.DEFAULT_MAX_DATASET
+    # Associations one address may hold at once (across processes with peer_slots_path).
+    max_associations_per_peer: int = 4
+    peer_slots_path: str | None = None
+    # Seconds an association may live without transferring data (a C-ECHO is not data).
+    max_idle_life_s: float = 600
+    # Query/retrieve from a known AE without a host only from loopback: anyone else could
+    # claim that AE title.
+    require_host_for_query: bool = True
 
 
 def peer_named(settings: NodeSettings, ae_title: str) -> Peer | None:
@@ -128,6 +140,8 @@ class DicomNode:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_DIMSE_RECV, _note_data),
+            (evt.EVT_DIMSE_SENT, _note_data),
             *(extra_handlers or []),
         ]
         self.server = None
@@ -160,8 +174,9 @@ class DicomNode:
             asock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (AttributeError, OSError):
             return
-        asock.recv = _quickack_receiver(asock.socket)
+        asock.recv = _quickack_receiver(asock.socket, self.settings.max_dataset_bytes)
         event.assoc.dul._run_loop_delay = DUL_POLL_S
+        event.assoc.data_at = time.monotonic()
 
     def refusal(self, calling: str, address: str) -> str | None:
         """Why an association from ``calling`` at ``address`` is refused, or None.
@@ -217,6 +232,8 @@ class DicomNode:
             network_timeout=self.ae.network_timeout, acse_timeout=self.ae.acse_timeout,
             implementation_class_uid=self.ae.implementation_class_uid,
             implementation_version_name=self.ae.implementation_version_name or "",
+            max_dataset_bytes=self.settings.max_dataset_bytes,
+            max_idle_life_s=self.settings.max_idle_life_s,
         )
 
     # -- running -------------------------------------------------------------------
@@ -235,11 +252,37 @@ class DicomNode:
         )
         threading.Thread(target=self.server.serve_forever, name="dicom-acceptor",
                          daemon=True).start()
+        if self.settings.max_idle_life_s:
+            threading.Thread(target=self._end_idle_lives, name="dicom-idle-life",
+                             daemon=True).start()
         log.info("DICOM node listening", extra={"ae_title": self.settings.ae_title,
                                                 "port": self.settings.port, "pid": os.getpid()})
         if block:
             self._stopped.wait()
         return self.server
+
+    def _end_idle_lives(self) -> None:
+        """Abort pynetdicom associations that carried no data for ``max_idle_life_s``.
+
+        pynetdicom's network timeout restarts with every PDU, so a C-ECHO a
+        minute would keep an association (and its slot) forever.  Our storage
+        path applies the same cap itself (:class:`store_association.StoreAssociation`).
+        """
+        life = self.settings.max_idle_life_s
+        while not self._stopped.wait(min(max(life / 4, 0.05), 5.0)):
+            now = time.monotonic()
+            for assoc in list(self.server.active_associations if self.server else []):
+                if now - getattr(assoc, "data_at", now) < life:
+                    continue
+                assoc.data_at = now  # aborted once
+                log.warning("association aborted: no data for %g s "
+                            "(dicom.max_association_idle_life_s)", life,
+                            extra={"calling_ae": assoc.requestor.ae_title.strip(),
+                                   "address": assoc.requestor.address})
+                try:
+                    assoc.abort()
+                except Exception:  # the association may be ending by itself
+                    log.debug("abort of an idle association failed", exc_info=True)
 
     def stop(self) -> None:
         if self.server is not None:
@@ -316,6 +359,8 @@ class SharedListenerServer(ThreadedAssociationServer):
         self._node = node
         self._fast_active = 0
         self._admission = threading.Lock()
+        self._slots = PeerSlots(node.settings.max_associations_per_peer,
+                                node.settings.peer_slots_path) if node else None
         super().__init__(*args, **kwargs)
         self.contexts = _CheaplyCopiedContexts(self.contexts)
 
@@ -336,18 +381,31 @@ class SharedListenerServer(ThreadedAssociationServer):
         return client, address
 
     def process_request_thread(self, request, client_address) -> None:
-        """Route one new connection: our storage path, pynetdicom, or a rejection."""
+        """Admit one new connection if its address has a slot free, then route it."""
+        slot = self._slots.acquire(client_address[0]) if self._slots else None
+        if self._slots is not None and slot is None:
+            self._refuse_busy_peer(request, client_address)
+            return
+        try:
+            assoc = self._route(request, client_address)
+            if assoc is not None:
+                assoc.join()  # the slot is held until pynetdicom's association ends
+        finally:
+            if slot is not None:
+                slot.release()
+
+    def _route(self, request, client_address):
+        """Our storage path, pynetdicom (its Association is returned), or a rejection."""
         node = self._node
         if node is None or not node.settings.fast_store or self.ssl_context:
-            super().process_request_thread(request, client_address)
-            return
+            return self._to_pynetdicom(request, client_address)
         try:
             first = fast.peek_pdu(request, self.ae.acse_timeout)
         except OSError:
             first = None
         if first is None:  # nothing (whole) arrived in time, or the peer left: ARTIM expiry
             fast.close_quietly(request)
-            return
+            return None
         if fast.proposes_other_services(first):
             well_formed, storage = True, False  # pynetdicom's: not even decoded here
         else:
@@ -359,8 +417,7 @@ class SharedListenerServer(ThreadedAssociationServer):
                 >= self.ae.maximum_associations
             if not full and not storage:
                 # Under the lock until pynetdicom's Association thread exists (and counts).
-                super().process_request_thread(request, client_address)
-                return
+                return self._to_pynetdicom(request, client_address)
             if not full:
                 self._fast_active += 1
         if full:
@@ -368,18 +425,51 @@ class SharedListenerServer(ThreadedAssociationServer):
                 self._refuse_over_limit(request, client_address, len(first))
             else:
                 fast.close_quietly(request)
-            return
+            return None
         try:
             fast.StoreAssociation(request, client_address[0],
                                   node.fast_hooks(self.contexts)).run()
         finally:
             with self._admission:
                 self._fast_active -= 1
+        return None
+
+    def _to_pynetdicom(self, request, client_address):
+        """Hand the connection to pynetdicom; its Association thread, if it is running."""
+        super().process_request_thread(request, client_address)
+        for assoc in self.active_associations:
+            asock = getattr(assoc.dul, "socket", None)
+            if asock is not None and getattr(asock, "socket", None) is request:
+                return assoc
+        return None
+
+    def _refuse_busy_peer(self, request: socket.socket, client_address) -> None:
+        """A-ASSOCIATE-RJ (local limit exceeded) for an address already at its limit."""
+        limit = self._slots.per_peer if self._slots else 0
+        log.warning("association rejected: %s already has %d associations open "
+                    "(dicom.max_associations_per_peer)", client_address[0], limit,
+                    extra={"address": client_address[0]})
+        if self.ssl_context:
+            fast.close_quietly(request)
+            return
+        try:
+            first = fast.peek_pdu(request, self.ae.acse_timeout)
+        except OSError:
+            first = None
+        if first is None or fast.decode_request(first) is None:
+            fast.close_quietly(request)
+            return
+        self._send_reject(request, len(first))
 
     def _refuse_over_limit(self, request: socket.socket, client_address, size: int) -> None:
         """A-ASSOCIATE-RJ: rejected-transient, presentation-related, local limit exceeded."""
         log.warning("association rejected: %d associations already open",
                     self.ae.maximum_associations, extra={"address": client_address[0]})
+        self._send_reject(request, size)
+
+    @staticmethod
+    def _send_reject(request: socket.socket, size: int) -> None:
+        """Read the buffered A-ASSOCIATE-RQ, answer rejected-transient/local limit, close."""
         try:
             request.recv(size, socket.MSG_WAITALL)  # the A-ASSOCIATE-RQ, known to be buffered
             request.sendall(fast.reject_pdu(0x02, 0x03, 0x02))
@@ -399,22 +489,86 @@ class SharedListenerServer(ThreadedAssociationServer):
         socketserver.BaseServer.shutdown(self)
 
 
-def _quickack_receiver(sock: socket.socket) -> Callable[[int], bytearray]:
+def _note_data(event) -> None:
+    """Mark an association as carrying data: any DIMSE message but a C-ECHO, either way."""
+    if "ECHO" not in type(event.message).__name__:
+        event.assoc.data_at = time.monotonic()
+
+
+class _DatasetMeter:
+    """What pynetdicom is about to read, checked against the caps before it is read.
+
+    pynetdicom reads each PDU as ``recv(6)`` (the header) then ``recv(length)``;
+    this follows that rhythm to refuse a PDU that could not be acceptable and
+    to count a message's dataset bytes across P-DATA-TF PDUs, since
+    pynetdicom joins every fragment of a dataset in memory.
+    """
+
+    def __init__(self, max_dataset_bytes: int):
+        self.max_dataset = max_dataset_bytes
+        self.pdu_type: int | None = None  # set between a header and its body
+        self.pending = 0  # dataset bytes of the message under way
+
+    def before(self, nr_bytes: int) -> None:
+        if self.pdu_type is None:
+            return
+        limit = self.max_dataset + fast.PDU_OVERHEAD if self.pdu_type == fast.P_DATA_TF \
+            else fast.MAX_REQUEST_PDU
+        if nr_bytes > limit:
+            raise OSError(f"PDU of {nr_bytes} bytes over the limit ({limit}): dropped")
+
+    def after(self, data: bytearray, nr_bytes: int) -> None:
+        if self.pdu_type is None:
+            if nr_bytes == 6 and len(data) == 6:
+                length = struct.unpack_from(">I", data, 2)[0]
+                self.pdu_type = data[0] if length else None
+            return
+        if self.pdu_type == fast.P_DATA_TF:
+            self._count(data)
+        self.pdu_type = None
+
+    def _count(self, body: bytearray) -> None:
+        offset, end = 0, len(body)
+        while offset + 6 <= end:
+            length, control = struct.unpack_from(">I", body, offset)[0], body[offset + 5]
+            if not control & 0x01:
+                self.pending += max(length - 2, 0)
+                if self.pending > self.max_dataset:
+                    raise OSError(f"dataset over {self.max_dataset} bytes: association dropped")
+            if control & 0x02:
+                self.pending = 0
+            offset += 4 + length
+
+
+def _quickack_receiver(sock: socket.socket,
+                       max_dataset_bytes: int = fast.DEFAULT_MAX_DATASET) -> Callable[[int], bytearray]:
     """A replacement for pynetdicom's ``AssociationSocket.recv`` on one connection.
 
     pynetdicom reads 4 KiB per ``recv`` call and grows a bytearray, about 130
     calls per 0.5 MB slice (measured with storescu, benchmarks/ingest.py); here
-    one buffer of the PDU's size is filled at once, acknowledging at once as
-    the storage path does (:func:`store_association.recv_into_acking`).  The
-    contract is pynetdicom's: read ``nr_bytes`` or return what came before
-    the peer closed; a timeout raises as before.
+    a PDU is read as the storage path reads it (:func:`store_association.recv_growing`):
+    a slice in one buffer filled at once, acknowledging at once.
+    Memory follows the bytes that arrive, never the length a peer announces
+    (a P-DATA header saying 4 GiB once made this zero-fill 4 GiB), and a PDU or
+    a dataset over the caps raises ``OSError`` before it is read: pynetdicom
+    then ends the association as for a lost connection.  The contract is
+    pynetdicom's: read ``nr_bytes`` or return what came before the peer closed;
+    a timeout raises as before.
     """
+    meter = _DatasetMeter(max_dataset_bytes)
 
     def recv(nr_bytes: int) -> bytearray:
-        buf = bytearray(nr_bytes)
-        with memoryview(buf) as view:
-            got = fast.recv_into_acking(sock, view)
-        del buf[got:]
+        try:
+            meter.before(nr_bytes)
+        except OSError as e:
+            log.warning("association dropped: %s", e)
+            raise
+        buf = fast.recv_growing(sock, nr_bytes)
+        try:
+            meter.after(buf, nr_bytes)
+        except OSError as e:
+            log.warning("association dropped: %s", e)
+            raise
         return buf
 
     return recv

@@ -51,6 +51,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicom_node import query
+from dicom_node.admission import is_loopback
 from dicom_node.node import NodeSettings, peer_allowed, peer_named
 from dicom_node.study_store import StudyStore
 
@@ -130,6 +131,11 @@ class QueryRetrieve:
             return f"AE {caller.ae_title!r} is not allowed to query (no --query)"
         if not peer_allowed(peer, caller.address):
             return f"AE {caller.ae_title!r} is allowed only from {peer.host}"
+        if not peer.host and self.settings.require_host_for_query \
+                and not is_loopback(caller.address):
+            return (f"AE {caller.ae_title!r} has no --host, so anyone could claim it: refused "
+                    f"from {caller.address} (dicom.require_host_for_query; "
+                    f"appliance ae add {caller.ae_title} --host H --query --replace)")
         return None
 
     def _emit(self, kind: str, detail: dict[str, Any]) -> None:

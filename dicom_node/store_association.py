@@ -45,7 +45,7 @@ from pynetdicom.presentation import (
     negotiate_as_acceptor,
 )
 
-from dicom_node.study_store import INVALID, NO_SPACE, StudyStore
+from dicom_node.study_store import INVALID, MOVED, NO_SPACE, StudyStore
 
 log = logging.getLogger("dicom_node")
 
@@ -75,6 +75,10 @@ MAX_REQUEST_PDU = 1 << 20
 # whole dataset in one PDU, however big.  A PDU longer than this is read in pieces of this
 # size, so what we allocate follows the bytes that arrive, not a (bogus) length field.
 PDU_PIECE = 1 << 24
+# What a P-DATA-TF may carry besides a dataset's bytes (a command set, item headers):
+# a PDU longer than the dataset cap plus this cannot hold an acceptable dataset.
+PDU_OVERHEAD = 1 << 16
+DEFAULT_MAX_DATASET = 2 << 30  # dicom.max_dataset_bytes: 2 GiB
 
 # Command Field values (PS3.7 E.1).
 C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
@@ -262,6 +266,8 @@ def store_status(store: StudyStore, build: Callable[[], bytes], calling_ae: str,
                 extra={"calling_ae": calling_ae, "address": address})
     if result.outcome == NO_SPACE:
         return OUT_OF_RESOURCES, result.comment[:64]
+    if result.outcome == MOVED:
+        return DATASET_MISMATCH, result.comment[:64]
     if result.outcome == INVALID:
         code = DATASET_MISMATCH if "missing" in result.comment or "differs" in result.comment \
             else CANNOT_UNDERSTAND
@@ -365,6 +371,30 @@ def recv_into_acking(sock: socket.socket, view: memoryview) -> int:
     return got
 
 
+FIRST_PIECE = 1 << 20
+
+
+def recv_growing(sock: socket.socket, size: int) -> bytearray:
+    """Up to ``size`` bytes from ``sock`` (fewer only when the peer closed), in growing pieces.
+
+    Why: a PDU's length is the peer's word.  Allocating it up front let six
+    bytes announcing 4 GiB make the node zero-fill 4 GiB per association.
+    Here the buffer starts at ``FIRST_PIECE`` (one read for an ordinary
+    slice) and at most doubles, by up to ``PDU_PIECE``, once the bytes
+    before have arrived: memory follows what was received.
+    """
+    buf, got_total = bytearray(min(size, FIRST_PIECE)), 0
+    while True:
+        with memoryview(buf) as view:
+            got_total += recv_into_acking(sock, view[got_total:])
+        if got_total < len(buf):  # the peer closed
+            del buf[got_total:]
+            return buf
+        if got_total >= size:
+            return buf
+        buf.extend(bytes(min(size - got_total, len(buf), PDU_PIECE)))
+
+
 # -- the association -------------------------------------------------------------------------
 @dataclass
 class Hooks:
@@ -377,6 +407,11 @@ class Hooks:
     acse_timeout: float
     implementation_class_uid: str = PYNETDICOM_IMPLEMENTATION_UID
     implementation_version_name: str = PYNETDICOM_IMPLEMENTATION_VERSION
+    # A dataset over this many bytes is read and dropped, then refused (Out of Resources).
+    max_dataset_bytes: int = DEFAULT_MAX_DATASET
+    # Seconds an association may live without receiving dataset bytes (C-ECHO every
+    # minute would otherwise hold a slot forever); 0: no cap beyond the network timeout.
+    max_idle_life_s: float = 0
 
 
 class Aborted(Exception):
@@ -395,6 +430,9 @@ class StoreAssociation:
         self.contexts: dict[int, tuple[str, str]] = {}  # id → (abstract, transfer syntax)
         self._header = bytearray(6)
         self.established = False
+        self._context_id = 0
+        self._data_at = time.monotonic()
+        self._new_message()
 
     # -- socket ------------------------------------------------------------------------------
     def _recv_into(self, view: memoryview) -> None:
@@ -403,22 +441,32 @@ class StoreAssociation:
 
     def read_pdu(self, limit: int | None = None) -> tuple[int, memoryview]:
         """(type, body) of the next PDU; blocking, bounded by the network timeout."""
+        pdu_type, length = self.read_header()
+        if limit is not None and length > limit:
+            self.abort(INVALID_PARAMETER, f"PDU length {length} over {limit}")
+        return pdu_type, self.read_body(length)
+
+    def read_header(self) -> tuple[int, int]:
+        """(type, length) of the next PDU, its body not yet read."""
         self._recv_into(memoryview(self._header))
         pdu_type, length = self._header[0], struct.unpack_from(">I", self._header, 2)[0]
         if pdu_type not in PDU_TYPES:
             self.abort(UNRECOGNIZED_PDU, f"unrecognized PDU type 0x{pdu_type:02X}")
-        if limit is not None and length > limit:
-            self.abort(INVALID_PARAMETER, f"PDU length {length} over {limit}")
-        if length <= PDU_PIECE:
-            body = memoryview(bytearray(length))
-            self._recv_into(body)
-            return pdu_type, body
-        pieces = []
-        for start in range(0, length, PDU_PIECE):
-            piece = memoryview(bytearray(min(PDU_PIECE, length - start)))
-            self._recv_into(piece)
-            pieces.append(piece)
-        return pdu_type, memoryview(b"".join(pieces))
+        return pdu_type, length
+
+    def read_body(self, length: int) -> memoryview:
+        """A PDU body of ``length`` bytes, allocated as its bytes arrive (:func:`recv_growing`)."""
+        body = recv_growing(self.sock, length)
+        if len(body) < length:
+            raise Aborted("peer closed the connection")
+        return memoryview(body)
+
+    def skip(self, length: int) -> None:
+        """Read and drop ``length`` bytes, one piece of memory at a time."""
+        piece = memoryview(bytearray(min(PDU_PIECE, length)))
+        while length > 0:
+            self._recv_into(piece[:min(length, len(piece))])
+            length -= min(length, len(piece))
 
     def send(self, *pdus: bytes) -> None:
         self.sock.sendall(b"".join(pdus))
@@ -452,7 +500,11 @@ class StoreAssociation:
         except Aborted:
             pass
         except TimeoutError:
-            log.warning("association idle longer than the timeout: aborting",
+            life = self.hooks.max_idle_life_s
+            why = f"no dataset for {life:g} s (dicom.max_association_idle_life_s)" \
+                if life and time.monotonic() - self._data_at >= life \
+                else "idle longer than the network timeout"
+            log.warning("association aborted: %s", why,
                         extra={"calling_ae": self.calling, "address": self.address})
             try:
                 self.send(abort_pdu(0x02, REASON_NOT_SPECIFIED))
@@ -523,12 +575,16 @@ class StoreAssociation:
 
     def _serve(self) -> None:
         """P-DATA until A-RELEASE-RQ: reassemble each message and answer it."""
-        command_parts: list[memoryview] = []
-        dataset_parts: list[memoryview] = []
-        command: dict[str, Any] | None = None
-        context_id = 0
+        self._new_message()
+        self._data_at = time.monotonic()
         while True:
-            pdu_type, body = self.read_pdu()
+            self._arm_timeout()
+            pdu_type, length = self.read_header()
+            self.sock.settimeout(self.hooks.network_timeout)  # bytes are coming: no life cap
+            if pdu_type == P_DATA_TF and length > self.hooks.max_dataset_bytes + PDU_OVERHEAD:
+                self._skip_oversized_pdu(length)
+                continue
+            body = self.read_body(length)
             if pdu_type == RELEASE_RQ:
                 self.send(RELEASE_RP_PDU)
                 self._linger()
@@ -540,26 +596,94 @@ class StoreAssociation:
             if pdu_type != P_DATA_TF:
                 self.abort(UNEXPECTED_PDU, f"unexpected PDU 0x{pdu_type:02X} in an association")
             for cx_id, control, fragment in self._pdvs(body):
-                if command is None:
-                    if not control & 0x01:
-                        self.abort(UNEXPECTED_PDU, "a dataset fragment before its command")
-                    if command_parts and cx_id != context_id:
-                        self.abort(INVALID_PARAMETER, "a command split over two contexts")
-                    context_id = cx_id
-                    command_parts.append(fragment)
-                    if control & 0x02:
-                        command = self._command(command_parts)
-                        command_parts = []
-                        if command.get("CommandDataSetType", NO_DATASET) == NO_DATASET:
-                            self._dispatch(command, context_id, [])
-                            command = None
-                    continue
-                if control & 0x01 or cx_id != context_id:
-                    self.abort(UNEXPECTED_PDU, "a command fragment inside a dataset")
-                dataset_parts.append(fragment)
-                if control & 0x02:
-                    self._dispatch(command, context_id, dataset_parts)
-                    command, dataset_parts = None, []
+                if self._command is None:
+                    self._command_fragment(cx_id, control, fragment)
+                else:
+                    self._dataset_fragment(cx_id, control, fragment)
+
+    def _new_message(self) -> None:
+        self._command: dict[str, Any] | None = None
+        self._command_parts: list[memoryview] = []
+        self._dataset_parts: list[memoryview] = []
+        self._dataset_size = 0
+        self._oversized = False
+
+    def _command_fragment(self, cx_id: int, control: int, fragment: memoryview) -> None:
+        if not control & 0x01:
+            self.abort(UNEXPECTED_PDU, "a dataset fragment before its command")
+        if self._command_parts and cx_id != self._context_id:
+            self.abort(INVALID_PARAMETER, "a command split over two contexts")
+        self._context_id = cx_id
+        self._command_parts.append(fragment)
+        if control & 0x02:
+            command = self._command = self._parse_command(self._command_parts)
+            self._command_parts = []
+            if command.get("CommandDataSetType", NO_DATASET) == NO_DATASET:
+                self._new_message()
+                self._dispatch(command, cx_id, [])
+
+    def _dataset_fragment(self, cx_id: int, control: int, fragment: memoryview) -> None:
+        """Keep a dataset's fragment, or drop it once the dataset is over the cap."""
+        if control & 0x01 or cx_id != self._context_id:
+            self.abort(UNEXPECTED_PDU, "a command fragment inside a dataset")
+        self._data_at = time.monotonic()
+        self._dataset_size += len(fragment)
+        if self._dataset_size > self.hooks.max_dataset_bytes:
+            self._oversized, self._dataset_parts = True, []
+        if not self._oversized:
+            self._dataset_parts.append(fragment)
+        if control & 0x02:
+            self._dataset_complete()
+
+    def _dataset_complete(self) -> None:
+        command, parts, oversized = self._command, self._dataset_parts, self._oversized
+        self._new_message()
+        if oversized:
+            self._refuse_oversized(command)
+        else:
+            self._dispatch(command, self._context_id, parts)
+
+    def _skip_oversized_pdu(self, length: int) -> None:
+        """A P-DATA-TF too big to hold an acceptable dataset: read through it, keep nothing.
+
+        Only a PDU that is one dataset fragment of the message under way is
+        read through (the dataset is then refused once its last fragment is
+        in); anything else that big is not DICOM we can answer, and aborts.
+        """
+        item = self.read_body(6)
+        item_length, cx_id, control = struct.unpack(">IBB", item)
+        if (item_length + 4 != length or self._command is None or control & 0x01
+                or cx_id != self._context_id):
+            self.abort(INVALID_PARAMETER, f"P-DATA-TF of {length} bytes over the dataset cap")
+        self._data_at = time.monotonic()
+        self._oversized, self._dataset_parts = True, []
+        self.skip(item_length - 2)
+        if control & 0x02:
+            self._dataset_complete()
+
+    def _refuse_oversized(self, command: dict[str, Any]) -> None:
+        """Out of Resources for a dataset over ``max_dataset_bytes``; nothing was stored."""
+        cap = self.hooks.max_dataset_bytes
+        log.warning("dataset over %d bytes refused", cap,
+                    extra={"calling_ae": self.calling, "address": self.address,
+                           "sop_uid": command.get("AffectedSOPInstanceUID", "")})
+        field_ = command["CommandField"]
+        rsp = response_command(field_ | 0x8000, command.get("MessageID", 0), OUT_OF_RESOURCES,
+                               command.get("AffectedSOPClassUID", ""),
+                               command.get("AffectedSOPInstanceUID"),
+                               f"dataset over the {cap}-byte limit: not stored")
+        self.send(*pdata_pdus(self._context_id, rsp, True, self.peer_max))
+
+    def _arm_timeout(self) -> None:
+        """Wait for the next PDU at most the network timeout, nor past the life cap."""
+        life = self.hooks.max_idle_life_s
+        if not life:
+            return
+        left = self._data_at + life - time.monotonic()
+        if left <= 0:
+            self.abort(REASON_NOT_SPECIFIED,
+                       f"no dataset received for {life:g} s (dicom.max_association_idle_life_s)")
+        self.sock.settimeout(min(self.hooks.network_timeout, left))
 
     def _pdvs(self, body: memoryview):
         """(context id, message control header, fragment) of each PDV item in a P-DATA-TF."""
@@ -578,7 +702,7 @@ class StoreAssociation:
             yield cx_id, control, body[offset + 6:offset + 4 + length]
             offset += 4 + length
 
-    def _command(self, parts: list[memoryview]) -> dict[str, Any]:
+    def _parse_command(self, parts: list[memoryview]) -> dict[str, Any]:
         try:
             return parse_command(parts[0] if len(parts) == 1 else b"".join(parts))
         except BadCommand as e:

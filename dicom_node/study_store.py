@@ -42,6 +42,7 @@ OK = "ok"
 DUPLICATE = "duplicate"  # same bytes already stored: success, stored once
 REPLACED = "replaced"  # same SOP Instance UID, different bytes: newer kept
 INVALID = "invalid"  # cannot parse, or a UID is missing
+MOVED = "moved"  # same SOP Instance UID in another study or series: refused, nothing changed
 NO_SPACE = "no_space"  # free disk below the low-water mark
 FAILED = "failed"  # an I/O or database error: nothing acknowledged
 
@@ -55,6 +56,8 @@ class StoreResult:
     outcome: str
     comment: str = ""
     record: idx.InstanceRecord | None = None
+    # For REPLACED: what was replaced by what (both hashes and paths), for the caller to audit.
+    replaced: dict[str, Any] | None = None
 
     @property
     def success(self) -> bool:
@@ -229,6 +232,17 @@ class StudyStore:
                 durable.discard(tmp)
                 rec.path = current["path"]
                 return StoreResult(DUPLICATE, "identical instance already stored", rec)
+            moved = _moved(current, rec) if current is not None else ""
+            if moved:
+                conn.execute("ROLLBACK")
+                durable.discard(tmp)
+                self._emit("instance.replace_refused", {
+                    "sop_uid": rec.sop_uid, "study_uid": current["study_uid"],
+                    "new_study_uid": rec.study_uid, "old_sha256": current["sha256"],
+                    "new_sha256": rec.sha256, "calling_ae": rec.calling_ae,
+                    "remote_addr": rec.remote_addr, "reason": moved,
+                })
+                return StoreResult(MOVED, moved, rec)
             rec.path = self.relative_path(rec, version=rec.sha256[:12] if current else None)
             final = self.root / rec.path
             placed_new = not final.exists()
@@ -247,14 +261,16 @@ class StudyStore:
                 # Not acknowledged (e.g. SQLite full): leave nothing behind.
                 durable.discard(final)
             raise
+        replaced = None
         if outcome == REPLACED:
-            self._emit("instance.replaced", {
+            replaced = {
                 "sop_uid": rec.sop_uid, "study_uid": rec.study_uid, "old_sha256": current["sha256"],
                 "new_sha256": rec.sha256, "old_path": current["path"], "new_path": rec.path,
                 "calling_ae": rec.calling_ae,
-            })
+            }
+            self._emit("instance.replaced", replaced)
         self._notify(rec, outcome)
-        return StoreResult(outcome, "", rec)
+        return StoreResult(outcome, "", rec, replaced)
 
     def relative_path(self, rec: idx.InstanceRecord, version: str | None = None) -> str:
         name = _safe_component(rec.sop_uid) + (f".{version}" if version else "") + ".dcm"
@@ -329,6 +345,20 @@ class StudyStore:
             raise
         self._notify(rec, OK)
         return True
+
+
+def _moved(current: sqlite3.Row, rec: idx.InstanceRecord) -> str:
+    """Why a new version may not replace ``current``: it names another study or series.
+
+    Replacing in place is how a modality corrects an image; a file with the
+    same SOP Instance UID under another study would leave the index pointing
+    the old study at a file that belongs elsewhere (or hide a collision).
+    """
+    if current["study_uid"] != rec.study_uid:
+        return "SOP Instance UID already stored in another study"
+    if current["series_uid"] != rec.series_uid:
+        return "SOP Instance UID already stored in another series"
+    return ""
 
 
 def _describe(data: bytes, calling_ae: str, remote_addr: str,

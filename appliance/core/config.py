@@ -135,6 +135,11 @@ SCHEMA: dict[str, Any] = {
         "processes": Leaf(int, 2, lambda v: None if 1 <= v <= 32 else "must be between 1 and 32"),
         "fast_store": Leaf(bool, True),
         "low_water_mb": Leaf(int, 500, _non_negative),
+        "max_dataset_bytes": Leaf(int, 2 << 30, _positive),
+        "max_associations_per_peer": Leaf(int, 4, lambda v: None if 1 <= v <= 1024
+                                          else "must be between 1 and 1024"),
+        "max_association_idle_life_s": Leaf((int, float), 600, _positive),
+        "require_host_for_query": Leaf(bool, True),
         "known_aes": Leaf((list,), []),
         "allowed_modalities": Leaf((list,), [], lambda v: None if all(
             isinstance(m, str) and m.isalnum() for m in v) else "must be modality codes such as CT, MR"),
@@ -499,6 +504,19 @@ dicom:
   # Refuse new images (Out of Resources, 0xA700) when free disk in the data
   # directory drops below this many MiB, so what is stored stays intact.
   low_water_mb: 500
+  # Limits against a misbehaving (or hostile) machine on the network:
+  # a dataset larger than this many bytes is refused (Out of Resources) and
+  # nothing of it is stored; 2147483648 = 2 GiB.
+  max_dataset_bytes: 2147483648
+  # Associations one address may hold at once, across all node processes;
+  # the next one from that address is rejected, other senders are still served.
+  max_associations_per_peer: 4
+  # Seconds an association may stay open without sending any data (a C-ECHO
+  # is not data): a peer that only echoes is disconnected after this long.
+  max_association_idle_life_s: 600
+  # A known AE added with --query but no --host may query/retrieve only from
+  # this machine itself: from the network anyone could claim its AE title.
+  require_host_for_query: true
   # Remote AEs this site knows. C-FIND, C-MOVE and C-GET are answered only
   # for AEs with query: true; C-MOVE sends only to move_destination: true.
   # Manage with: appliance ae add NAME --host H --port P [--query] [--move-destination]

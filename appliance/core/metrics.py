@@ -168,7 +168,37 @@ def worker_swept(ts: float) -> None:
     _safely(lambda: m().worker_last_sweep.set(ts))
 
 
-def instrument_store(store, data_dir: Path) -> None:
+AE_LABELS = 32  # distinct calling_ae label values, configured AEs first; the rest: "other"
+
+
+class AeLabels:
+    """The ``calling_ae`` label for an AE title, from a bounded set.
+
+    Any peer may call with any AE title, and every label value is a time
+    series kept forever: unbounded, 200 random titles meant 200 series per
+    metric.  Configured AEs always get their own label; others take the
+    ``budget`` left first come, first served (split between node processes,
+    so the whole node stays within ``AE_LABELS``), then fold into ``other``.
+    """
+
+    def __init__(self, configured: list[str], processes: int = 1):
+        self.configured = set(configured[:AE_LABELS])
+        self.budget = max(0, AE_LABELS - len(self.configured)) // max(processes, 1)
+        self.seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, calling_ae: str) -> str:
+        if calling_ae in self.configured or calling_ae in self.seen:
+            return calling_ae
+        with self._lock:
+            if len(self.seen) < self.budget:
+                self.seen.add(calling_ae)
+                return calling_ae
+        return "other"
+
+
+def instrument_store(store, data_dir: Path, known_aes: list[str] | None = None,
+                     processes: int = 1) -> None:
     """Time every C-STORE write of the DICOM node's study store, by calling AE and outcome.
 
     dicom_node must not import appliance, so the appliance wraps the store it
@@ -178,11 +208,12 @@ def instrument_store(store, data_dir: Path) -> None:
 
     setup(data_dir)
     inner = store.store
+    label = AeLabels(known_aes or [], processes)
 
     def timed_store(data, calling_ae: str = "", *args, **kwargs):
         start = time.perf_counter()
         result = inner(data, calling_ae, *args, **kwargs)
-        observe_store(calling_ae or "", time.perf_counter() - start, result.outcome,
+        observe_store(label(calling_ae or ""), time.perf_counter() - start, result.outcome,
                       result.success)
         return result
 

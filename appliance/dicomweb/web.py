@@ -53,6 +53,7 @@ FAILURE_CODES = {
     study_store.INVALID: 0xC000,  # cannot understand
     study_store.NO_SPACE: 0xA700,  # out of resources
     study_store.FAILED: 0x0110,  # processing failure
+    study_store.MOVED: 0xA900,  # data set does not match: the SOP instance is in another study
 }
 STUDY_MISMATCH = 0xA900  # data set does not match: StudyInstanceUID differs from the URL
 UNSUPPORTED_PART = 0xC000
@@ -588,6 +589,7 @@ def _stow(study: str | None):
                 result = store.store(data, calling_ae="STOW", remote_addr=addr)
                 if result.success:
                     rec = result.record
+                    _audit_replacement(result)
                     ok_items.append({
                         "00081150": {"vr": "UI", "Value": [rec.sop_class_uid]},
                         "00081155": {"vr": "UI", "Value": [rec.sop_uid]},
@@ -621,6 +623,13 @@ def _stow(study: str | None):
         body["00081199"] = {"vr": "SQ", "Value": ok_items}
     status = 200 if not reasons else 202 if ok_items else 409
     return Response(_dumps(body), status=status, mimetype=DICOM_JSON)
+
+
+def _audit_replacement(result: study_store.StoreResult) -> None:
+    """A STOW part that replaced a stored instance is audited as a C-STORE replacement is."""
+    if result.replaced is not None:
+        auth.audit_event("instance.replaced", result.replaced["sop_uid"],
+                         detail={**result.replaced, "calling_ae": "STOW"})
 
 
 @bp.post("/studies")

@@ -25,6 +25,8 @@ from dicom_node.node import DicomNode, NodeSettings, Peer, listen
 from dicom_node.study_store import StudyStore
 
 log = logging.getLogger("appliance.dicom")
+# The lock file through which every node process counts each address's associations.
+PEER_SLOTS_NAME = "dicom-peers.lock"
 
 
 class PeerList:
@@ -92,12 +94,18 @@ def build_node(cfg: config.Config) -> DicomNode:
     on_event = Auditor(cfg.db_path)
     store = StudyStore(cfg.studies_dir, cfg.db_path, low_water_mb=cfg["dicom"]["low_water_mb"],
                        on_event=on_event, connect=db.connect)
-    metrics.instrument_store(store, cfg.data_dir)  # C-STORE counts/latency for /metrics
+    metrics.instrument_store(store, cfg.data_dir,  # C-STORE counts/latency for /metrics
+                             [a.name for a in cfg.known_aes], cfg["dicom"]["processes"])
     dcfg = cfg["dicom"]
     settings = NodeSettings(
         ae_title=dcfg["ae_title"], port=dcfg["port"], bind=dcfg["bind"],
         store_from=dcfg["store_from"], max_associations=dcfg["max_associations"],
         peers=PeerList(cfg), fast_store=dcfg["fast_store"],
+        max_dataset_bytes=dcfg["max_dataset_bytes"],
+        max_associations_per_peer=dcfg["max_associations_per_peer"],
+        peer_slots_path=str(cfg.data_dir / PEER_SLOTS_NAME),
+        max_idle_life_s=dcfg["max_association_idle_life_s"],
+        require_host_for_query=dcfg["require_host_for_query"],
     )
 
     def on_reject(calling: str, address: str, reason: str) -> None:
