@@ -12,8 +12,9 @@ from appliance.core.command_line import CliError, actor, data_dir_arg, load_site
 from appliance.core.config import ConfigError
 from appliance.core.config import load as load_config
 from appliance.sync import bundle as bnd
-from appliance.sync import outbox as sync
+from appliance.sync import outbox, restore, status, upload
 from appliance.sync import targets as st
+from dicom_node import index as dicom_index
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -21,13 +22,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     recipients = args.recipient or cfg["sync"]["recipients"]
     conn = db.open_db(cfg.db_path)
     try:
-        rows = conn.execute("SELECT sop_uid, sha256, path, size FROM instances WHERE study_uid=?"
-                            " ORDER BY path", (args.study_uid,)).fetchall()
+        rows = dicom_index.study_instances(conn, args.study_uid)
         if not rows:
             raise CliError(f"no study {args.study_uid} on this appliance")
         bnd.parse_recipients(recipients)  # a clear error before a sequence number is used
         with db.transaction(conn):
-            seq = sync._next_seq(conn, cfg["site"]["id"])
+            seq = outbox.next_seq(conn, cfg["site"]["id"])
         bundle_id = bnd.new_bundle_id(cfg["site"]["id"], seq)
         entries = [bnd.Entry(f"dicom/{r['path']}", r["sha256"], r["size"],
                              source=cfg.studies_dir / r["path"],
@@ -94,7 +94,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         target = st.from_url(args.from_, url=args.endpoint_url or "", region=args.region,
                              credentials_file=args.credentials_file or "")
         target.check()
-        counts = sync.restore(cfg, target, ids, args.trust or None, args.site)
+        counts = restore.restore(cfg, target, ids, args.trust or None, args.site)
     except (bnd.BundleError, st.TargetError) as e:
         raise CliError(str(e)) from None
     print(f"restored {counts['bundles']} bundles: {counts['instances']} instances, "
@@ -108,7 +108,7 @@ def cmd_sync_status(args: argparse.Namespace) -> int:
     cfg = load_site(args)
     conn = db.open_db(cfg.db_path)
     try:
-        f = sync.figures(conn)
+        f = status.figures(conn)
     finally:
         conn.close()
     f["target"] = cfg["sync"]["target"]
@@ -131,10 +131,10 @@ def cmd_sync_status(args: argparse.Namespace) -> int:
 
 def cmd_sync_now(args: argparse.Namespace) -> int:
     cfg = load_site(args)
-    if not sync.enabled(cfg):
+    if not outbox.enabled(cfg):
         raise CliError("sync is off: set sync.target and sync.recipients in appliance.yaml")
     try:
-        r = sync.sync_now(cfg)
+        r = upload.sync_now(cfg)
     except st.TargetError as e:
         raise CliError(str(e)) from None
     print(f"built {r['built']} bundles, confirmed {r['confirmed']}, "
