@@ -46,6 +46,26 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+TRUST_HELP = ("accept only bundles signed by this appliance key id (repeat for several); "
+              "required: the site's key id is printed by `appliance init` and by "
+              "`appliance bundle verify FILE`")
+KEY_ID_CHARS = 16
+
+
+def trusted_key_ids(args: argparse.Namespace) -> list[str]:
+    """The ``--trust`` key ids, required: a bundle carries its own public key, so without
+    them anyone who can write to the bucket could sign bundles that would be accepted."""
+    if not args.trust:
+        raise CliError("--trust KEY_ID is required: the signing key id of the appliance that "
+                       "made the bundles (printed by `appliance init` and by `appliance bundle "
+                       "verify FILE`); nothing was read")
+    for k in args.trust:
+        if len(k) != KEY_ID_CHARS or any(c not in "0123456789abcdef" for c in k):
+            raise CliError(f"--trust {k!r}: a key id is {KEY_ID_CHARS} lowercase hex "
+                           "characters (as `appliance bundle verify` prints it)")
+    return list(args.trust)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     try:
         info = bnd.verify(Path(args.file), args.trust or None)
@@ -68,9 +88,10 @@ def _optional_site(args: argparse.Namespace):
 def cmd_open(args: argparse.Namespace) -> int:
     out = Path(args.out)
     ledger = bnd.FileLedger(Path(args.ledger) if args.ledger else out / ".received-bundles.json")
+    trusted = trusted_key_ids(args)
     try:
         ids = bnd.load_identity(Path(args.identity))
-        opened = bnd.open_bundle(Path(args.file), ids, out, ledger, args.trust or None)
+        opened = bnd.open_bundle(Path(args.file), ids, out, ledger, trusted)
     except bnd.BundleError as e:
         raise CliError(f"{args.file}: {e}; nothing was written") from None
     cfg = _optional_site(args)
@@ -89,12 +110,13 @@ def cmd_open(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     cfg = load_site(args)
+    trusted = trusted_key_ids(args)
     try:
         ids = bnd.load_identity(Path(args.identity))
         target = st.from_url(args.from_, url=args.endpoint_url or "", region=args.region,
                              credentials_file=args.credentials_file or "")
         target.check()
-        counts = restore.restore(cfg, target, ids, args.trust or None, args.site)
+        counts = restore.restore(cfg, target, ids, trusted, args.site)
     except (bnd.BundleError, st.TargetError) as e:
         raise CliError(str(e)) from None
     print(f"restored {counts['bundles']} bundles: {counts['instances']} instances, "
@@ -188,7 +210,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--identity", required=True, metavar="KEYFILE",
                    help="age identity file (AGE-SECRET-KEY-1…)")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--trust", action="append", metavar="KEY_ID")
+    p.add_argument("--trust", action="append", metavar="KEY_ID", help=TRUST_HELP)
     p.add_argument("--ledger", metavar="FILE",
                    help="replay ledger (default: DIR/.received-bundles.json)")
     p.set_defaults(func=cmd_open)
@@ -207,8 +229,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--region", default="us-east-1")
     p.add_argument("--credentials-file", help="file with access_key_id / secret_access_key")
     p.add_argument("--site", help="only this site id's bundles")
-    p.add_argument("--trust", action="append", metavar="KEY_ID",
-                   help="accept only bundles signed by this key id (recommended)")
+    p.add_argument("--trust", action="append", metavar="KEY_ID", help=TRUST_HELP)
     p.set_defaults(func=cmd_restore)
 
     s = sub.add_parser("sync", help="cloud sync: status, or sync now")

@@ -34,9 +34,15 @@ def _bundle_keys(target: st.Target, site_id: str | None) -> list[str]:
     return [key for _seq, key in sorted(objs)]
 
 
-def restore(cfg: Config, target: st.Target, identities: list, trusted: list[str] | None = None,
+def restore(cfg: Config, target: st.Target, identities: list, trusted: list[str],
             site_id: str | None = None, say: Callable[[str], Any] = print) -> dict[str, int]:
-    """Rebuild this (fresh) data directory from every bundle of a site on ``target``."""
+    """Rebuild this (fresh) data directory from every bundle of a site on ``target``.
+
+    ``trusted`` (signing key ids) is required: each bundle carries the public key that
+    signed it, so checking against that key alone would accept anyone's bundles."""
+    if not trusted:
+        raise bnd.BundleError("restore needs the trusted signing key id(s) of the site "
+                              "(--trust KEY_ID); nothing was restored")
     conn = db.open_db(cfg.db_path)
     try:
         counts = _restore_all(conn, cfg, target, identities, trusted, site_id, say)
