@@ -12,7 +12,7 @@ import sqlite3
 import time
 
 from appliance.consults import recordings as consult_recordings
-from appliance.core import audit, db, durable, identity
+from appliance.core import audit, audit_heads, db, durable, identity
 from appliance.core.config import Config
 from appliance.core.leases import holder_gone, new_owner
 from appliance.reports import model as reports
@@ -55,6 +55,8 @@ def build_reserved(conn: sqlite3.Connection, cfg: Config, bundle_id: str,
     for stale in outbox.bundles_dir(cfg).glob(f".{row['path']}.*{durable.TMP_SUFFIX}"):
         stale.unlink(missing_ok=True)  # a temp file a killed builder left
     key = identity.load_signing_key(cfg.keys_dir)
+    if row["kind"] == "audit":  # each audit slice anchors the chain head outside the database
+        audit_heads.append_head(cfg.data_dir, cfg.keys_dir, conn)
     info = bnd.build(outbox.bundles_dir(cfg) / row["path"], bundle_id, key,
                      recipients or cfg["sync"]["recipients"], entries(conn, cfg, bundle_id),
                      row["priority"], row["kind"], row["subject"])
