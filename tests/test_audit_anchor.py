@@ -85,3 +85,65 @@ def test_a_heads_file_signed_by_another_key_is_reported_as_forged(site):
     assert r.returncode == 2, r.stdout + r.stderr
     assert "signed heads file is not trustworthy" in r.stderr and "not this appliance's key" \
         in r.stderr
+
+
+def test_each_audit_slice_ships_its_signed_head(site, tmp_path):
+    from test_sync_common import age_identity
+
+    from appliance.core import db, identity
+    from appliance.sync import building, outbox
+    from appliance.sync import bundle as bnd
+
+    pub = age_identity(tmp_path / "cloud.key")
+    path = site.data_dir / "appliance.yaml"
+    text = path.read_text().replace("  target: none", "  target: folder", 1)
+    text = text.replace("  recipients: []", f"  recipients: [{pub}]", 1)
+    text = text.replace('  folder: ""', f'  folder: "{tmp_path / "usb"}"', 1)
+    path.write_text(text)
+    _rows_and_anchor(site, 3)
+    cfg = config.load(site.data_dir)
+    conn = db.connect(cfg.db_path)
+    building.build_due(conn, cfg, force=True)
+    row = conn.execute("SELECT * FROM bundles WHERE kind='audit'").fetchone()
+    top = int(row["subject"].split("-")[1])
+    conn.close()
+    opened = bnd.open_bundle(outbox.bundles_dir(cfg) / row["path"],
+                             bnd.load_identity(tmp_path / "cloud.key"), tmp_path / "opened")
+    heads = [fe for fe in opened.manifest["files"] if fe.get("type") == "audit_heads"]
+    assert len(heads) == 1
+    shipped = json.loads((tmp_path / "opened" / heads[0]["name"]).read_text())
+    pub_key = identity.load_signing_key(cfg.keys_dir).public_key()
+    assert shipped[-1]["id"] == top and audit_heads.check_signature(shipped[-1], pub_key) == ""
+
+
+def test_truncating_the_tail_and_deleting_local_heads_is_caught_against_shipped_heads(
+        site, tmp_path):
+    from test_sync_common import age_identity
+
+    pub = age_identity(tmp_path / "cloud.key")
+    usb = tmp_path / "usb"
+    path = site.data_dir / "appliance.yaml"
+    text = path.read_text().replace("  target: none", "  target: folder", 1)
+    text = text.replace("  recipients: []", f"  recipients: [{pub}]", 1)
+    text = text.replace('  folder: ""', f'  folder: "{usb}"', 1)
+    path.write_text(text)
+    usb.mkdir()
+    _rows_and_anchor(site, 4)
+    r = site.cli("sync", "now")
+    assert r.returncode == 0, r.stdout + r.stderr
+    conn = site.db()
+    shipped_top = int(conn.execute("SELECT subject FROM bundles WHERE kind='audit'")
+                      .fetchone()[0].split("-")[1])
+    conn.close()
+    against = ["audit", "verify", "--against", str(usb), "--identity", str(tmp_path / "cloud.key")]
+    ok = site.cli(*against)
+    assert ok.returncode == 0 and f"off the box: matches the signed head at row {shipped_top}" \
+        in ok.stdout, ok.stdout + ok.stderr
+    conn = _attacker_db(site)
+    conn.execute("DELETE FROM audit WHERE id > 2")
+    conn.close()
+    audit_heads.heads_path(site.data_dir).unlink()  # the local anchor removed as well
+    assert site.cli("audit", "verify").returncode == 0  # nothing local left to catch it
+    r = site.cli(*against)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "off the box: rows after id 2 are missing" in r.stderr

@@ -41,6 +41,11 @@ def entries(conn: sqlite3.Connection, cfg: Config, bundle_id: str) -> list[bnd.E
             out.append(bnd.Entry.record(f"records/audit-{first:010d}-{last:010d}.json",
                                         audit.rows_between(conn, first, last),
                                         type="audit", first=first, last=last))
+            heads = [h for h in audit_heads.read_heads(audit_heads.heads_path(cfg.data_dir))
+                     if isinstance(h.get("id"), int) and first <= h["id"] <= last]
+            if heads:  # the signed heads of this slice leave the box with it
+                out.append(bnd.Entry.record(f"records/audit-heads-{first:010d}-{last:010d}.json",
+                                            heads, type="audit_heads", first=first, last=last))
         elif it["item_kind"] == "recording":
             out.append(bnd.Entry(it["path"], it["version"], it["size"],
                                  source=cfg.data_dir / it["path"],
@@ -55,8 +60,6 @@ def build_reserved(conn: sqlite3.Connection, cfg: Config, bundle_id: str,
     for stale in outbox.bundles_dir(cfg).glob(f".{row['path']}.*{durable.TMP_SUFFIX}"):
         stale.unlink(missing_ok=True)  # a temp file a killed builder left
     key = identity.load_signing_key(cfg.keys_dir)
-    if row["kind"] == "audit":  # each audit slice anchors the chain head outside the database
-        audit_heads.append_head(cfg.data_dir, cfg.keys_dir, conn)
     info = bnd.build(outbox.bundles_dir(cfg) / row["path"], bundle_id, key,
                      recipients or cfg["sync"]["recipients"], entries(conn, cfg, bundle_id),
                      row["priority"], row["kind"], row["subject"])

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.consults import recordings as consult_recordings
-from appliance.core import audit, db
+from appliance.core import audit, audit_heads, db
 from appliance.core.config import Config
 from appliance.core.leases import holder_gone
 from appliance.reading import worklist
@@ -225,6 +225,8 @@ def _plan_audit(conn: sqlite3.Connection, cfg: Config, now: float, force: bool,
     top = audit.last_id(conn)
     if top <= last_id:
         return []
+    # The slice's last row is signed before it is reserved, so the slice carries its own head.
+    audit_heads.append_head(cfg.data_dir, cfg.keys_dir, conn)
     return [_create(conn, cfg, "audit", f"{last_id + 1}-{top}", bnd.PRIORITY_RECORDS,
                     [("audit", str(top), str(last_id + 1), "", 0)], owner)]
 

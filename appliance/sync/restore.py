@@ -106,6 +106,9 @@ def _apply(conn: sqlite3.Connection, cfg: Config, store: StudyStore, opened: bnd
                                  path.read_bytes(), 0o600)
             counts["audit_rows"] += len(json.loads(path.read_bytes()))
             items.append(("audit", str(fe["last"]), str(fe["first"]), "", 0))
+        elif fe.get("type") == "audit_heads":  # the lost box's signed heads, kept beside
+            durable.atomic_write(cfg.data_dir / "restored" / "audit" / Path(fe["name"]).name,
+                                 path.read_bytes(), 0o600)
         elif fe.get("type") == "recording":
             consult_recordings.restore_file(conn, cfg.data_dir, path, fe)
             items.append(("recording", path.name, fe["sha256"], fe["name"], fe["size"]))
