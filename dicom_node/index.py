@@ -291,3 +291,56 @@ def counts(conn: sqlite3.Connection) -> dict[str, int]:
         " COALESCE(SUM(size_bytes), 0) AS bytes FROM studies"
     ).fetchone()
     return {"studies": row["studies"], "instances": row["instances"], "bytes": row["bytes"]}
+
+
+# -- instances a caller has not taken yet ----------------------------------------------------
+# A caller (cloud sync) keeps its own ledger of instance versions it has taken: a table or
+# view with columns ``sop_uid`` and ``sha256``. These read the index against it.
+_LEDGER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+
+
+def _not_listed(ledger: str) -> str:
+    if not _LEDGER_NAME.match(ledger):
+        raise ValueError(f"not a table or view name: {ledger!r}")
+    return (f"NOT EXISTS (SELECT 1 FROM {ledger} l WHERE l.sop_uid = i.sop_uid"
+            " AND l.sha256 = i.sha256)")
+
+
+def unlisted_instances(conn: sqlite3.Connection, ledger: str, quiet_before: float | None = None,
+                       limit: int | None = None) -> list[sqlite3.Row]:
+    """Current instance versions ``ledger`` does not list, of studies last received at or
+    before ``quiet_before`` (all when None), by study then path; with the study description."""
+    sql = ("SELECT i.study_uid, i.sop_uid, i.sha256, i.path, i.size, i.received_at,"
+           " s.study_description FROM instances i JOIN studies s ON s.study_uid = i.study_uid"
+           f" WHERE {_not_listed(ledger)}")
+    args: tuple = ()
+    if quiet_before is not None:
+        sql, args = sql + " AND s.last_received <= ?", (quiet_before,)
+    sql += " ORDER BY i.study_uid, i.path"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    return conn.execute(sql, args).fetchall()
+
+
+def unlisted_summary(conn: sqlite3.Connection, ledger: str) -> tuple[int, float | None, int]:
+    """(count, oldest received_at, bytes) of current instance versions ``ledger`` does not list."""
+    r = conn.execute("SELECT COUNT(*), MIN(i.received_at), COALESCE(SUM(i.size), 0)"
+                     f" FROM instances i WHERE {_not_listed(ledger)}").fetchone()
+    return r[0], r[1], r[2]
+
+
+def listing_counts(conn: sqlite3.Connection, ledger: str) -> tuple[int, int, int]:
+    """(listed nowhere, listed more than once, all) over current instance versions."""
+    if not _LEDGER_NAME.match(ledger):
+        raise ValueError(f"not a table or view name: {ledger!r}")
+    r = conn.execute(
+        "SELECT SUM(n = 0), SUM(n > 1), COUNT(*) FROM (SELECT (SELECT COUNT(*) FROM"
+        f" {ledger} l WHERE l.sop_uid = i.sop_uid AND l.sha256 = i.sha256) AS n"
+        " FROM instances i)").fetchone()
+    return r[0] or 0, r[1] or 0, r[2]
+
+
+def study_instances(conn: sqlite3.Connection, study_uid: str) -> list[sqlite3.Row]:
+    """A study's current instances (sop_uid, sha256, path, size), by path."""
+    return conn.execute("SELECT sop_uid, sha256, path, size FROM instances WHERE study_uid = ?"
+                        " ORDER BY path", (study_uid,)).fetchall()

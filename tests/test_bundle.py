@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 from test_sync_common import age_identity, store_study
 
+from appliance.core import identity
 from appliance.sync import bundle as bnd
 
 AGE_CHUNK = 64 * 1024 + 16  # age v1 STREAM: 64 KiB of plaintext + a 16-byte tag
@@ -234,9 +235,10 @@ def test_ct_study_round_trip_is_byte_identical_through_the_cli(site, tmp_path):
     assert "24 instances" in r.stdout
     v = site.cli("bundle", "verify", str(out))
     assert v.returncode == 0 and "signature OK" in v.stdout, v.stderr
+    signer = identity.key_id(identity.load_signing_key(site.data_dir / "keys").public_key())
     opened = tmp_path / "opened"
     o = site.cli("bundle", "open", str(out), "--identity", str(tmp_path / "escrow.key"),
-                 "--out", str(opened))
+                 "--out", str(opened), "--trust", signer)
     assert o.returncode == 0, o.stderr
     conn = site.db()
     rows = conn.execute("SELECT path, sha256 FROM instances WHERE study_uid=?",
@@ -252,7 +254,7 @@ def test_ct_study_round_trip_is_byte_identical_through_the_cli(site, tmp_path):
     assert modes <= {"0o600", "0o700"}, modes  # opened patient data stays private
     # Opening it again is a replay; a flipped byte is refused with one line; nothing written.
     again = site.cli("bundle", "open", str(out), "--identity", str(tmp_path / "escrow.key"),
-                     "--out", str(opened))
+                     "--out", str(opened), "--trust", signer)
     assert again.returncode == 1 and "replayed" in again.stderr
     blob = bytearray(out.read_bytes())
     blob[len(blob) // 2] ^= 1
@@ -262,7 +264,7 @@ def test_ct_study_round_trip_is_byte_identical_through_the_cli(site, tmp_path):
         len(bad.stderr.strip().splitlines()) == 1
     fresh = tmp_path / "fresh"
     bad_open = site.cli("bundle", "open", str(out), "--identity", str(tmp_path / "escrow.key"),
-                        "--out", str(fresh))
+                        "--out", str(fresh), "--trust", signer)
     assert bad_open.returncode == 1 and "nothing was written" in bad_open.stderr
     assert not fresh.exists()
 

@@ -19,7 +19,7 @@ from test_sync_common import age_identity
 from appliance.consults import media, turn
 from appliance.consults import recordings as consult_recordings
 from appliance.consults import rooms as consults
-from appliance.core import config
+from appliance.core import config, identity
 
 
 def configure_recording_site(site, tmp_path: Path, folder: Path | None = None) -> Path:
@@ -89,7 +89,9 @@ def test_recording_rides_a_signed_bundle_and_is_restored(site, tmp_path):
     verify = site.cli("bundle", "verify", str(carried[0]))
     assert verify.returncode == 0 and "signed by key" in verify.stdout, verify.stderr
     opened = tmp_path / "opened"
-    r = site.cli("bundle", "open", str(carried[0]), "--identity", str(key), "--out", str(opened))
+    signer = identity.key_id(identity.load_signing_key(site.data_dir / "keys").public_key())
+    r = site.cli("bundle", "open", str(carried[0]), "--identity", str(key), "--out", str(opened),
+                 "--trust", signer)
     assert r.returncode == 0, r.stderr
     inside = opened / "recordings" / sealed[0].name
     assert inside.read_bytes() == sealed[0].read_bytes()  # carried as sealed, not re-encoded
@@ -108,7 +110,7 @@ def test_recording_rides_a_signed_bundle_and_is_restored(site, tmp_path):
 
     # Restore into a fresh appliance: the recording is back, still sealed, indexed.
     fresh = make_site(tmp_path / "fresh")
-    r = fresh.cli("restore", "--from", str(folder), "--identity", str(key))
+    r = fresh.cli("restore", "--from", str(folder), "--identity", str(key), "--trust", signer)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "1 consult recordings" in r.stdout
     back = fresh.data_dir / "recordings" / sealed[0].name

@@ -15,7 +15,7 @@ from test_sync_common import BUCKET, age_identity, configure_sync, moto, store_s
 
 from appliance.core import identity
 from appliance.reports import model as reports
-from appliance.sync import outbox as sync
+from appliance.sync import status
 
 __all__ = ["moto"]
 
@@ -113,7 +113,7 @@ def test_restore_rebuilds_a_fresh_appliance_from_the_cloud(site, moto, tmp_path,
     assert after[2] == before[2]  # the same signed report
     assert after[3] == before[3]  # byte-identical files
     conn = fresh.db()
-    assert sync.reconcile(conn)["unconfirmed"] == 0  # restored data is not shipped again
+    assert status.reconcile(conn)["unconfirmed"] == 0  # restored data is not shipped again
     actions = [r[0] for r in conn.execute("SELECT action FROM audit")]
     conn.close()
     assert "sync.restore" in actions

@@ -23,7 +23,7 @@ from test_sync_common import (
 )
 
 from appliance.core import config, db
-from appliance.sync import outbox as sync
+from appliance.sync import building, outbox, status, upload
 from appliance.sync import targets as st
 
 __all__ = ["moto"]
@@ -42,7 +42,7 @@ def _wait(predicate, timeout: float = 60, what: str = "condition"):
 def _figures(site):
     conn = site.db()
     try:
-        return sync.figures(conn), sync.reconcile(conn)
+        return status.figures(conn), status.reconcile(conn)
     finally:
         conn.close()
 
@@ -91,15 +91,15 @@ def test_stat_study_preempts_a_routine_upload_at_a_part_boundary(site, moto, tmp
                              study_description="CT ABDOMEN")
     age_study(site, routine)
     conn = db.connect(cfg.db_path)
-    sync.build_due(conn, cfg)
-    up = sync.Uploader(cfg)
+    building.build_due(conn, cfg)
+    up = upload.Uploader(cfg)
     t = threading.Thread(target=up.run)
     t.start()
     _wait(lambda: conn.execute("SELECT bytes_sent FROM bundles WHERE kind='study'")
           .fetchone()[0] > 0, what="routine upload started")
     stat, _ = store_study(site, tmp_path, 3, study_description="CT HEAD STROKE PROTOCOL")
     age_study(site, stat)
-    sync.build_due(conn, cfg)
+    building.build_due(conn, cfg)
     t.join(timeout=120)
     up.close()
     rows = {r["subject"]: r for r in conn.execute("SELECT * FROM bundles WHERE kind='study'")}
@@ -115,7 +115,7 @@ def test_backoff_is_capped_exponential_with_jitter():
     rng = random.Random(7)
     for attempt, (lo, hi) in {1: (2.5, 5), 2: (5, 10), 3: (10, 20), 8: (300, 600),
                               30: (300, 600)}.items():
-        values = [sync.backoff_s(attempt, rng) for _ in range(200)]
+        values = [upload.backoff_s(attempt, rng) for _ in range(200)]
         assert lo <= min(values) and max(values) <= hi
         assert max(values) - min(values) > (hi - lo) / 3  # jittered, not one fixed delay
 
@@ -129,11 +129,11 @@ def test_bandwidth_timetable(site):
                                                             "bandwidth_kbit_s: 2000"))
     cfg = config.load(site.data_dir)
     monday = dt.datetime(2026, 11, 30)
-    assert sync.rate_kbit_s(cfg, monday.replace(hour=9)) == 512
-    assert sync.rate_kbit_s(cfg, monday.replace(hour=19)) == 2000
-    assert sync.rate_kbit_s(cfg, monday.replace(hour=23)) == 0  # night: unlimited
-    assert sync.rate_kbit_s(cfg, monday.replace(hour=3)) == 0
-    assert sync.rate_kbit_s(cfg, (monday + dt.timedelta(days=5)).replace(hour=9)) == 2000
+    assert upload.rate_kbit_s(cfg, monday.replace(hour=9)) == 512
+    assert upload.rate_kbit_s(cfg, monday.replace(hour=19)) == 2000
+    assert upload.rate_kbit_s(cfg, monday.replace(hour=23)) == 0  # night: unlimited
+    assert upload.rate_kbit_s(cfg, monday.replace(hour=3)) == 0
+    assert upload.rate_kbit_s(cfg, (monday + dt.timedelta(days=5)).replace(hour=9)) == 2000
     bad = path.read_text().replace('to: "18:00"', 'to: "18h"')
     path.write_text(bad)
     with pytest.raises(config.ConfigError, match="sync.timetable: entry 0"):
@@ -141,7 +141,7 @@ def test_bandwidth_timetable(site):
 
 
 def test_pacer_holds_the_rate():
-    pacer = sync.Pacer(lambda: 8_000)  # 8 Mbit/s = 1 MB/s
+    pacer = upload.Pacer(lambda: 8_000)  # 8 Mbit/s = 1 MB/s
     start = time.monotonic()
     for _ in range(20):
         pacer(50_000)  # 1 MB in all
@@ -161,9 +161,9 @@ def test_folder_target_resumes_and_never_overwrites(site, tmp_path):
     age_study(site, study_uid)
     cfg = config.load(site.data_dir)
     conn = db.connect(cfg.db_path)
-    sync.build_due(conn, cfg)
+    building.build_due(conn, cfg)
     row = conn.execute("SELECT * FROM bundles WHERE kind='study'").fetchone()
-    key = sync.object_key(cfg, row)
+    key = outbox.object_key(cfg, row)
     # A partial copy left by a pulled disk is resumed, not restarted or duplicated.
     local = cfg.data_dir / "bundles" / row["path"]
     partial = usb / (key + ".partial")
@@ -175,7 +175,7 @@ def test_folder_target_resumes_and_never_overwrites(site, tmp_path):
     final = usb / key
     assert final.is_file() and not partial.exists()
     conn = db.connect(cfg.db_path)
-    assert sync.reconcile(conn)["unconfirmed"] == 0
+    assert status.reconcile(conn)["unconfirmed"] == 0
     conn.close()
     target = st.FolderTarget(usb)
     job = st.UploadJob(key=key, path=final, size=final.stat().st_size, sha256="0" * 64,
@@ -235,22 +235,22 @@ def test_an_object_in_the_way_holds_back_only_its_own_bundle(site, moto, tmp_pat
     age_study(site, first)
     age_study(site, second)
     conn = db.connect(cfg.db_path)
-    sync.build_due(conn, cfg)
+    building.build_due(conn, cfg)
     row = conn.execute("SELECT * FROM bundles WHERE subject=?", (first,)).fetchone()
     conn.close()
     # Someone (or something) wrote other bytes under this bundle's name: never overwritten.
-    moto.client().put_object(Bucket=BUCKET, Key=sync.object_key(cfg, row), Body=b"other",
+    moto.client().put_object(Bucket=BUCKET, Key=outbox.object_key(cfg, row), Body=b"other",
                              Metadata={"sha256": "0" * 64})
     r = site.cli("sync", "now")
     assert r.returncode == 3 and "could not be sent as they are" in r.stdout
     conn = db.connect(cfg.db_path)
     states = {r["subject"]: r["state"] for r in conn.execute("SELECT subject, state FROM bundles"
                                                              " WHERE kind='study'")}
-    f = sync.figures(conn)
+    f = status.figures(conn)
     conn.close()
     assert states == {first: "uploading", second: "confirmed"}
     assert f["link_up"] is True and "never overwritten" in f["last_error"]
-    body = moto.client().get_object(Bucket=BUCKET, Key=sync.object_key(cfg, row))["Body"].read()
+    body = moto.client().get_object(Bucket=BUCKET, Key=outbox.object_key(cfg, row))["Body"].read()
     assert body == b"other"
 
 
@@ -271,7 +271,7 @@ def test_the_read_queue_and_workflow_sync_action_set_the_priority(site, tmp_path
             " first_received, due_at, created_at, updated_at, pool, pool_roles, actions)"
             " VALUES (?,?,0,60,?,?,?,?,'general','radiologist',?)",
             (uid, prio, now, now + 3600, now, now, actions))
-    sync.build_due(conn, cfg)
+    building.build_due(conn, cfg)
     got = {r["subject"]: r["priority"] for r in conn.execute(
         "SELECT subject, priority FROM bundles WHERE kind='study'")}
     conn.close()
@@ -284,7 +284,7 @@ def test_a_lost_local_bundle_file_is_rebuilt_and_sent(site, moto, tmp_path):
     uid, _ = store_study(site, tmp_path, 3)
     age_study(site, uid)
     conn = db.connect(cfg.db_path)
-    sync.build_due(conn, cfg)
+    building.build_due(conn, cfg)
     row = conn.execute("SELECT * FROM bundles WHERE kind='study'").fetchone()
     (cfg.data_dir / "bundles" / row["path"]).unlink()
     (cfg.data_dir / "bundles" / f".{row['path']}.999.part").write_bytes(b"left by a crash")
@@ -292,6 +292,6 @@ def test_a_lost_local_bundle_file_is_rebuilt_and_sent(site, moto, tmp_path):
     r = site.cli("sync", "now")  # notices the loss, builds it again under the same id, sends
     assert r.returncode == 0, r.stdout + r.stderr
     conn = db.connect(cfg.db_path)
-    assert sync.reconcile(conn) == {"unconfirmed": 0, "duplicated": 0, "instances": 3}
+    assert status.reconcile(conn) == {"unconfirmed": 0, "duplicated": 0, "instances": 3}
     conn.close()
     assert not list((cfg.data_dir / "bundles").iterdir())

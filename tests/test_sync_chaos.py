@@ -136,11 +136,11 @@ def _wait_for_sweep(site, timeout: float = 30) -> None:
 
 
 def _reconcile(site) -> dict:
-    from appliance.sync import outbox as sync
+    from appliance.sync import status
 
     conn = site.db()
     try:
-        return sync.reconcile(conn)
+        return status.reconcile(conn)
     finally:
         conn.close()
 

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 from appliance.accounts import tokens
 from appliance.accounts import users as accounts
-from appliance.core import audit, config, db, durable
+from appliance.core import audit, audit_heads, config, db, durable, identity
 from appliance.core.command_line import CliError, actor, data_dir_arg
 
 
@@ -294,16 +294,46 @@ def parse_since(text: str, now: float | None = None) -> float:
     return when.timestamp()
 
 
+def _shipped(args: argparse.Namespace, cfg: config.Config) -> list[dict]:
+    """The signed heads the site's audit slices carried to ``--against``."""
+    from pathlib import Path
+
+    from appliance.sync import bundle as bnd
+    from appliance.sync import shipped_heads
+    from appliance.sync import targets as st
+
+    if not args.identity:
+        raise CliError("--against needs --identity KEYFILE (the age key the bundles are "
+                       "encrypted to)")
+    kid = identity.key_id(identity.load_signing_key(cfg.keys_dir).public_key())
+    try:
+        target = st.from_url(args.against, url=args.endpoint_url or "", region=args.region,
+                             credentials_file=args.credentials_file or "")
+        return shipped_heads.shipped_heads(target, bnd.load_identity(Path(args.identity)),
+                                           [kid], cfg["site"]["id"])
+    except (bnd.BundleError, st.TargetError) as e:
+        raise CliError(f"--against {args.against}: {e}") from None
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    """Walk the chain, then compare it with the newest head signed outside the database
+    (a truncated tail or a recomputed chain passes the walk but not this)."""
     cfg = config.load(args.data_dir)
     conn = db.connect(cfg.db_path, readonly=True)
     try:
         ok, message, _n = audit.verify(conn)
         head = conn.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+        if ok:
+            pub = identity.load_signing_key(cfg.keys_dir).public_key()
+            ok, anchored = audit_heads.check_chain(
+                conn, audit_heads.read_heads(audit_heads.heads_path(cfg.data_dir)), pub)
+            message = f"{message}; {anchored}" if ok else anchored
+        if ok and args.against:
+            ok, shipped = audit_heads.check_chain(conn, _shipped(args, cfg), pub)
+            message = f"{message}; off the box: {shipped}" if ok else f"off the box: {shipped}"
     finally:
         conn.close()
     if ok:
-        # The head lets a responder notice a truncated tail later: note it, compare it.
         print(f"{message}; last row {head[0]} hash {head[1][:16]}" if head else message)
         return 0
     print(f"AUDIT CHAIN BROKEN: {message}", file=sys.stderr)
@@ -346,6 +376,13 @@ def register_audit(sub: argparse._SubParsersAction) -> None:
     s.required = True
     p = s.add_parser("verify", help="check every link; name the first broken row")
     p.add_argument("--data-dir", metavar="DIR", help="the site's data directory")
+    p.add_argument("--against", metavar="TARGET",
+                   help="also check against the signed heads shipped to s3://BUCKET/PREFIX "
+                        "or FOLDER (needs --identity)")
+    p.add_argument("--identity", metavar="KEYFILE", help="age identity the bundles are for")
+    p.add_argument("--endpoint-url", help="S3 endpoint for --against; default AWS")
+    p.add_argument("--region", default="us-east-1")
+    p.add_argument("--credentials-file", help="file with access_key_id / secret_access_key")
     p.set_defaults(func=cmd_verify)
     p = s.add_parser("export", help="write audit rows as JSON lines")
     p.add_argument("--data-dir", metavar="DIR", help="the site's data directory")

@@ -79,3 +79,14 @@ def rows(conn: sqlite3.Connection, since: float = 0.0) -> Iterator[dict[str, Any
         d = dict(r)
         d["detail"] = json.loads(d["detail"])
         yield d
+
+
+def last_id(conn: sqlite3.Connection) -> int:
+    """The id of the newest row (0 for an empty trail)."""
+    return conn.execute("SELECT MAX(id) FROM audit").fetchone()[0] or 0
+
+
+def rows_between(conn: sqlite3.Connection, first: int, last: int) -> list[dict[str, Any]]:
+    """Rows ``first``..``last`` as stored, hashes included: an audit slice that sync ships."""
+    return [dict(r) for r in conn.execute(
+        "SELECT * FROM audit WHERE id BETWEEN ? AND ? ORDER BY id", (first, last))]

@@ -14,9 +14,9 @@ import time
 from typing import Any
 
 from appliance.core import components, durable
+from appliance.sync import status as sync_status
 
 DB_CHECK_TIMEOUT_MS = 1000
-OPEN_BUNDLE_STATES = ("building", "built", "uploading")
 WAITING_STATES = ("queued", "claimed", "preliminary")
 WORKER_DOWN = "worker is not sweeping"
 
@@ -41,14 +41,9 @@ def connect_bounded(cfg) -> sqlite3.Connection:
 
 
 def sync_lag_s(conn: sqlite3.Connection, now: float) -> float | None:
-    """Age of the oldest bundle not yet uploaded (0 when all are up); None without sync."""
-    try:
-        row = conn.execute(
-            f"SELECT MIN(created_at) FROM bundles WHERE state IN "
-            f"({','.join('?' * len(OPEN_BUNDLE_STATES))})", OPEN_BUNDLE_STATES).fetchone()
-    except sqlite3.OperationalError:
-        return None
-    return max(0.0, now - row[0]) if row[0] is not None else 0.0
+    """Sync lag as health means it: ``sync.status.upload_lag_s``, the age of the oldest bundle
+    not yet uploaded (0 when all are up; None without sync)."""
+    return sync_status.upload_lag_s(conn, now)
 
 
 def studies_waiting(conn: sqlite3.Connection) -> int | None:

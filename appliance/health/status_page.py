@@ -34,7 +34,7 @@ from appliance.core import metrics
 from appliance.health import readiness, status_report
 from appliance.health import series as health_series
 from appliance.reading import read_queue
-from appliance.sync import outbox
+from appliance.sync import status as sync_status
 from appliance.web import get_db
 
 bp = Blueprint("status_page", __name__)
@@ -181,7 +181,7 @@ def _sql_families(conn, now, Gauge, Counter):
     if lag is not None:
         yield Gauge("appliance_sync_lag_seconds", "Age of the oldest bundle not uploaded",
                     value=lag)
-    sent = area(outbox.bytes_uploaded, conn)
+    sent = area(sync_status.bytes_uploaded, conn)
     if sent is not None:
         yield Counter("appliance_sync_bytes", "Bytes uploaded to the sync target", value=sent)
     yield from _consult_families(conn, now, Gauge)

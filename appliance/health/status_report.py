@@ -20,7 +20,7 @@ from appliance.core import components
 from appliance.health import readiness
 from appliance.health import series as health_series
 from appliance.reading import read_queue
-from appliance.sync import outbox
+from appliance.sync import status as sync_status
 
 RESTART_LOOP_COUNT = 3
 RESTART_LOOP_WINDOW_S = 600
@@ -154,7 +154,7 @@ def _sync_alerts(cfg, conn: sqlite3.Connection, now: float) -> list[Alert]:
     if lag is None or lag < limit / 2:
         return []
     try:
-        err = outbox.oldest_error(conn)
+        err = sync_status.oldest_error(conn)
     except sqlite3.OperationalError:
         err = None
     return [Alert("amber" if lag < limit else "red", f"sync stalled for {lag / 60:.0f} min",

@@ -483,3 +483,15 @@ def _iso(ts: float | None) -> str:
     if ts is None:
         return "?"
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def sync_wish(conn: sqlite3.Connection, study_uid: str) -> tuple[str | None, str | None]:
+    """(the read item's priority, the last ``sync:`` its workflow asked for) for a study;
+    (None, None) without a read item. Sync ranks a study's bundle by it."""
+    r = conn.execute("SELECT priority, actions FROM read_items WHERE study_uid=?",
+                     (study_uid,)).fetchone()
+    if r is None:
+        return None, None
+    wanted = [a["sync"] for a in json.loads(r["actions"] or "[]")
+              if isinstance(a, dict) and "sync" in a]
+    return r["priority"], (wanted[-1] if wanted else None)

@@ -520,3 +520,46 @@ def latest_version(conn: sqlite3.Connection, report_id: int) -> dict[str, Any] |
     return _row(conn.execute(
         "SELECT * FROM report_versions WHERE report_id = ? ORDER BY id DESC LIMIT 1",
         (report_id,)).fetchone())
+
+
+def signed_versions_after(conn: sqlite3.Connection, after_id: int,
+                          limit: int | None = None) -> list[dict[str, Any]]:
+    """Signed versions (id, report_id, sha256) with an id above ``after_id``, oldest first:
+    versions are append-only, so a reader that remembers the last id it took sees each once."""
+    sql = "SELECT id, report_id, sha256 FROM report_versions WHERE id > ? ORDER BY id"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    return [dict(r) for r in conn.execute(sql, (after_id,))]
+
+
+def version_record(conn: sqlite3.Connection, version_id: int) -> dict[str, Any]:
+    """A signed version and its report as stored (raw rows): what a bundle carries off the box."""
+    v = conn.execute("SELECT * FROM report_versions WHERE id=?", (version_id,)).fetchone()
+    if v is None:
+        raise ReportError(f"no signed report version {version_id}", 404)
+    rep = conn.execute("SELECT * FROM reports WHERE id=?", (v["report_id"],)).fetchone()
+    return {"report": dict(rep), "version": dict(v)}
+
+
+_STATUS_RANK = {"draft": 0, "preliminary": 1, "final": 2}
+
+
+def restore_version_record(conn: sqlite3.Connection, rec: dict[str, Any]) -> int:
+    """Insert a :func:`version_record` read back from a bundle (restore); 1 when applied.
+
+    A later signature's bundle carries the newer report row, so the report row
+    is updated when the record's status is further along than the one held."""
+    with db.transaction(conn):
+        for table, row in (("reports", rec["report"]), ("report_versions", rec["version"])):
+            cols = [c[1] for c in conn.execute(f"PRAGMA table_info({table})")]
+            keep = {k: v for k, v in row.items() if k in cols}
+            conn.execute(f"INSERT OR IGNORE INTO {table} ({', '.join(keep)}) VALUES"
+                         f" ({', '.join('?' for _ in keep)})", tuple(keep.values()))
+            if table == "reports":
+                have = conn.execute("SELECT status FROM reports WHERE id=?",
+                                    (row["id"],)).fetchone()
+                if _STATUS_RANK.get(row.get("status"), 0) > _STATUS_RANK.get(have["status"], 0):
+                    sets = {k: v for k, v in keep.items() if k != "id"}
+                    conn.execute(f"UPDATE reports SET {', '.join(f'{k}=?' for k in sets)}"
+                                 " WHERE id=?", (*sets.values(), row["id"]))
+    return 1

@@ -25,7 +25,8 @@ log = logging.getLogger("appliance.worker")
 SWEEP_MODULES = (
     "appliance.reading.read_queue",  # study completion, read items, claims, SLA escalations
     "appliance.reports.delivery",  # signed reports back to the site
-    "appliance.sync.outbox",  # bundles and cloud sync
+    "appliance.sync.upload",  # bundles built and sent to the cloud
+    "appliance.core.audit_heads",  # the audit chain head signed into DATA_DIR/audit-heads/
     "appliance.health.series",  # a health sample a minute, component restarts (status page)
     "appliance.dicomweb.metadata",  # DICOMweb metadata kept per instance after ingest
     "appliance.accounts.users",  # old sign-in attempts and sessions pruned (hourly)

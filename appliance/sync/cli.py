@@ -12,8 +12,9 @@ from appliance.core.command_line import CliError, actor, data_dir_arg, load_site
 from appliance.core.config import ConfigError
 from appliance.core.config import load as load_config
 from appliance.sync import bundle as bnd
-from appliance.sync import outbox as sync
+from appliance.sync import outbox, restore, status, upload
 from appliance.sync import targets as st
+from dicom_node import index as dicom_index
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -21,13 +22,12 @@ def cmd_build(args: argparse.Namespace) -> int:
     recipients = args.recipient or cfg["sync"]["recipients"]
     conn = db.open_db(cfg.db_path)
     try:
-        rows = conn.execute("SELECT sop_uid, sha256, path, size FROM instances WHERE study_uid=?"
-                            " ORDER BY path", (args.study_uid,)).fetchall()
+        rows = dicom_index.study_instances(conn, args.study_uid)
         if not rows:
             raise CliError(f"no study {args.study_uid} on this appliance")
         bnd.parse_recipients(recipients)  # a clear error before a sequence number is used
         with db.transaction(conn):
-            seq = sync._next_seq(conn, cfg["site"]["id"])
+            seq = outbox.next_seq(conn, cfg["site"]["id"])
         bundle_id = bnd.new_bundle_id(cfg["site"]["id"], seq)
         entries = [bnd.Entry(f"dicom/{r['path']}", r["sha256"], r["size"],
                              source=cfg.studies_dir / r["path"],
@@ -44,6 +44,26 @@ def cmd_build(args: argparse.Namespace) -> int:
     print(f"built {args.out}: bundle {info.bundle_id}, {len(rows)} instances, "
           f"{info.size / 1e6:.1f} MB, signed by key {info.key_id}")
     return 0
+
+
+TRUST_HELP = ("accept only bundles signed by this appliance key id (repeat for several); "
+              "required: the site's key id is printed by `appliance init` and by "
+              "`appliance bundle verify FILE`")
+KEY_ID_CHARS = 16
+
+
+def trusted_key_ids(args: argparse.Namespace) -> list[str]:
+    """The ``--trust`` key ids, required: a bundle carries its own public key, so without
+    them anyone who can write to the bucket could sign bundles that would be accepted."""
+    if not args.trust:
+        raise CliError("--trust KEY_ID is required: the signing key id of the appliance that "
+                       "made the bundles (printed by `appliance init` and by `appliance bundle "
+                       "verify FILE`); nothing was read")
+    for k in args.trust:
+        if len(k) != KEY_ID_CHARS or any(c not in "0123456789abcdef" for c in k):
+            raise CliError(f"--trust {k!r}: a key id is {KEY_ID_CHARS} lowercase hex "
+                           "characters (as `appliance bundle verify` prints it)")
+    return list(args.trust)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -68,9 +88,10 @@ def _optional_site(args: argparse.Namespace):
 def cmd_open(args: argparse.Namespace) -> int:
     out = Path(args.out)
     ledger = bnd.FileLedger(Path(args.ledger) if args.ledger else out / ".received-bundles.json")
+    trusted = trusted_key_ids(args)
     try:
         ids = bnd.load_identity(Path(args.identity))
-        opened = bnd.open_bundle(Path(args.file), ids, out, ledger, args.trust or None)
+        opened = bnd.open_bundle(Path(args.file), ids, out, ledger, trusted)
     except bnd.BundleError as e:
         raise CliError(f"{args.file}: {e}; nothing was written") from None
     cfg = _optional_site(args)
@@ -89,12 +110,13 @@ def cmd_open(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     cfg = load_site(args)
+    trusted = trusted_key_ids(args)
     try:
         ids = bnd.load_identity(Path(args.identity))
         target = st.from_url(args.from_, url=args.endpoint_url or "", region=args.region,
                              credentials_file=args.credentials_file or "")
         target.check()
-        counts = sync.restore(cfg, target, ids, args.trust or None, args.site)
+        counts = restore.restore(cfg, target, ids, trusted, args.site)
     except (bnd.BundleError, st.TargetError) as e:
         raise CliError(str(e)) from None
     print(f"restored {counts['bundles']} bundles: {counts['instances']} instances, "
@@ -108,7 +130,7 @@ def cmd_sync_status(args: argparse.Namespace) -> int:
     cfg = load_site(args)
     conn = db.open_db(cfg.db_path)
     try:
-        f = sync.figures(conn)
+        f = status.figures(conn)
     finally:
         conn.close()
     f["target"] = cfg["sync"]["target"]
@@ -131,10 +153,10 @@ def cmd_sync_status(args: argparse.Namespace) -> int:
 
 def cmd_sync_now(args: argparse.Namespace) -> int:
     cfg = load_site(args)
-    if not sync.enabled(cfg):
+    if not outbox.enabled(cfg):
         raise CliError("sync is off: set sync.target and sync.recipients in appliance.yaml")
     try:
-        r = sync.sync_now(cfg)
+        r = upload.sync_now(cfg)
     except st.TargetError as e:
         raise CliError(str(e)) from None
     print(f"built {r['built']} bundles, confirmed {r['confirmed']}, "
@@ -188,7 +210,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--identity", required=True, metavar="KEYFILE",
                    help="age identity file (AGE-SECRET-KEY-1…)")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--trust", action="append", metavar="KEY_ID")
+    p.add_argument("--trust", action="append", metavar="KEY_ID", help=TRUST_HELP)
     p.add_argument("--ledger", metavar="FILE",
                    help="replay ledger (default: DIR/.received-bundles.json)")
     p.set_defaults(func=cmd_open)
@@ -207,8 +229,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--region", default="us-east-1")
     p.add_argument("--credentials-file", help="file with access_key_id / secret_access_key")
     p.add_argument("--site", help="only this site id's bundles")
-    p.add_argument("--trust", action="append", metavar="KEY_ID",
-                   help="accept only bundles signed by this key id (recommended)")
+    p.add_argument("--trust", action="append", metavar="KEY_ID", help=TRUST_HELP)
     p.set_defaults(func=cmd_restore)
 
     s = sub.add_parser("sync", help="cloud sync: status, or sync now")
