@@ -20,6 +20,7 @@ from appliance.consults import media, turn
 from appliance.consults import recordings as consult_recordings
 from appliance.consults import rooms as consults
 from appliance.core import config, identity
+from appliance.sync import outbox
 
 
 def configure_recording_site(site, tmp_path: Path, folder: Path | None = None) -> Path:
@@ -123,7 +124,7 @@ def test_recording_rides_a_signed_bundle_and_is_restored(site, tmp_path):
         [(cid, sealed[0].name, rows[0]["sha256"], "restored")]
     # Restored recordings are not bundled again by the fresh appliance.
     conn = fresh.db()
-    assert consult_recordings.unbundled(conn) == []
+    assert outbox.unbundled_recordings(conn) == []
     conn.close()
 
 

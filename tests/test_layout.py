@@ -394,8 +394,6 @@ INDEX_READERS = {
     "appliance.health.series": "instances received per minute",
     "appliance.health.status_page": "studies and instances stored (/metrics)",
     "appliance.health.status_report": "modalities received today (unexpected-modality alert)",
-    "appliance.sync.outbox": "bundles carry the instances the index lists",
-    "appliance.sync.cli": "bundle status counts the instances",
     "appliance.accounts.permissions": "the one access decision reads each study's institution"
                                       " (site: scoping) in the same query as its pool",
 }
@@ -417,18 +415,9 @@ OTHER_KNOWN_READS = {
         " branch (sync lag), so it moves to a read_queue function after that lands",
 }
 
-# The "sync" engineer is removing these on their branch: sync's own reads of other tables, and the
-# two reads of sync's tables made for it. Empty this list when that branch lands (this test fails
-# while an entry here no longer happens, so the list only shrinks).
-KNOWN_SYNC_EXCEPTIONS = {
-    ("appliance.sync.outbox", "read_items"),
-    ("appliance.sync.outbox", "reports"),
-    ("appliance.sync.outbox", "report_versions"),
-    # "unbundled recordings" is sync's question, asked in consults on sync's bundle_items
-    ("appliance.consults.recordings", "bundle_items"),
-    # "sync lag" becomes one definition, owned by sync (issue 11 mend 4)
-    ("appliance.health.readiness", "bundles"),
-}
+# Sync's reads of other capabilities' tables (and theirs of sync's): none left since sync was
+# split and reads through the owners' functions. Kept so a temporary exception has one place.
+KNOWN_SYNC_EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def test_table_owners_come_from_the_schema() -> None:

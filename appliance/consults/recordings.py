@@ -143,12 +143,10 @@ def listing(conn: sqlite3.Connection, consult_id: int | None = None) -> list[dic
 
 
 # -- bundles (appliance.sync calls these) -----------------------------------------------------
-def unbundled(conn: sqlite3.Connection) -> list[sqlite3.Row]:
-    """Sealed recordings made here that no bundle carries yet."""
-    return conn.execute(
-        "SELECT * FROM consult_recordings r WHERE origin = 'local' AND NOT EXISTS"
-        " (SELECT 1 FROM bundle_items b WHERE b.item_kind = 'recording' AND b.item_id = r.name)"
-        " ORDER BY r.id").fetchall()
+def local_recordings(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Sealed recordings made here (not restored from elsewhere), oldest first: what sync ships."""
+    return conn.execute("SELECT * FROM consult_recordings WHERE origin = 'local'"
+                        " ORDER BY id").fetchall()
 
 
 def bundle_meta(conn: sqlite3.Connection, name: str) -> dict[str, Any]:

@@ -117,6 +117,14 @@ def _last_report_version_bundled(conn: sqlite3.Connection) -> int:
                         " WHERE item_kind='report_version'").fetchone()[0] or 0
 
 
+def unbundled_recordings(conn: sqlite3.Connection) -> list[sqlite3.Row]:
+    """Recordings made here that no bundle carries yet (consults owns the recordings, sync the
+    bundles: the filter is sync's)."""
+    bundled = {r[0] for r in conn.execute(
+        "SELECT item_id FROM bundle_items WHERE item_kind = 'recording'")}
+    return [r for r in consult_recordings.local_recordings(conn) if r["name"] not in bundled]
+
+
 def unbundled_report_versions(conn: sqlite3.Connection,
                               limit: int | None = None) -> list[dict[str, Any]]:
     """Signed versions after the last one bundled (versions are append-only, bundled in order)."""
@@ -198,7 +206,7 @@ def _anything_due(conn: sqlite3.Connection, cfg: Config, quiet_before: float) ->
         return True
     if unbundled_report_versions(conn, limit=1):
         return True
-    if consult_recordings.unbundled(conn):
+    if unbundled_recordings(conn):
         return True
     return time.time() - _last_audit_slice(conn)[1] >= cfg["sync"]["audit_interval_s"]
 
@@ -214,7 +222,7 @@ def _plan_recordings(conn: sqlite3.Connection, cfg: Config, owner: str) -> list[
     return [_create(conn, cfg, "recording", r["study_uid"] or f"consult:{r['consult_id']}",
                     bnd.PRIORITY_RECORDS,
                     [("recording", r["name"], r["sha256"], f"recordings/{r['name']}", r["size"])],
-                    owner) for r in consult_recordings.unbundled(conn)]
+                    owner) for r in unbundled_recordings(conn)]
 
 
 def _plan_audit(conn: sqlite3.Connection, cfg: Config, now: float, force: bool,
