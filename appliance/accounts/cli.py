@@ -375,7 +375,7 @@ def register_audit(sub: argparse._SubParsersAction) -> None:
     s = p_audit.add_subparsers(dest="audit_command", metavar="ACTION")
     s.required = True
     p = s.add_parser("verify", help="check every link; name the first broken row")
-    p.add_argument("--data-dir", metavar="DIR", help="the site's data directory")
+    data_dir_arg(p)
     p.add_argument("--against", metavar="TARGET",
                    help="also check against the signed heads shipped to s3://BUCKET/PREFIX "
                         "or FOLDER (needs --identity)")
@@ -385,7 +385,7 @@ def register_audit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--credentials-file", help="file with access_key_id / secret_access_key")
     p.set_defaults(func=cmd_verify)
     p = s.add_parser("export", help="write audit rows as JSON lines")
-    p.add_argument("--data-dir", metavar="DIR", help="the site's data directory")
+    data_dir_arg(p)
     p.add_argument("--since", required=True,
                    help="from when: 2026-11-28, 2026-11-28T14:00 (UTC), 24h, 7d or epoch seconds")
     p.add_argument("--out", metavar="FILE", help="write here (0600) instead of stdout")

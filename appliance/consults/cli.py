@@ -21,7 +21,7 @@ import shlex
 from appliance.consults import media, turn
 from appliance.consults import rooms as consults
 from appliance.core import config
-from appliance.core.command_line import CliError
+from appliance.core.command_line import CliError, data_dir_arg
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -97,27 +97,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = s.add_parser("probe", help="join a consult as a receive-only probe and measure it")
     p.add_argument("--consult", type=int, required=True, help="consult number")
     p.add_argument("--seconds", type=float, default=10.0, help="how long to stay (default 10)")
-    p.add_argument("--data-dir", metavar="DIR")
+    data_dir_arg(p)
     p.set_defaults(func=cmd_probe)
     p = s.add_parser("record", help="record a consult (after consent), encrypted to sync.recipients")
     p.add_argument("--consult", type=int, required=True, help="consult number")
     p.add_argument("--seconds", type=float, default=600.0, help="how long to record")
-    p.add_argument("--data-dir", metavar="DIR")
+    data_dir_arg(p)
     p.set_defaults(func=cmd_record)
     p = s.add_parser("relay-check", help="would the aiortc relay take N more streams here?")
     p.add_argument("--streams", type=int, default=1)
     p.add_argument("--active", type=int, default=0, help="streams already relayed")
-    p.add_argument("--data-dir", metavar="DIR")
+    data_dir_arg(p)
     p.set_defaults(func=cmd_relay_check)
     p = s.add_parser("serve", help="the media service: recordings, probes, relay (appliance up"
                      " runs it)")
-    p.add_argument("--data-dir", metavar="DIR")
+    data_dir_arg(p)
     p.set_defaults(func=cmd_serve)
     p = s.add_parser("recover", help="seal what a killed recorder left (serve does this too)")
-    p.add_argument("--data-dir", metavar="DIR")
+    data_dir_arg(p)
     p.set_defaults(func=cmd_recover)
     p = s.add_parser("turn-config", help="write coturn's config; print the command to run it")
-    p.add_argument("--data-dir", metavar="DIR")
+    data_dir_arg(p)
     p.set_defaults(func=cmd_turn_config)
 
 

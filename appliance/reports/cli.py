@@ -14,7 +14,7 @@ import json
 import time
 
 from appliance.core import audit, config, db
-from appliance.core.command_line import CliError, actor
+from appliance.core.command_line import CliError, actor, data_dir_arg
 
 
 def _ago(seconds: float) -> str:
@@ -94,13 +94,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = p_rep.add_subparsers(dest="reports_command", metavar="ACTION")
     s.required = True
     p = s.add_parser("deliveries", help="deliveries waiting (or all with --all), with errors")
-    p.add_argument("--data-dir", metavar="DIR", help="the site's data directory")
+    data_dir_arg(p)
     p.add_argument("--all", action="store_true", help="also the delivered ones")
     p.add_argument("--limit", type=int, default=100, help="at most this many rows (newest)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_deliveries)
     p = s.add_parser("retry", help="make waiting deliveries due now (the PACS is back)")
-    p.add_argument("--data-dir", metavar="DIR", help="the site's data directory")
+    data_dir_arg(p)
     p.add_argument("ids", nargs="*", type=int, metavar="ID", help="delivery ids")
     p.add_argument("--all", action="store_true", help="every waiting delivery")
     p.set_defaults(func=cmd_retry)
