@@ -38,7 +38,7 @@ run: $(STAMP)
 test: $(TEST_STAMP) viewer
 	@sh provisioning/install-test-tools.sh
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=25  # the slowest 25, to keep the suite near 20 min
 	$(BIN)/python -m pytest -q -s -m slow  # once per run: the fresh-machine offline install
 
 test-slow: $(TEST_STAMP)
