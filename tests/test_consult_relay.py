@@ -173,6 +173,13 @@ def test_two_browsers_with_no_path_fall_back_to_the_relay(site, artifacts):
                                            " window.consult.fps > 5", timeout=30000)
                 video_at = time.monotonic() - t0
                 roles = pages[0].evaluate("window.consult.roster.map(p => p.role)")
+                for page in pages:  # frames through the relay, counted on the element itself
+                    page.wait_for_function("""() => {
+                        const relay = window.consult.roster.find(p => p.role === 'relay');
+                        const v = relay && document.querySelector(
+                            `video[data-peer="${relay.id}"]`);
+                        return v && v.getVideoPlaybackQuality().totalVideoFrames > 10;
+                    }""", timeout=15000)
                 carried = [page.evaluate("""() => {
                     const relay = window.consult.roster.find(p => p.role === 'relay');
                     const direct = Object.values(window.consult.peers)
