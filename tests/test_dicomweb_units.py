@@ -292,3 +292,46 @@ def test_instances_are_sent_as_stored_or_decompressed(tmp_path: Path) -> None:
 ])
 def test_gzip_only_when_accepted(header, expected) -> None:
     assert fr.wants_gzip(header) is expected
+
+
+def test_metadata_written_at_ingest_equals_what_the_file_gives(tmp_path: Path) -> None:
+    """The store's derive hook writes each row in the index transaction, as reading the file would."""
+    studies, db_path = tmp_path / "studies", tmp_path / "appliance.db"
+    db.open_db(db_path).close()
+    store = StudyStore(studies, db_path, connect=db.connect, derive=md.at_ingest)
+    st, se = generate_uid(), generate_uid()
+    native = make_instance(st, se, 0, rows=40, cols=30)
+    rle = make_instance(st, se, 1, rows=40, cols=30)
+    rle.compress(RLELossless)
+    multi = make_instance(st, se, 2, rows=8, cols=8)
+    multi.NumberOfFrames = 3
+    multi.PixelData = np.arange(3 * 64, dtype=np.uint16).tobytes()
+    implicit = make_instance(st, se, 3, rows=16, cols=16)
+    implicit.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    for ds in (native, rle, multi, implicit):
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True, implicit_vr=ds is implicit)
+        assert store.store(buf.getvalue(), calling_ae="TEST").success
+    conn = db.connect(db_path)
+    rows = conn.execute("SELECT i.sop_uid, i.path, i.sha256 AS isha, m.sha256, m.json, m.pixel"
+                        " FROM instances i JOIN dicomweb_metadata m USING (sop_uid)").fetchall()
+    assert len(rows) == 4
+    for r in rows:
+        assert r["sha256"] == r["isha"]
+        assert (r["json"], r["pixel"]) == md.compute(studies / r["path"], st, se, r["sop_uid"])
+    assert {json.loads(r["pixel"])["enc"] for r in rows} == {True, False}
+
+
+def test_a_failing_derivation_still_stores_the_instance(tmp_path: Path) -> None:
+    db.open_db(tmp_path / "appliance.db").close()
+
+    def broken(ds, data, rec):
+        return lambda conn: conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+    store = StudyStore(tmp_path / "studies", tmp_path / "appliance.db", connect=db.connect,
+                       derive=broken)
+    buf = io.BytesIO()
+    make_instance(generate_uid(), generate_uid(), 0).save_as(buf, enforce_file_format=True)
+    assert store.store(buf.getvalue(), calling_ae="TEST").outcome == "ok"
+    conn = db.connect(tmp_path / "appliance.db")
+    assert conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 1

@@ -15,11 +15,13 @@ Bulk data (PixelData and large binary values) is not inlined: it is a
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sqlite3
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,31 @@ def compute(path: Path, study_uid: str, series_uid: str, sop_uid: str) -> tuple[
         pixel_pos = f.tell()
         ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
         pixel = _frame_index(f, pixel_pos, ts, ds)
+    return _texts(ds, ts, pixel, study_uid, series_uid, sop_uid)
+
+
+def from_received(ds: pydicom.Dataset, data: bytes, study_uid: str, series_uid: str,
+                  sop_uid: str) -> tuple[str, str]:
+    """:func:`compute` for an instance being received: its parsed dataset and bytes in memory.
+
+    The same texts as reading the stored file later (the file *is* ``data``),
+    made without opening it: the store calls this while it fsyncs the file.
+    """
+    ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
+    header = ds.copy()  # a shallow copy: pixel data leaves the JSON, not the caller's dataset
+    pixel = None
+    raw = ds.get_item(0x7FE00010)
+    if raw is not None:
+        del header[0x7FE00010]
+        tell = getattr(raw, "value_tell", None)
+        if tell is not None:
+            implicit = ts == "1.2.840.10008.1.2"
+            pixel = _frame_index(io.BytesIO(data), tell - (8 if implicit else 12), ts, header)
+    return _texts(header, ts, pixel, study_uid, series_uid, sop_uid)
+
+
+def _texts(ds: pydicom.Dataset, ts: UID, pixel: dict[str, Any] | None, study_uid: str,
+           series_uid: str, sop_uid: str) -> tuple[str, str]:
     prefix = f"{BASE_MARKER}/studies/{study_uid}/series/{series_uid}/instances/{sop_uid}/bulkdata/"
 
     def bulk(elem: DataElement) -> str:
@@ -133,22 +160,40 @@ def _fragments(f: Any, start: int, n: int, ts: str) -> dict[str, Any] | None:
     return {"ts": ts, "enc": True, "frames": frames, "n": n}
 
 
+def at_ingest(ds: pydicom.Dataset, data: bytes, rec: Any) -> Callable[[sqlite3.Connection], None]:
+    """The study store's ``derive`` hook: this instance's row, written in its index transaction.
+
+    Built from the dataset the store has just parsed, while the store fsyncs
+    the file, so the first ``/metadata`` of a series never opens a file. The
+    row is derived data committed with the index row (no extra fsync); what
+    a crash or a restore leaves without one (files reindexed from disk) the
+    sweep and the lazy fill in :func:`instances` make again from the file.
+    """
+    text, pixel = from_received(ds, data, rec.study_uid, rec.series_uid, rec.sop_uid)
+    row = (rec.sop_uid, rec.series_uid, rec.sha256, text, pixel)
+    return lambda conn: _upsert(conn, [row])
+
+
 def _store(conn: sqlite3.Connection, made: list[tuple[str, str, str, str, str]]) -> None:
     """Upsert computed rows in one short transaction (sweep and lazy fill may race: last wins)."""
     if not made:
         return
-    now = time.time()
     conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.executemany(
-            "INSERT INTO dicomweb_metadata (sop_uid, series_uid, sha256, json, pixel, made_at)"
-            " VALUES (?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE SET sha256 = excluded.sha256,"
-            " json = excluded.json, pixel = excluded.pixel, made_at = excluded.made_at",
-            [(*m, now) for m in made])
+        _upsert(conn, made)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def _upsert(conn: sqlite3.Connection, made: list[tuple[str, str, str, str, str]]) -> None:
+    now = time.time()
+    conn.executemany(
+        "INSERT INTO dicomweb_metadata (sop_uid, series_uid, sha256, json, pixel, made_at)"
+        " VALUES (?,?,?,?,?,?) ON CONFLICT(sop_uid) DO UPDATE SET sha256 = excluded.sha256,"
+        " json = excluded.json, pixel = excluded.pixel, made_at = excluded.made_at",
+        [(*m, now) for m in made])
 
 
 def _fill(conn: sqlite3.Connection, studies_dir: Path, rows: list[sqlite3.Row]) -> dict[str, dict]:
