@@ -308,6 +308,22 @@ def test_metadata_written_at_ingest_equals_what_the_file_gives(tmp_path: Path) -
     multi.PixelData = np.arange(3 * 64, dtype=np.uint16).tobytes()
     implicit = make_instance(st, se, 3, rows=16, cols=16)
     implicit.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    # Values the raw fast path must leave to pydicom, or read exactly as pydicom does.
+    native.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    native.StationName = " LEADING BLANK"
+    native.PatientComments = "a\\backslash in LT"
+    native.OtherPatientNames = "YAMADA^TARO=山田^太郎"
+    native.SpecificCharacterSet = ["ISO_IR 192"]
+    native.InstitutionAddress = "Straße 1"
+    native.PatientAge = "042Y"
+    native.PixelSpacing = ["0.4883", "0.4883"]
+    native.WindowCenter = ["40", "400"]
+    native.SliceLocation = "-12.50"
+    native.NumberOfFrames = "1"
+    native.ImageComments = "x\\\\"
+    native.Manufacturer = ""
+    native.ReferencedImageSequence = [pydicom.Dataset()]
+    native.ReferencedImageSequence[0].ReferencedSOPInstanceUID = generate_uid()
     for ds in (native, rle, multi, implicit):
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True, implicit_vr=ds is implicit)
@@ -319,6 +335,15 @@ def test_metadata_written_at_ingest_equals_what_the_file_gives(tmp_path: Path) -
     for r in rows:
         assert r["sha256"] == r["isha"]
         assert (r["json"], r["pixel"]) == md.compute(studies / r["path"], st, se, r["sop_uid"])
+        # … and element for element what pydicom's own DICOM JSON says.
+        prefix = f"{md.BASE_MARKER}/studies/{st}/series/{se}/instances/{r['sop_uid']}/bulkdata/"
+        ref = pydicom.dcmread(studies / r["path"], stop_before_pixels=True).to_json_dict(
+            bulk_data_threshold=md.BULK_THRESHOLD,
+            bulk_data_element_handler=lambda e, p=prefix: p + f"{e.tag:08X}")
+        ours = json.loads(r["json"])
+        ours.pop("00083002")
+        ours.pop("7FE00010")
+        assert ours == ref
     assert {json.loads(r["pixel"])["enc"] for r in rows} == {True, False}
 
 
