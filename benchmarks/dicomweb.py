@@ -322,6 +322,7 @@ def bench_small_qido_and_metadata(targets: list[Target], study: str, series: str
     for t in targets:
         s = t.session()
         url = f"{t.base}/studies/{study}/series/{series}/metadata"
+        timed(s, f"{t.base}/studies?PatientID=BENCH-CT", 1)  # connection + TLS, not the series
         cold = timed(s, url, 1)[0]  # ours: first request, written at ingest; Orthanc: its read
         warm = timed(s, url, runs)
         qido = timed(s, f"{t.base}/studies?PatientID=BENCH-CT", runs)
