@@ -360,3 +360,16 @@ def test_a_failing_derivation_still_stores_the_instance(tmp_path: Path) -> None:
     assert store.store(buf.getvalue(), calling_ae="TEST").outcome == "ok"
     conn = db.connect(tmp_path / "appliance.db")
     assert conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 1
+
+
+def test_metadata_from_a_received_dataset_leaves_it_whole() -> None:
+    ds = make_instance(generate_uid(), generate_uid(), 0, rows=8, cols=8)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    parsed = pydicom.dcmread(io.BytesIO(data))
+    text, pixel = md.from_received(parsed, data, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                   ds.SOPInstanceUID)
+    assert parsed.PixelData == ds.PixelData  # the store's dataset keeps its pixels
+    assert json.loads(text)["7FE00010"]["BulkDataURI"].endswith("/bulkdata/7FE00010")
+    assert json.loads(pixel)["size"] == 128

@@ -33,6 +33,7 @@ from pydicom.uid import UID
 log = logging.getLogger("appliance.dicomweb")
 
 BASE_MARKER = "@BASE@"
+PIXEL_DATA = 0x7FE00010
 BULK_THRESHOLD = 1024  # binary values above this many bytes become BulkDataURIs
 SWEEP_BATCH = 400  # instances per sweep run, so one run stays short
 WATERMARK = "dicomweb_metadata.last_rowid"  # settings key: how far the sweep has come
@@ -64,16 +65,13 @@ def from_received(ds: pydicom.Dataset, data: bytes, study_uid: str, series_uid: 
     made without opening it: the store calls this while it fsyncs the file.
     """
     ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
-    header = ds.copy()  # a shallow copy: pixel data leaves the JSON, not the caller's dataset
     pixel = None
-    raw = ds.get_item(0x7FE00010)
-    if raw is not None:
-        del header[0x7FE00010]
-        tell = getattr(raw, "value_tell", None)
-        if tell is not None:
-            implicit = ts == "1.2.840.10008.1.2"
-            pixel = _frame_index(io.BytesIO(data), tell - (8 if implicit else 12), ts, header)
-    return _texts(header, ts, pixel, study_uid, series_uid, sop_uid)
+    raw = ds.get_item(PIXEL_DATA)
+    tell = getattr(raw, "value_tell", None) if raw is not None else None
+    if tell is not None:
+        implicit = ts == "1.2.840.10008.1.2"
+        pixel = _frame_index(io.BytesIO(data), tell - (8 if implicit else 12), ts, ds)
+    return _texts(ds, ts, pixel, study_uid, series_uid, sop_uid)
 
 
 def _texts(ds: pydicom.Dataset, ts: UID, pixel: dict[str, Any] | None, study_uid: str,
@@ -109,6 +107,8 @@ def _json_dict(ds: pydicom.Dataset, bulk: Callable[[DataElement], str]) -> dict[
     """
     out: dict[str, Any] = {}
     for tag in ds.keys():
+        if tag == PIXEL_DATA:  # a BulkDataURI, added by the caller (as a header-only read)
+            continue
         raw = ds.get_item(tag)
         fast = _raw_json(raw) if isinstance(raw, RawDataElement) else None
         out[f"{tag:08X}"] = fast if fast is not None else ds[tag].to_json_dict(
