@@ -47,6 +47,9 @@ NO_SPACE = "no_space"  # free disk below the low-water mark
 FAILED = "failed"  # an I/O or database error: nothing acknowledged
 
 SUCCESS_OUTCOMES = (OK, DUPLICATE, REPLACED)
+# derive(dataset, file bytes, record) -> writer(conn) or None: see StudyStore.
+DerivedWriter = Callable[[sqlite3.Connection], None]
+Derive = Callable[[Dataset, bytes, idx.InstanceRecord], DerivedWriter | None]
 INCOMING = ".incoming"  # temp files being written; never served, cleaned on start
 WRITE_LOCK = ".write.lock"  # in INCOMING: whose turn it is to rename and index
 
@@ -64,6 +67,16 @@ class StoreResult:
         return self.outcome in SUCCESS_OUTCOMES
 
 
+@dataclass
+class _Pending:
+    """An instance whose temp file is fsynced, waiting to be renamed and indexed."""
+
+    tmp: Path
+    rec: idx.InstanceRecord
+    writer: DerivedWriter | None
+    result: StoreResult | None = None
+
+
 def _safe_component(uid: str) -> str:
     """A path component for a UID; anything not a plain UID is hashed, never trusted."""
     if idx.UID_RE.match(uid) and len(uid) <= 64:
@@ -76,7 +89,12 @@ class StudyStore:
 
     ``on_event(kind, detail)`` is the caller's hook (the appliance audits
     through it); ``on_stored(record)`` tells the caller a study changed.
-    Neither may raise into the store.
+    ``derive(dataset, data, record)`` lets the caller keep something made from the
+    parsed dataset (the appliance's DICOMweb metadata) without parsing the
+    file again: it runs while the file is being fsynced and returns a
+    function that writes its rows inside the index transaction, so they
+    commit with the index row or not at all.  None of them may raise into
+    the store (a failing derivation is logged and the instance still stored).
     """
 
     def __init__(
@@ -87,6 +105,7 @@ class StudyStore:
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
         on_stored: Callable[[idx.InstanceRecord, str], None] | None = None,
         connect: Callable[[str], sqlite3.Connection] | None = None,
+        derive: Derive | None = None,
     ):
         self.root = Path(root)
         self.db_path = str(db_path)
@@ -94,11 +113,14 @@ class StudyStore:
         self.on_event = on_event or (lambda kind, detail: None)
         self.on_stored = on_stored or (lambda record, outcome: None)
         self._connect = connect or _default_connect
+        self.derive = derive
         self._local = threading.local()
         self._sop_locks: dict[str, threading.Lock] = {}
         self._sop_locks_guard = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._write_mutex = threading.Lock()
+        self._group: list[_Pending] = []  # instances waiting for a writer's turn (this process)
+        self._group_guard = threading.Lock()
         self._lock_fd = -1
         self._lock_pid = 0
         durable.ensure_dir(self.root)
@@ -170,9 +192,11 @@ class StudyStore:
         # (A thread handed work while this one parses waits for the GIL: up to the 5 ms
         # switch interval.  Measured: store 2.37 ms → see benchmarks/README.md.)
         digest = _sha256(data)
-        described = _describe(data, calling_ae, remote_addr, expected_sop_uid)
+        ds, described = _describe(data, calling_ae, remote_addr, expected_sop_uid)
+        writer = None
         if not isinstance(described, StoreResult):
             described.sha256 = digest
+            writer = self._derive(ds, data, described)
         try:
             tmp = pending.result()
         except OSError as e:
@@ -184,19 +208,34 @@ class StudyStore:
             durable.discard(tmp)
             return described
         with self._lock_for(described.sop_uid):
-            try:
-                with self._writer_turn():
-                    return self._write_and_index(tmp, described)
-            except Exception as e:
-                durable.discard(tmp)
-                log.exception("store failed for %s", described.sop_uid)
-                if _disk_full(e):
-                    return StoreResult(NO_SPACE, "disk full: nothing stored")
-                return StoreResult(FAILED, f"storage error: {_short(e)}")
+            return self._commit_in_group(_Pending(tmp, described, writer))
+
+    def _commit_in_group(self, item: _Pending) -> StoreResult:
+        """Rename and index this instance together with whatever this process has waiting.
+
+        Group commit: the thread that gets the writer's turn takes every
+        instance queued in this process meanwhile and places them all in one
+        transaction: one fsync per directory and one WAL commit for the group,
+        where each instance paid two fsyncs under the lock before.  Every
+        instance's result is set only after that commit (and the directory
+        fsyncs), so no caller answers Success before its instance is durable.
+        A thread that finds its instance already committed by another returns
+        without touching the file lock.
+        """
+        with self._group_guard:
+            self._group.append(item)
+        with self._write_mutex:
+            if item.result is None:
+                with self._group_guard:
+                    batch, self._group = self._group, []
+                with self._file_lock():
+                    self._write_group(batch)
+        assert item.result is not None
+        return item.result
 
     @contextlib.contextmanager
-    def _writer_turn(self):
-        """One store writer at a time, across threads and processes, woken the moment it is free.
+    def _file_lock(self):
+        """One store writer at a time across processes (callers hold ``_write_mutex``).
 
         Every writer would get SQLite's write lock in turn anyway; waiting for it
         in SQLite's busy handler means sleeping 1, 2, 5, 10… ms between retries,
@@ -204,73 +243,112 @@ class StudyStore:
         A lock file held with ``flock`` (after an in-process mutex: flock does
         not exclude threads sharing one descriptor) hands over at once.
         """
-        with self._write_mutex:
-            if self._lock_pid != os.getpid():  # opened after any fork, never shared across one
-                self._lock_fd = os.open(self.incoming / WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-                self._lock_pid = os.getpid()
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-
-    def _write_and_index(self, tmp: Path, rec: idx.InstanceRecord) -> StoreResult:
-        """Rename into place and index in one write transaction.
-
-        The rename happens while we hold SQLite's write lock, so two node
-        processes given the same SOP Instance UID at once cannot both pick the
-        unversioned name; one transaction per instance, committed with
-        synchronous=FULL before the caller may answer Success.
-        """
-        conn = self.conn
-        placed_new = False
-        conn.execute("BEGIN IMMEDIATE")
+        if self._lock_pid != os.getpid():  # opened after any fork, never shared across one
+            self._lock_fd = os.open(self.incoming / WRITE_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+            self._lock_pid = os.getpid()
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
-            current = idx.lookup(conn, rec.sop_uid)
-            if current is not None and current["sha256"] == rec.sha256:
-                conn.execute("ROLLBACK")
-                durable.discard(tmp)
-                rec.path = current["path"]
-                return StoreResult(DUPLICATE, "identical instance already stored", rec)
-            moved = _moved(current, rec) if current is not None else ""
-            if moved:
-                conn.execute("ROLLBACK")
-                durable.discard(tmp)
-                self._emit("instance.replace_refused", {
-                    "sop_uid": rec.sop_uid, "study_uid": current["study_uid"],
-                    "new_study_uid": rec.study_uid, "old_sha256": current["sha256"],
-                    "new_sha256": rec.sha256, "calling_ae": rec.calling_ae,
-                    "remote_addr": rec.remote_addr, "reason": moved,
-                })
-                return StoreResult(MOVED, moved, rec)
-            rec.path = self.relative_path(rec, version=rec.sha256[:12] if current else None)
-            final = self.root / rec.path
-            placed_new = not final.exists()
-            durable.move_into_place(tmp, final)
-            if current is None:
-                idx.insert(conn, rec)
-                outcome = OK
-            else:
-                idx.replace(conn, current, rec)
-                outcome = REPLACED
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _derive(self, ds: Dataset, data: bytes, rec: idx.InstanceRecord) -> DerivedWriter | None:
+        if self.derive is None:
+            return None
+        try:
+            return self.derive(ds, data, rec)
+        except Exception:
+            log.exception("derive hook failed for %s", rec.sop_uid)
+            return None
+
+    def _write_derived(self, conn: sqlite3.Connection, writer: DerivedWriter | None,
+                       rec: idx.InstanceRecord) -> None:
+        """The derived rows, in the open transaction; a failure there only loses them."""
+        if writer is None:
+            return
+        conn.execute("SAVEPOINT derived")
+        try:
+            writer(conn)
+            conn.execute("RELEASE derived")
+        except Exception:
+            conn.execute("ROLLBACK TO derived")
+            conn.execute("RELEASE derived")
+            log.exception("derived rows not written for %s", rec.sop_uid)
+
+    def _write_group(self, batch: list[_Pending]) -> None:
+        """Place and index a group in one write transaction; set every item's result.
+
+        The renames happen while we hold SQLite's write lock, so two node
+        processes given the same SOP Instance UID at once cannot both pick the
+        unversioned name.  Any error fails the whole group: nothing of it is
+        acknowledged, its new files are removed.  Hooks run after the commit
+        (an audit row needs the write lock this transaction holds).
+        """
+        conn, placed, dirs, after = self.conn, [], set(), []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for item in batch:
+                item.result = self._place(conn, item, placed, dirs, after)
+            for d in sorted(dirs):
+                durable.fsync_dir(d)
             conn.execute("COMMIT")
-        except BaseException:
+        except Exception as e:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            if placed_new and not tmp.exists():
-                # Not acknowledged (e.g. SQLite full): leave nothing behind.
-                durable.discard(final)
-            raise
-        replaced = None
-        if outcome == REPLACED:
-            replaced = {
-                "sop_uid": rec.sop_uid, "study_uid": rec.study_uid, "old_sha256": current["sha256"],
-                "new_sha256": rec.sha256, "old_path": current["path"], "new_path": rec.path,
-                "calling_ae": rec.calling_ae,
-            }
-            self._emit("instance.replaced", replaced)
-        self._notify(rec, outcome)
-        return StoreResult(outcome, "", rec, replaced)
+            for final in placed:
+                durable.discard(final)  # not acknowledged (e.g. SQLite full): nothing left
+            log.exception("store failed for %d instance(s)", len(batch))
+            failed = (StoreResult(NO_SPACE, "disk full: nothing stored") if _disk_full(e)
+                      else StoreResult(FAILED, f"storage error: {_short(e)}"))
+            for item in batch:
+                durable.discard(item.tmp)
+                item.result = failed
+            return
+        for kind, detail in after:
+            self._emit(kind, detail)
+        for item in batch:
+            if item.result.outcome in (OK, REPLACED):
+                self._notify(item.rec, item.result.outcome)
+
+    def _place(self, conn: sqlite3.Connection, item: _Pending, placed: list[Path],
+               dirs: set[Path], after: list[tuple[str, dict[str, Any]]]) -> StoreResult:
+        """One instance of a group: its outcome, its file renamed and its rows written."""
+        rec, tmp = item.rec, item.tmp
+        current = idx.lookup(conn, rec.sop_uid)
+        if current is not None and current["sha256"] == rec.sha256:
+            durable.discard(tmp)
+            rec.path = current["path"]
+            return StoreResult(DUPLICATE, "identical instance already stored", rec)
+        moved = _moved(current, rec) if current is not None else ""
+        if moved:
+            durable.discard(tmp)
+            after.append(("instance.replace_refused", {
+                "sop_uid": rec.sop_uid, "study_uid": current["study_uid"],
+                "new_study_uid": rec.study_uid, "old_sha256": current["sha256"],
+                "new_sha256": rec.sha256, "calling_ae": rec.calling_ae,
+                "remote_addr": rec.remote_addr, "reason": moved,
+            }))
+            return StoreResult(MOVED, moved, rec)
+        rec.path = self.relative_path(rec, version=rec.sha256[:12] if current else None)
+        final = self.root / rec.path
+        durable.ensure_dir(final.parent)
+        if not final.exists():
+            placed.append(final)
+        os.replace(tmp, final)
+        dirs.add(final.parent)
+        if current is None:
+            idx.insert(conn, rec)
+            self._write_derived(conn, item.writer, rec)
+            return StoreResult(OK, "", rec)
+        idx.replace(conn, current, rec)
+        self._write_derived(conn, item.writer, rec)
+        replaced = {
+            "sop_uid": rec.sop_uid, "study_uid": rec.study_uid, "old_sha256": current["sha256"],
+            "new_sha256": rec.sha256, "old_path": current["path"], "new_path": rec.path,
+            "calling_ae": rec.calling_ae,
+        }
+        after.append(("instance.replaced", replaced))
+        return StoreResult(REPLACED, "", rec, replaced)
 
     def relative_path(self, rec: idx.InstanceRecord, version: str | None = None) -> str:
         name = _safe_component(rec.sop_uid) + (f".{version}" if version else "") + ".dcm"
@@ -362,15 +440,20 @@ def _moved(current: sqlite3.Row, rec: idx.InstanceRecord) -> str:
 
 
 def _describe(data: bytes, calling_ae: str, remote_addr: str,
-              expected_sop_uid: str | None) -> idx.InstanceRecord | StoreResult:
-    """Parse and check one Part 10 file; its index record, or an INVALID result saying why."""
+              expected_sop_uid: str | None) -> tuple[Dataset | None, idx.InstanceRecord | StoreResult]:
+    """Parse and check one Part 10 file: (dataset, its index record), or an INVALID result."""
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         problem = structure_problem(ds)
     except Exception as e:  # pydicom raises many kinds on malformed input
-        return StoreResult(INVALID, f"cannot parse dataset: {_short(e)}")
+        return None, StoreResult(INVALID, f"cannot parse dataset: {_short(e)}")
     if problem:
-        return StoreResult(INVALID, problem)
+        return ds, StoreResult(INVALID, problem)
+    return ds, _record(ds, data, calling_ae, remote_addr, expected_sop_uid)
+
+
+def _record(ds: Dataset, data: bytes, calling_ae: str, remote_addr: str,
+            expected_sop_uid: str | None) -> idx.InstanceRecord | StoreResult:
     uids = {k: plain_uid(ds, k) for k in ("StudyInstanceUID", "SeriesInstanceUID",
                                           "SOPInstanceUID")}
     missing = [k for k, v in uids.items() if not v]

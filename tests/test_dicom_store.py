@@ -516,3 +516,47 @@ def test_index_values_read_plainly_equal_pydicoms(tmp_path):
             assert ss.plain_uid(plain, keyword) == converted
         compared += 1
     assert compared > 80
+
+
+def test_instances_waiting_together_commit_as_one_group(tmp_path) -> None:
+    """Group commit: what queued while another writer held the turn shares one transaction."""
+    import io as _io
+    import threading as _threading
+
+    from dicom_data import make_instance as _make
+    from pydicom.uid import generate_uid as _uid
+
+    from appliance.core import db as _db
+    from dicom_node.study_store import StudyStore as _Store
+
+    _db.open_db(tmp_path / "appliance.db").close()
+    commits: list[str] = []
+
+    def connect(path):
+        conn = _db.connect(path)
+        conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+        return conn
+
+    store = _Store(tmp_path / "studies", tmp_path / "appliance.db", connect=connect)
+    st, se = _uid(), _uid()
+    blobs = []
+    for i in range(4):
+        buf = _io.BytesIO()
+        _make(st, se, i).save_as(buf, enforce_file_format=True)
+        blobs.append(buf.getvalue())
+    results: list = []
+    with store._write_mutex:  # another writer's turn: all four queue behind it
+        threads = [_threading.Thread(target=lambda b=b: results.append(store.store(b, "T")))
+                   for b in blobs]
+        for t in threads:
+            t.start()
+        while len(store._group) < 4:
+            _threading.Event().wait(0.01)
+        assert results == []  # nobody is answered before the commit
+    for t in threads:
+        t.join()
+    assert sorted(r.outcome for r in results) == ["ok"] * 4
+    assert commits == ["COMMIT"]  # one transaction (and one directory fsync) for the group
+    conn = _db.connect(tmp_path / "appliance.db")
+    paths = [r[0] for r in conn.execute("SELECT path FROM instances")]
+    assert len(paths) == 4 and all((tmp_path / "studies" / p).is_file() for p in paths)

@@ -292,3 +292,84 @@ def test_instances_are_sent_as_stored_or_decompressed(tmp_path: Path) -> None:
 ])
 def test_gzip_only_when_accepted(header, expected) -> None:
     assert fr.wants_gzip(header) is expected
+
+
+def test_metadata_written_at_ingest_equals_what_the_file_gives(tmp_path: Path) -> None:
+    """The store's derive hook writes each row in the index transaction, as reading the file would."""
+    studies, db_path = tmp_path / "studies", tmp_path / "appliance.db"
+    db.open_db(db_path).close()
+    store = StudyStore(studies, db_path, connect=db.connect, derive=md.at_ingest)
+    st, se = generate_uid(), generate_uid()
+    native = make_instance(st, se, 0, rows=40, cols=30)
+    rle = make_instance(st, se, 1, rows=40, cols=30)
+    rle.compress(RLELossless)
+    multi = make_instance(st, se, 2, rows=8, cols=8)
+    multi.NumberOfFrames = 3
+    multi.PixelData = np.arange(3 * 64, dtype=np.uint16).tobytes()
+    implicit = make_instance(st, se, 3, rows=16, cols=16)
+    implicit.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    # Values the raw fast path must leave to pydicom, or read exactly as pydicom does.
+    native.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    native.StationName = " LEADING BLANK"
+    native.PatientComments = "a\\backslash in LT"
+    native.OtherPatientNames = "YAMADA^TARO=山田^太郎"
+    native.SpecificCharacterSet = ["ISO_IR 192"]
+    native.InstitutionAddress = "Straße 1"
+    native.PatientAge = "042Y"
+    native.PixelSpacing = ["0.4883", "0.4883"]
+    native.WindowCenter = ["40", "400"]
+    native.SliceLocation = "-12.50"
+    native.NumberOfFrames = "1"
+    native.ImageComments = "x\\\\"
+    native.Manufacturer = ""
+    native.ReferencedImageSequence = [pydicom.Dataset()]
+    native.ReferencedImageSequence[0].ReferencedSOPInstanceUID = generate_uid()
+    for ds in (native, rle, multi, implicit):
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True, implicit_vr=ds is implicit)
+        assert store.store(buf.getvalue(), calling_ae="TEST").success
+    conn = db.connect(db_path)
+    rows = conn.execute("SELECT i.sop_uid, i.path, i.sha256 AS isha, m.sha256, m.json, m.pixel"
+                        " FROM instances i JOIN dicomweb_metadata m USING (sop_uid)").fetchall()
+    assert len(rows) == 4
+    for r in rows:
+        assert r["sha256"] == r["isha"]
+        assert (r["json"], r["pixel"]) == md.compute(studies / r["path"], st, se, r["sop_uid"])
+        # … and element for element what pydicom's own DICOM JSON says.
+        prefix = f"{md.BASE_MARKER}/studies/{st}/series/{se}/instances/{r['sop_uid']}/bulkdata/"
+        ref = pydicom.dcmread(studies / r["path"], stop_before_pixels=True).to_json_dict(
+            bulk_data_threshold=md.BULK_THRESHOLD,
+            bulk_data_element_handler=lambda e, p=prefix: p + f"{e.tag:08X}")
+        ours = json.loads(r["json"])
+        ours.pop("00083002")
+        ours.pop("7FE00010")
+        assert ours == ref
+    assert {json.loads(r["pixel"])["enc"] for r in rows} == {True, False}
+
+
+def test_a_failing_derivation_still_stores_the_instance(tmp_path: Path) -> None:
+    db.open_db(tmp_path / "appliance.db").close()
+
+    def broken(ds, data, rec):
+        return lambda conn: conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+    store = StudyStore(tmp_path / "studies", tmp_path / "appliance.db", connect=db.connect,
+                       derive=broken)
+    buf = io.BytesIO()
+    make_instance(generate_uid(), generate_uid(), 0).save_as(buf, enforce_file_format=True)
+    assert store.store(buf.getvalue(), calling_ae="TEST").outcome == "ok"
+    conn = db.connect(tmp_path / "appliance.db")
+    assert conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 1
+
+
+def test_metadata_from_a_received_dataset_leaves_it_whole() -> None:
+    ds = make_instance(generate_uid(), generate_uid(), 0, rows=8, cols=8)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    parsed = pydicom.dcmread(io.BytesIO(data))
+    text, pixel = md.from_received(parsed, data, ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                   ds.SOPInstanceUID)
+    assert parsed.PixelData == ds.PixelData  # the store's dataset keeps its pixels
+    assert json.loads(text)["7FE00010"]["BulkDataURI"].endswith("/bulkdata/7FE00010")
+    assert json.loads(pixel)["size"] == 128

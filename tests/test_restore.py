@@ -114,6 +114,9 @@ def test_restore_rebuilds_a_fresh_appliance_from_the_cloud(site, moto, tmp_path,
     assert after[3] == before[3]  # byte-identical files
     conn = fresh.db()
     assert status.reconcile(conn)["unconfirmed"] == 0  # restored data is not shipped again
+    # Restored series answer /metadata at once: their DICOM JSON was written as they came back.
+    assert conn.execute("SELECT COUNT(*) FROM instances i JOIN dicomweb_metadata m"
+                        " ON m.sop_uid = i.sop_uid AND m.sha256 = i.sha256").fetchone()[0] == 14
     actions = [r[0] for r in conn.execute("SELECT action FROM audit")]
     conn.close()
     assert "sync.restore" in actions

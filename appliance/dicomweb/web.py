@@ -509,7 +509,7 @@ def _store() -> study_store.StudyStore:
         if store is None:
             store = _stores[key] = study_store.StudyStore(
                 cfg.studies_dir, cfg.db_path, low_water_mb=cfg["dicom"]["low_water_mb"],
-                connect=db.connect)
+                connect=db.connect, derive=metadata.at_ingest)
         return store
 
 

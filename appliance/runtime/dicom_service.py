@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core import audit, components, config, db, metrics
+from appliance.dicomweb import metadata as dicomweb_metadata
 from dicom_node import index as dicom_index
 from dicom_node.node import DicomNode, NodeSettings, Peer, listen
 from dicom_node.study_store import StudyStore
@@ -93,7 +94,7 @@ def build_node(cfg: config.Config) -> DicomNode:
     conn.close()
     on_event = Auditor(cfg.db_path)
     store = StudyStore(cfg.studies_dir, cfg.db_path, low_water_mb=cfg["dicom"]["low_water_mb"],
-                       on_event=on_event, connect=db.connect)
+                       on_event=on_event, connect=db.connect, derive=dicomweb_metadata.at_ingest)
     metrics.instrument_store(store, cfg.data_dir,  # C-STORE counts/latency for /metrics
                              [a.name for a in cfg.known_aes], cfg["dicom"]["processes"])
     dcfg = cfg["dicom"]

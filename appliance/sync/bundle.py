@@ -24,6 +24,8 @@ the AEAD, ``cryptography`` does Ed25519 and SHA-256.
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import hashlib
 import io
 import json
@@ -204,9 +206,33 @@ class _StreamReader(io.RawIOBase):
         return n
 
 
+def _writeback_starter() -> Callable[[int, int, int], Any] | None:
+    """``sync_file_range(fd, offset, n, SYNC_FILE_RANGE_WRITE)``: start writing a range to
+    disk without waiting for it (None where libc lacks it)."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True) \
+            .sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return lambda fd, off, n: fn(fd, off, n, 2)  # 2: SYNC_FILE_RANGE_WRITE
+
+
+_start_writeback = _writeback_starter()
+WRITEBACK_EVERY = 8 << 20
+
+
 class _HashingWriter(io.RawIOBase):
+    """Hashes and writes the ciphertext; starts writeback of every 8 MiB as it goes.
+
+    The fsync before "built" stays; started early, the disk writes while we
+    encrypt (ctypes lets go of the GIL), so the fsync has only the last few
+    MiB left: it was a fifth of a CT's build time.
+    """
+
     def __init__(self, f: BinaryIO, whole):
         self.f, self.h, self.n, self.whole = f, hashlib.sha256(), 0, whole
+        self._synced = 0
 
     def writable(self) -> bool:
         return True
@@ -216,6 +242,10 @@ class _HashingWriter(io.RawIOBase):
         self.whole.update(b)
         self.n += len(b)
         self.f.write(b)
+        if _start_writeback and self.n - self._synced >= WRITEBACK_EVERY:
+            self.f.flush()
+            _start_writeback(self.f.fileno(), len(MAGIC) + self._synced, self.n - self._synced)
+            self._synced = self.n
         return len(b)
 
 
@@ -254,7 +284,9 @@ def seal(out: Path, bundle_id: str, signing_key: ed25519.Ed25519PrivateKey,
     out = Path(out)
     durable.ensure_dir(out.parent)
     tmp = out.with_name(f".{out.name}.{os.getpid()}{durable.TMP_SUFFIX}")
-    reader = _StreamReader(plaintext)
+    stream = _StreamReader(plaintext)
+    # pyrage pulls 8 KiB at a time: a C buffer in front keeps 19,000 calls a CT out of Python.
+    reader = io.BufferedReader(stream, buffer_size=CHUNK)
     try:
         with open(tmp, "wb") as f:
             os.chmod(tmp, 0o600)
@@ -264,9 +296,9 @@ def seal(out: Path, bundle_id: str, signing_key: ed25519.Ed25519PrivateKey,
             try:
                 pyrage.encrypt_io(reader, w, rcpts)
             except Exception as e:
-                raise (reader.error or BundleError(f"encryption failed: {e}")) from None
-            if reader.error:
-                raise reader.error
+                raise (stream.error or BundleError(f"encryption failed: {e}")) from None
+            if stream.error:
+                raise stream.error
             digest = w.h.digest()
             pub = signing_key.public_key()
             trailer = json.dumps({

@@ -18,6 +18,7 @@ from typing import Any
 from appliance.consults import recordings as consult_recordings
 from appliance.core import audit, db, durable
 from appliance.core.config import Config
+from appliance.dicomweb import metadata as dicomweb_metadata
 from appliance.reports import model as reports
 from appliance.sync import bundle as bnd
 from appliance.sync import targets as st
@@ -56,7 +57,8 @@ def restore(cfg: Config, target: st.Target, identities: list, trusted: list[str]
 def _restore_all(conn: sqlite3.Connection, cfg: Config, target: st.Target, identities: list,
                  trusted: list[str] | None, site_id: str | None,
                  say: Callable[[str], Any]) -> dict[str, int]:
-    store = StudyStore(cfg.studies_dir, cfg.db_path, connect=db.connect)
+    store = StudyStore(cfg.studies_dir, cfg.db_path, connect=db.connect,
+                       derive=dicomweb_metadata.at_ingest)  # restored series answer /metadata at once
     counts = {"bundles": 0, "skipped": 0, "rejected": 0, "instances": 0, "reports": 0,
               "audit_rows": 0, "recordings": 0}
     work = cfg.data_dir / "run" / "restore"
