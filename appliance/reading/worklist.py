@@ -1,7 +1,8 @@
 """Read items: the worklist every remote reader works from, and its state machine.
 
 One read item per study (``UNIQUE(study_uid)``), created by the read queue
-sweep when the study is complete.  States::
+sweep when the study is complete, or while it still arrives when its rule says
+STAT (``arriving`` until the study is complete).  States::
 
     queued → claimed → preliminary → final → delivered
        ↑        |                                  (cancelled from any open state;
@@ -71,7 +72,7 @@ ITEM_COLUMNS = """
     r.due_at, r.created_at, r.updated_at, r.pool, r.pool_roles, r.pool_tags, r.workflow, r.rule,
     r.actions, r.hold, r.modalities, r.instances_seen, r.late_instances, r.late_at, r.breached,
     r.breached_at, r.claimed_by, r.claimed_at, r.claim_expires_at, r.read_at, r.final_at,
-    s.patient_id, s.patient_name, s.accession_number, s.study_description, s.study_date,
+    r.completed_at, s.patient_id, s.patient_name, s.accession_number, s.study_description, s.study_date,
     s.institution_name, s.num_instances, s.num_series
 """
 
@@ -89,6 +90,7 @@ def _item(row: sqlite3.Row) -> dict[str, Any]:
     d["breached"] = bool(d["breached"])
     d["modalities"] = [m for m in (d["modalities"] or "").split("\\") if m]
     d["late"] = d["late_instances"] > 0
+    d["arriving"] = d["completed_at"] is None  # images still arriving (a STAT study listed early)
     return d
 
 

@@ -72,6 +72,12 @@
       cell(tr, it.body_part);
       cell(tr, it.site);
       const imgs = cell(tr, String(it.images));
+      if (it.arriving) {
+        imgs.append(" ");
+        const b = imgs.appendChild(badge("images arriving", "arriving"));
+        b.setAttribute("data-testid", "arriving");
+        b.title = "the study is still arriving: more images may come";
+      }
       if (it.late) { imgs.append(" "); imgs.appendChild(badge("late images", "late")); }
       cell(tr, it.state + (it.claimed_by ? " · " + (it.mine ? "you" : it.claimed_by) : ""));
       const act = cell(tr, "");
