@@ -10,7 +10,7 @@ finishes the job.
 - *Arriving*: triggers on the index put every touched study in
   ``pending_completions`` (in the study store's own transaction). When the
   workflow routes a study still arriving as STAT (or urgent), its read item is
-  made on the next pass (``completed_at`` NULL: the worklist says "arriving",
+  made on the next pass (``arriving``: the worklist says images are arriving,
   its image count rises): the due time is first instance + SLA, and every
   escalation step is timed then. ``read_items.study_uid`` is UNIQUE, so a
   second item is impossible even if two sweeps race.
@@ -212,17 +212,16 @@ def complete_studies(conn: sqlite3.Connection, workflows: list[Workflow], now: f
         with db.transaction(conn):
             rows = conn.execute(
                 "SELECT p.study_uid, s.study_uid AS present, s.last_received, s.num_instances,"
-                " r.id AS item_id, r.instances_seen, r.claimed_by, r.state, r.completed_at"
+                " r.id AS item_id, r.instances_seen, r.claimed_by, r.state, r.arriving"
                 " FROM pending_completions p LEFT JOIN studies s USING (study_uid)"
                 " LEFT JOIN read_items r ON r.study_uid = p.study_uid"
-                " WHERE s.study_uid IS NULL OR s.last_received <= ?"
-                " OR (r.id IS NOT NULL AND r.completed_at IS NOT NULL) LIMIT ?",
+                " WHERE s.study_uid IS NULL OR s.last_received <= ? OR r.arriving = 0 LIMIT ?",
                 (now - quiet_s, BATCH),
             ).fetchall()
             for row in rows:
                 if row["present"] is None:
                     pass  # the study was removed from the index: nothing to read
-                elif row["item_id"] is not None and row["completed_at"] is not None:
+                elif row["item_id"] is not None and not row["arriving"]:
                     counts["late"] += _attach_late(conn, row, now)
                 else:
                     item_id = row["item_id"]
@@ -249,8 +248,8 @@ def open_arriving(conn: sqlite3.Connection, workflows: list[Workflow], now: floa
         "SELECT p.study_uid, s.num_instances, s.num_series, r.id AS item_id, r.instances_seen,"
         " r.claimed_by, r.state, r.read_at FROM pending_completions p"
         " JOIN studies s USING (study_uid) LEFT JOIN read_items r ON r.study_uid = p.study_uid"
-        " WHERE s.last_received > ? AND r.completed_at IS NULL"
-        " AND (r.id IS NULL OR r.instances_seen != s.num_instances) LIMIT ?",
+        " WHERE s.last_received > ? AND (r.id IS NULL OR (r.arriving = 1"
+        " AND r.instances_seen != s.num_instances)) LIMIT ?",
         (now - quiet_s, BATCH),
     ).fetchall()
     shas = tuple(w.sha256 for w in workflows)
@@ -282,7 +281,7 @@ def _arriving_count(conn: sqlite3.Connection, row: sqlite3.Row, now: float) -> N
     modalities = conn.execute("SELECT modalities FROM studies WHERE study_uid = ?",
                               (row["study_uid"],)).fetchone()[0]
     conn.execute("UPDATE read_items SET instances_seen = ?, modalities = ?, updated_at = ?"
-                 " WHERE id = ? AND completed_at IS NULL",
+                 " WHERE id = ? AND arriving = 1",
                  (row["num_instances"], _modalities(conn, row["study_uid"], modalities), now,
                   row["item_id"]))
 
@@ -303,15 +302,15 @@ def study_complete(conn: sqlite3.Connection, item_id: int, workflows: list[Workf
     when it completed the item, 0 when it was complete already.
     """
     item = conn.execute("SELECT * FROM read_items WHERE id = ?", (item_id,)).fetchone()
-    if item is None or item["completed_at"] is not None:
+    if item is None or not item["arriving"]:
         return 0
     study = conn.execute("SELECT num_instances FROM studies WHERE study_uid = ?",
                          (item["study_uid"],)).fetchone()
     decision = engine.decide(workflows, study_facts(conn, item["study_uid"]))
     if _route(item) != _route_of(decision):
         _reroute(conn, item, decision, now)
-    conn.execute("UPDATE read_items SET completed_at = ?, instances_seen = ?, modalities = ?,"
-                 " updated_at = ? WHERE id = ? AND completed_at IS NULL",
+    conn.execute("UPDATE read_items SET arriving = 0, completed_at = ?, instances_seen = ?,"
+                 " modalities = ?, updated_at = ? WHERE id = ? AND arriving = 1",
                  (now, study["num_instances"], _modalities(conn, item["study_uid"], None), now,
                   item_id))
     worklist.add_history(conn, item_id, now, SYSTEM, "complete", item["state"], item["state"],
@@ -387,8 +386,8 @@ def _create_item(conn: sqlite3.Connection, study_uid: str, workflows: list[Workf
     cur = conn.execute(
         "INSERT INTO read_items (study_uid, state, priority, priority_rank, sla_minutes,"
         " first_received, due_at, created_at, updated_at, pool, pool_roles, pool_tags, workflow,"
-        " rule, workflow_sha, actions, hold, modalities, instances_seen)"
-        " VALUES (?, 'queued', ?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        " rule, workflow_sha, actions, hold, modalities, instances_seen, arriving)"
+        " VALUES (?, 'queued', ?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?, 1)",
         (study_uid, decision.priority, decision.priority_rank, decision.sla_minutes, first,
          decision.due_at(first), now, now, pool.name, ",".join(pool.roles), ",".join(pool.tags),
          decision.workflow, decision.rule, decision.workflow_sha, json.dumps(decision.actions),

@@ -72,8 +72,8 @@ ITEM_COLUMNS = """
     r.due_at, r.created_at, r.updated_at, r.pool, r.pool_roles, r.pool_tags, r.workflow, r.rule,
     r.actions, r.hold, r.modalities, r.instances_seen, r.late_instances, r.late_at, r.breached,
     r.breached_at, r.claimed_by, r.claimed_at, r.claim_expires_at, r.read_at, r.final_at,
-    r.completed_at, s.patient_id, s.patient_name, s.accession_number, s.study_description, s.study_date,
-    s.institution_name, s.num_instances, s.num_series
+    r.arriving, r.completed_at, s.patient_id, s.patient_name, s.accession_number,
+    s.study_description, s.study_date, s.institution_name, s.num_instances, s.num_series
 """
 
 
@@ -90,7 +90,7 @@ def _item(row: sqlite3.Row) -> dict[str, Any]:
     d["breached"] = bool(d["breached"])
     d["modalities"] = [m for m in (d["modalities"] or "").split("\\") if m]
     d["late"] = d["late_instances"] > 0
-    d["arriving"] = d["completed_at"] is None  # images still arriving (a STAT study listed early)
+    d["arriving"] = bool(d["arriving"])  # images still arriving (a STAT study listed early)
     return d
 
 

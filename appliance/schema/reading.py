@@ -118,11 +118,13 @@ CREATE TABLE workflow_files (
 """ + core.NOTIFICATIONS
 
 # Migration 20: a read item may exist while its study is still arriving (a STAT study is
-# listed within seconds of its first image). ``completed_at`` is NULL until the study has
-# been quiet for ``worker.quiet_period_s``: that moment runs what needs the whole study.
-# Items made before this migration were made complete. The partial index serves the
-# worklist's paged query (open states, soonest due first).
+# listed within seconds of its first image): ``arriving`` is 1 until the study has been
+# quiet for ``worker.quiet_period_s`` (``completed_at``), the moment that runs what needs
+# the whole study. Items made before this migration, or written by anything that does not
+# know, are complete. The partial index serves the worklist's paged query (open states,
+# soonest due first).
 ARRIVING = """
+ALTER TABLE read_items ADD COLUMN arriving INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE read_items ADD COLUMN completed_at REAL;
 UPDATE read_items SET completed_at = created_at;
 CREATE INDEX read_items_open_due ON read_items(due_at, id)
