@@ -23,7 +23,7 @@ from flask.typing import ResponseReturnValue
 
 from appliance.accounts import permissions
 from appliance.accounts import sessions as auth
-from appliance.reading import worklist
+from appliance.reading import freshness, worklist
 from appliance.web import get_db
 
 bp = Blueprint("ui", __name__)
@@ -101,7 +101,7 @@ def query_items(args: Any, user: dict[str, Any]) -> list[dict[str, Any]]:
         )
     except worklist.WorklistError as e:
         abort(400, str(e))
-    seen = permissions.visible_to_caller(i["study_uid"] for i in items)
+    seen = worklist.visible_items(get_db(), items, user, auth.now())
     if args.get("scope") != "all":
         items = [i for i in items if i["study_uid"] in seen]  # in the pool, not the site
     parts = _body_parts([i["study_uid"] for i in items if i["study_uid"] in seen])
@@ -125,9 +125,15 @@ def worklist_page() -> ResponseReturnValue:
 @auth.require(*permissions.READERS)
 @permissions.patient_data("list")
 def worklist_items() -> ResponseReturnValue:
-    rows = query_items(request.args, auth.current_user())
+    """The rows the page polls; ``304`` when nothing the caller would see has changed
+    (``If-None-Match`` with the last ``ETag``: ``appliance.reading.freshness``)."""
+    user = auth.current_user()
+    tag = freshness.etag(get_db(), "ui.items", user, request.args, auth.now())
+    if freshness.unchanged(tag):
+        return freshness.not_modified(tag)  # no rows sent: nothing to audit
+    rows = query_items(request.args, user)
     _audit_list_view(rows)
-    return jsonify(now=auth.now(), items=rows)
+    return freshness.tagged(jsonify(now=auth.now(), items=rows), tag)
 
 
 def _audit_list_view(rows: list[dict[str, Any]]) -> None:
