@@ -201,6 +201,9 @@ def study_facts(conn: sqlite3.Connection, study_uid: str) -> engine.StudyFacts |
 # their SLA (an hour) gains nothing from 30 s, a reader claiming half a study wastes a read,
 # and a later series may still route them elsewhere (completion re-decides either way).
 EARLY_PRIORITIES = ("stat", "urgent")
+# Studies arriving at once that one pass looks at: every one, in practice (a routine study
+# already decided costs a dict lookup), so a STAT study is never starved behind a page of them.
+ARRIVING_LIMIT = 5000
 _ROUTINE_SEEN: dict[str, tuple[int, tuple[str, ...]]] = {}  # study → (series, workflow shas)
 
 
@@ -250,16 +253,17 @@ def open_arriving(conn: sqlite3.Connection, workflows: list[Workflow], now: floa
         " JOIN studies s USING (study_uid) LEFT JOIN read_items r ON r.study_uid = p.study_uid"
         " WHERE s.last_received > ? AND (r.id IS NULL OR (r.arriving = 1"
         " AND r.instances_seen != s.num_instances)) LIMIT ?",
-        (now - quiet_s, BATCH),
+        (now - quiet_s, ARRIVING_LIMIT),
     ).fetchall()
     shas = tuple(w.sha256 for w in workflows)
     created = 0
     for row in rows:
+        if row["item_id"] is None and \
+                _ROUTINE_SEEN.get(row["study_uid"]) == (row["num_series"], shas):
+            continue  # decided routine on these series already: it waits for completion
         with db.transaction(conn):
             if row["item_id"] is not None:
                 _arriving_count(conn, row, now)
-                continue
-            if _ROUTINE_SEEN.get(row["study_uid"]) == (row["num_series"], shas):
                 continue
             decision = engine.decide(workflows, study_facts(conn, row["study_uid"]))
             if decision.priority not in EARLY_PRIORITIES:
@@ -267,8 +271,10 @@ def open_arriving(conn: sqlite3.Connection, workflows: list[Workflow], now: floa
                     _ROUTINE_SEEN.clear()
                 _ROUTINE_SEEN[row["study_uid"]] = (row["num_series"], shas)
                 continue
-            _create_item(conn, row["study_uid"], workflows, now, decision)
-            created += 1
+            if conn.execute("SELECT 1 FROM read_items WHERE study_uid = ?",
+                            (row["study_uid"],)).fetchone() is None:  # no other pass made it
+                _create_item(conn, row["study_uid"], workflows, now, decision)
+                created += 1
     return created
 
 
