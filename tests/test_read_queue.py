@@ -135,6 +135,23 @@ def test_a_stat_study_is_listed_while_it_arrives_and_keeps_one_item(qs: QueueSit
         "created", "complete", "late_instances"]
 
 
+def test_images_after_a_report_on_an_arriving_study_are_late(qs: QueueSite):
+    qs.use("disaster-default.yaml")
+    rad = qs.reader("dr.early")
+    uid = qs.store(n=2, at=T0)
+    qs.sweep(T0 + 2)
+    item_id = qs.item(uid)["id"]
+    worklist.claim(qs.conn, item_id, rad, T0 + 3)
+    worklist.transition(qs.conn, item_id, "preliminary", rad, T0 + 60)  # read what arrived
+    qs.store(uid, n=3, at=T0 + 61)
+    assert qs.sweep(T0 + 64)["late"] == 1  # still arriving, but the reader has answered
+    item = qs.item(uid)
+    assert item["arriving"] and item["late_instances"] == 3
+    assert notifications.inbox(qs.conn, "dr.early")[0]["kind"] == "late_instances"
+    assert qs.sweep(T0 + 64 + QUIET)["completed"] == 1
+    assert qs.item(uid)["late_instances"] == 3  # completion adds no second count
+
+
 REROUTE_WORKFLOW = """\
 workflow: reroute
 pools:

@@ -210,7 +210,8 @@ _ROUTINE_SEEN: dict[str, tuple[int, tuple[str, ...]]] = {}  # study → (series,
 def complete_studies(conn: sqlite3.Connection, workflows: list[Workflow], now: float,
                      quiet_s: float) -> dict[str, int]:
     """List STAT studies while they arrive; complete quiet studies; attach late instances."""
-    counts = {"created": open_arriving(conn, workflows, now, quiet_s), "completed": 0, "late": 0}
+    created, late = open_arriving(conn, workflows, now, quiet_s)
+    counts = {"created": created, "completed": 0, "late": late}
     while True:
         with db.transaction(conn):
             rows = conn.execute(
@@ -239,9 +240,10 @@ def complete_studies(conn: sqlite3.Connection, workflows: list[Workflow], now: f
 
 
 def open_arriving(conn: sqlite3.Connection, workflows: list[Workflow], now: float,
-                  quiet_s: float) -> int:
+                  quiet_s: float) -> tuple[int, int]:
     """Studies still arriving: a read item as soon as the rule says STAT (or urgent), and the
-    image count of items already listed kept rising. Returns the items created.
+    image count of items already listed kept rising. Returns (items created, items flagged
+    late: images after a report on what had arrived).
 
     The study stays in ``pending_completions`` until it is quiet: then
     :func:`study_complete` runs. A routine decision is remembered per series count and
@@ -256,14 +258,14 @@ def open_arriving(conn: sqlite3.Connection, workflows: list[Workflow], now: floa
         (now - quiet_s, ARRIVING_LIMIT),
     ).fetchall()
     shas = tuple(w.sha256 for w in workflows)
-    created = 0
+    created = late = 0
     for row in rows:
         if row["item_id"] is None and \
                 _ROUTINE_SEEN.get(row["study_uid"]) == (row["num_series"], shas):
             continue  # decided routine on these series already: it waits for completion
         with db.transaction(conn):
             if row["item_id"] is not None:
-                _arriving_count(conn, row, now)
+                late += _arriving_count(conn, row, now)
                 continue
             decision = engine.decide(workflows, study_facts(conn, row["study_uid"]))
             if decision.priority not in EARLY_PRIORITIES:
@@ -275,21 +277,21 @@ def open_arriving(conn: sqlite3.Connection, workflows: list[Workflow], now: floa
                             (row["study_uid"],)).fetchone() is None:  # no other pass made it
                 _create_item(conn, row["study_uid"], workflows, now, decision)
                 created += 1
-    return created
+    return created, late
 
 
-def _arriving_count(conn: sqlite3.Connection, row: sqlite3.Row, now: float) -> None:
+def _arriving_count(conn: sqlite3.Connection, row: sqlite3.Row, now: float) -> int:
     """More images of a listed study still arriving: the count rises; once a report was
     signed on what had arrived they are late images (flagged, the reader told)."""
     if row["read_at"] is not None:
-        _attach_late(conn, row, now)
-        return
+        return _attach_late(conn, row, now)
     modalities = conn.execute("SELECT modalities FROM studies WHERE study_uid = ?",
                               (row["study_uid"],)).fetchone()[0]
     conn.execute("UPDATE read_items SET instances_seen = ?, modalities = ?, updated_at = ?"
                  " WHERE id = ? AND arriving = 1",
                  (row["num_instances"], _modalities(conn, row["study_uid"], modalities), now,
                   row["item_id"]))
+    return 0
 
 
 def _modalities(conn: sqlite3.Connection, study_uid: str, fallback: str | None) -> str:
