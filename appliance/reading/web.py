@@ -4,7 +4,9 @@ The worklist is the read items of ``appliance.worklist``, soonest due first,
 each with a live SLA countdown (green, amber past half the SLA, red when
 breached) computed in the browser from ``due_at`` and the server's clock.
 The page refreshes its rows every few seconds with ``X-Background: 1`` so
-that an unattended worklist is still logged off when idle. Claim and release
+that an unattended worklist is still logged off when idle, and with the last
+``ETag`` so that an unchanged worklist answers 304 (``appliance.reading.freshness``).
+A study still arriving (a STAT study listed before it is complete) says so. Claim and release
 are one click (a JSON POST with the CSRF header).
 
 Opening a study outside one's pool or site goes through the break-glass page first;
