@@ -10,8 +10,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from flask import Flask, g
+from flask import Flask
 
+from appliance import web
 from appliance.core import config as site_config
 
 # One blueprint per area; each module exposes ``bp``.
@@ -48,8 +49,6 @@ def create_app(cfg: site_config.Config, overrides: dict[str, Any] | None = None)
 
     @app.teardown_appcontext
     def close_db(_exc: BaseException | None) -> None:
-        conn = g.pop("db", None)
-        if conn is not None:
-            conn.close()
+        web.release_db()  # kept for the thread's next request
 
     return app

@@ -19,10 +19,11 @@ class Api:
         self.a = a
         self.tokens: dict[str, str] = {}
 
-    def as_(self, user: str, method: str, path: str, **kw):
+    def as_(self, user: str, method: str, path: str, headers_extra: dict | None = None, **kw):
         if user not in self.tokens:
             self.tokens[user] = self.a.token(user)
-        headers = {"Authorization": f"Bearer {self.tokens[user]}", "Accept": "application/json"}
+        headers = {"Authorization": f"Bearer {self.tokens[user]}", "Accept": "application/json",
+                   **(headers_extra or {})}
         return getattr(self.a.client(), method)(path, headers=headers, **kw)
 
 
@@ -79,6 +80,18 @@ def test_list_sorted_by_due_with_filters(api: Api):
     assert listed and listed[0]["actor"] == "rad1" and listed[0]["source"] == "127.0.0.1"
 
 
+def test_list_answers_304_while_unchanged_and_200_after_a_change(api: Api):
+    r = api.as_("rad1", "get", "/api/v1/worklist/items")
+    tag = r.headers["ETag"]
+    again = api.as_("rad1", "get", "/api/v1/worklist/items", headers_extra={"If-None-Match": tag})
+    assert again.status_code == 304 and again.data == b""
+    assert api.as_("rad2", "get", "/api/v1/worklist/items",
+                   headers_extra={"If-None-Match": tag}).status_code == 200  # another reader
+    api.as_("rad1", "post", f"/api/v1/worklist/items/{item_id(api, '1.2.3.2')}/claim")
+    after = api.as_("rad1", "get", "/api/v1/worklist/items", headers_extra={"If-None-Match": tag})
+    assert after.status_code == 200 and after.get_json()["items"][0]["claimed_by"] == "rad1"
+
+
 def test_auth_errors(api: Api):
     c = api.a.client()
     r = c.get("/api/v1/worklist/items", headers={"Accept": "application/json"})
@@ -108,8 +121,8 @@ def test_claim_renew_release_and_history(api: Api):
     assert api.as_("rad1", "post", "/api/v1/worklist/items/999/claim").status_code == 404
     hist = api.as_("rad2", "get", f"/api/v1/worklist/items/{stat}/history").get_json()["history"]
     assert [(h["event"], h["actor"]) for h in hist] == [
-        ("created", "system:read-queue"), ("claimed", "rad1"), ("renewed", "rad1"),
-        ("released", "rad1")]
+        ("created", "system:read-queue"), ("complete", "system:read-queue"),
+        ("claimed", "rad1"), ("renewed", "rad1"), ("released", "rad1")]
     assert hist[-1]["detail"]["reason"] == "needs neuro"
     mine = api.as_("rad1", "get", "/api/v1/worklist/items?mine=1")
     assert ids(mine) == []

@@ -88,22 +88,107 @@ def qs(tmp_path: Path):
 # -- completion -------------------------------------------------------------------------------
 def test_study_complete_after_quiet_period_gets_one_item(qs: QueueSite):
     qs.use("disaster-default.yaml")
-    uid = qs.store(n=3, at=T0)  # last instance at T0+2
-    assert qs.sweep(T0 + 2 + QUIET - 0.5)["created"] == 0
+    uid = qs.store(n=3, at=T0, body_part="CHEST", study_description="CT CHEST")  # routine
+    assert qs.sweep(T0 + 2 + QUIET - 0.5)["created"] == 0  # routine waits for completion
     assert qs.item(uid) is None
-    assert qs.sweep(T0 + 2 + QUIET)["created"] == 1
+    counts = qs.sweep(T0 + 2 + QUIET)
+    assert (counts["created"], counts["completed"]) == (1, 1)
     item = qs.item(uid)
-    assert (item["priority"], item["sla_minutes"], item["rule"]) == ("stat", 30, "ct-head-stat")
-    assert item["due_at"] == T0 + 30 * 60  # first instance + SLA
-    assert item["state"] == "queued" and item["modalities"] == ["CT"]
+    assert (item["priority"], item["sla_minutes"], item["rule"]) == ("routine", 60, "routine")
+    assert item["due_at"] == T0 + 60 * 60  # first instance + SLA
+    assert item["state"] == "queued" and item["modalities"] == ["CT"] and not item["arriving"]
     assert [e["action"] for e in item["escalations"]] == [
-        "notify_pool", "notify_on_call", "reopen", "mark_breached"]
-    assert [e["fire_at"] - T0 for e in item["escalations"]] == pytest.approx(
-        [900, 1350, 1620, 1800])
+        "notify_pool", "notify_on_call", "mark_breached"]
+    assert [e["fire_at"] - T0 for e in item["escalations"]] == pytest.approx([1800, 3000, 3600])
     for t in (T0 + 40, T0 + 50):  # repeated sweeps change nothing
-        assert qs.sweep(t) == {"created": 0, "late": 0, "claims_expired": 0, "escalations": 0}
+        assert qs.sweep(t) == {"created": 0, "completed": 0, "late": 0, "claims_expired": 0,
+                               "escalations": 0}
     assert qs.count("SELECT COUNT(*) FROM read_items") == 1
-    assert worklist.history(qs.conn, item["id"])[0]["event"] == "created"
+    assert [h["event"] for h in worklist.history(qs.conn, item["id"])] == ["created", "complete"]
+
+
+def test_a_stat_study_is_listed_while_it_arrives_and_keeps_one_item(qs: QueueSite):
+    qs.use("disaster-default.yaml")
+    uid = qs.store(n=1, at=T0)  # the first image of a CT head
+    assert qs.sweep(T0 + 1)["created"] == 1  # long before the quiet period
+    item = qs.item(uid)
+    assert item["arriving"] and item["num_instances"] == 1 and item["state"] == "queued"
+    assert (item["priority"], item["rule"], item["due_at"]) == ("stat", "ct-head-stat",
+                                                                T0 + 30 * 60)
+    assert [e["fire_at"] - T0 for e in item["escalations"]] == pytest.approx(
+        [900, 1350, 1620, 1800])  # the SLA clock runs from the first image
+    qs.store(uid, n=4, at=T0 + 2)  # more arrive: the count rises, nothing is late
+    assert qs.sweep(T0 + 7)["created"] == 0
+    item = qs.item(uid)
+    assert item["arriving"] and item["instances_seen"] == 5 and not item["late"]
+    assert qs.sweep(T0 + 5 + QUIET - 0.5)["completed"] == 0
+    counts = qs.sweep(T0 + 5 + QUIET)
+    assert (counts["created"], counts["completed"], counts["late"]) == (0, 1, 0)
+    item = qs.item(uid)
+    assert not item["arriving"] and not item["late"] and item["num_instances"] == 5
+    assert qs.sweep(T0 + 100)["completed"] == 0  # completion runs once
+    qs.store(uid, n=2, at=T0 + 200)  # after completion: late images, same item
+    assert qs.sweep(T0 + 201)["late"] == 1
+    assert qs.item(uid)["late_instances"] == 2
+    assert qs.count("SELECT COUNT(*) FROM read_items") == 1
+    assert [h["event"] for h in worklist.history(qs.conn, item["id"])] == [
+        "created", "complete", "late_instances"]
+
+
+def test_images_after_a_report_on_an_arriving_study_are_late(qs: QueueSite):
+    qs.use("disaster-default.yaml")
+    rad = qs.reader("dr.early")
+    uid = qs.store(n=2, at=T0)
+    qs.sweep(T0 + 2)
+    item_id = qs.item(uid)["id"]
+    worklist.claim(qs.conn, item_id, rad, T0 + 3)
+    worklist.transition(qs.conn, item_id, "preliminary", rad, T0 + 60)  # read what arrived
+    qs.store(uid, n=3, at=T0 + 61)
+    assert qs.sweep(T0 + 64)["late"] == 1  # still arriving, but the reader has answered
+    item = qs.item(uid)
+    assert item["arriving"] and item["late_instances"] == 3
+    assert notifications.inbox(qs.conn, "dr.early")[0]["kind"] == "late_instances"
+    assert qs.sweep(T0 + 64 + QUIET)["completed"] == 1
+    assert qs.item(uid)["late_instances"] == 3  # completion adds no second count
+
+
+REROUTE_WORKFLOW = """\
+workflow: reroute
+pools:
+  rads: {role: radiologist}
+  neuro: {role: neurologist}
+rules:
+  - name: stroke-cta
+    match: {series_description: "CTA"}
+    priority: stat
+    sla_minutes: 20
+    pool: neuro
+  - name: ct-head
+    match: {modality: CT, body_part: HEAD}
+    priority: stat
+    sla_minutes: 30
+    pool: rads
+  - name: routine
+    default: true
+    priority: routine
+    sla_minutes: 60
+    pool: rads
+"""
+
+
+def test_completion_reroutes_a_stat_study_its_later_series_changed(qs: QueueSite):
+    (qs.cfg.workflows_dir / "reroute.yaml").write_text(REROUTE_WORKFLOW)
+    uid = qs.store(n=1, at=T0, series_description="NON CONTRAST")
+    qs.sweep(T0 + 1)
+    assert qs.item(uid)["rule"] == "ct-head" and qs.item(uid)["arriving"]
+    qs.store(uid, n=2, at=T0 + 10, series_description="CTA HEAD NECK")
+    assert qs.sweep(T0 + 11 + QUIET)["completed"] == 1
+    item = qs.item(uid)
+    assert (item["rule"], item["pool"]["name"], item["due_at"]) == ("stroke-cta", "neuro",
+                                                                    T0 + 20 * 60)
+    assert [e["fire_at"] - T0 for e in item["escalations"]] == [600, 1200]  # the new ladder
+    assert qs.count("SELECT COUNT(*) FROM read_items") == 1
+    assert "rerouted" in [h["event"] for h in worklist.history(qs.conn, item["id"])]
 
 
 def test_late_instances_attach_to_the_same_item_and_are_flagged(qs: QueueSite):
@@ -115,7 +200,8 @@ def test_late_instances_attach_to_the_same_item_and_are_flagged(qs: QueueSite):
     worklist.claim(qs.conn, item["id"], rad, T0 + 70)
     qs.store(uid, n=4, at=T0 + 300, body_part="CHEST", study_description="CT CHEST")
     counts = qs.sweep(T0 + 305)  # no quiet period needed to flag a late arrival
-    assert counts == {"created": 0, "late": 1, "claims_expired": 0, "escalations": 0}
+    assert counts == {"created": 0, "completed": 0, "late": 1, "claims_expired": 0,
+                      "escalations": 0}
     item = qs.item(uid)
     assert item["late"] and item["late_instances"] == 4 and item["num_instances"] == 6
     assert qs.count("SELECT COUNT(*) FROM read_items") == 1
@@ -162,7 +248,7 @@ def test_claims_lock_expire_and_are_audited(qs: QueueSite):
     worklist.release(qs.conn, item_id, b, T0 + 2500, reason="wrong specialty")
     events = [h["event"] for h in worklist.history(qs.conn, item_id)]
     assert [e for e in events if not e.startswith("escalation.")] == [
-        "created", "claimed", "renewed", "claim_expired", "claimed", "released"]
+        "created", "complete", "claimed", "renewed", "claim_expired", "claimed", "released"]
     assert audit.verify(qs.conn)[0]
 
 

@@ -232,3 +232,20 @@ def test_next_reader_takes_over_a_released_draft_and_broken_site_templates_are_n
         "SELECT detail FROM audit WHERE action = 'report.take_over'")]
     conn.close()
     assert moves == [{"from": "dr.ray", "study_uid": _study}]
+
+
+def test_report_page_says_images_are_still_arriving(web):
+    a, item_id, _study_uid = web
+    conn = a.db()
+    conn.execute("UPDATE read_items SET arriving = 1 WHERE id = ?", (item_id,))
+    conn.commit()
+    ray = _client(a, "dr.ray")
+    _claim(a, ray, item_id)  # a STAT study may be claimed and reported while it arrives
+    rid = _open_report(a, ray, item_id)
+    page = ray.get(f"/reports/{rid}", headers=HTML).get_data(as_text=True)
+    assert 'data-testid="arriving"' in page and "Images are still arriving" in page
+    conn.execute("UPDATE read_items SET arriving = 0 WHERE id = ?", (item_id,))
+    conn.commit()
+    conn.close()
+    assert 'data-testid="arriving"' not in ray.get(f"/reports/{rid}", headers=HTML).get_data(
+        as_text=True)

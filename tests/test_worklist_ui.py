@@ -164,6 +164,85 @@ def test_polling_is_not_activity_and_audited_once_per_five_minutes(wl: AuthApp):
     assert c.get("/worklist/items", headers={"X-Background": "1"}).status_code == 401
 
 
+def test_an_arriving_study_says_so_on_the_page_and_in_the_json(wl: AuthApp):
+    conn = wl.db()
+    conn.execute("UPDATE read_items SET arriving = 1 WHERE study_uid = '1.2.3.stroke'")
+    conn.commit()
+    conn.close()
+    c = wl.client()
+    login(wl, c, "rad1")
+    html = c.get("/worklist", headers=HTML).get_data(as_text=True)
+    assert html.count('data-testid="arriving"') == 1 and "images arriving" in html
+    items = {i["study_uid"]: i for i in c.get("/worklist/items").get_json()["items"]}
+    assert items["1.2.3.stroke"]["arriving"] and not items["1.2.3.routine"]["arriving"]
+
+
+def test_unchanged_refresh_answers_304_and_any_change_200(wl: AuthApp):
+    c1, c2 = wl.client(), wl.client("10.0.0.2")
+    login(wl, c1, "rad1")
+    login(wl, c2, "rad2")
+    conn = wl.db()
+
+    def refresh(c, tag: str | None = None, query: str = ""):
+        return c.get("/worklist/items" + query, headers={"X-Background": "1", **(
+            {"If-None-Match": tag} if tag else {})})
+
+    first = refresh(c1)
+    tag = first.headers["ETag"]
+    assert first.status_code == 200 and tag.startswith('W/"')
+    again = refresh(c1, tag)
+    assert again.status_code == 304 and again.data == b"" and again.headers["ETag"] == tag
+    assert again.headers["Cache-Control"] == "no-store"
+    assert refresh(c1, tag, "?priority=stat").status_code == 200  # other filters, other rows
+    # Another reader with the same role never gets the first reader's tag answered.
+    other = refresh(c2, tag)
+    assert other.status_code == 200 and other.headers["ETag"] != tag
+
+    def changed(sql: str, *args) -> str:
+        """Make one change a reader would see; the old tag must now get the new rows."""
+        nonlocal tag
+        conn.execute(sql, args)
+        conn.commit()
+        r = refresh(c1, tag)
+        assert r.status_code == 200, sql
+        assert r.headers["ETag"] != tag
+        tag = r.headers["ETag"]
+        assert refresh(c1, tag).status_code == 304
+        return r.get_json()["items"]
+
+    stroke_id = conn.execute("SELECT id FROM read_items WHERE study_uid = '1.2.3.stroke'"
+                             ).fetchone()[0]
+    worklist.claim(conn, stroke_id, "rad2", wl.clock.t)  # another reader's claim
+    r = refresh(c1, tag)
+    assert r.status_code == 200
+    assert [i["claimed_by"] for i in r.get_json()["items"] if i["id"] == stroke_id] == ["rad2"]
+    tag = r.headers["ETag"]
+    items = changed("UPDATE studies SET num_instances = 121 WHERE study_uid = '1.2.3.stroke'")
+    assert [i["images"] for i in items if i["id"] == stroke_id] == [121]
+    items = changed("UPDATE series SET body_part = 'BRAIN' WHERE study_uid = '1.2.3.stroke'")
+    assert [i["body_part"] for i in items if i["id"] == stroke_id] == ["BRAIN"]
+    changed("UPDATE users SET tags = 'neuro' WHERE username = 'rad1'")  # the reader's own pools
+    # Every pool's rows (scope=all): a break-glass grant opens a study, and lapses unwritten.
+    def north(r) -> bool:
+        return [i["eligible"] for i in r.get_json()["items"] if i["study_uid"] == "1.2.3.north"
+                ][0]
+
+    r = refresh(c1, None, "?scope=all")
+    assert not north(r)
+    rad1 = conn.execute("SELECT id FROM users WHERE username = 'rad1'").fetchone()[0]
+    conn.execute("INSERT INTO break_glass (ts, user_id, study_uid, reason, expires_at)"
+                 " VALUES (?, ?, '1.2.3.north', 'stroke on call', ?)",
+                 (wl.clock.t, rad1, wl.clock.t + 600))
+    conn.commit()
+    r = refresh(c1, r.headers["ETag"], "?scope=all")
+    assert r.status_code == 200 and north(r)
+    assert refresh(c1, r.headers["ETag"], "?scope=all").status_code == 304
+    wl.clock.advance(601)  # the grant lapses: no write, yet the rows change
+    r = refresh(c1, r.headers["ETag"], "?scope=all")
+    assert r.status_code == 200 and not north(r)
+    conn.close()
+
+
 def test_worklist_is_for_readers_only(wl: AuthApp):
     c = wl.client()
     login(wl, c, "staff1")

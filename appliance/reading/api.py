@@ -15,7 +15,7 @@ from flask import Blueprint, current_app, jsonify, request
 from appliance.accounts import permissions
 from appliance.accounts import sessions as auth
 from appliance.core import notifications
-from appliance.reading import worklist
+from appliance.reading import freshness, worklist
 from appliance.web import get_db
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -80,7 +80,7 @@ def _checked_item(item_id: int, action: str) -> dict[str, Any]:
 
 def _redacted(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Items of studies the caller may not see keep their place but name no patient."""
-    seen = permissions.visible_to_caller(i["study_uid"] for i in items)
+    seen = worklist.visible_items(get_db(), items, auth.current_user(), auth.now())
     return [i if i["study_uid"] in seen else
             {**i, **dict.fromkeys(PATIENT_FIELDS, None), "restricted": True} for i in items]
 
@@ -90,10 +90,14 @@ def _redacted(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
 @permissions.patient_data("list")
 def list_items():
     """Read items soonest due first; filters: state, priority, modality, pool, breached,
-    mine, eligible (only what the caller may claim), limit, offset."""
+    mine, eligible (only what the caller may claim), limit, offset. Tagged (``ETag``):
+    ``If-None-Match`` with the last tag answers 304 when nothing listed changed."""
     user = auth.current_user()
     eligible = _flag("eligible")
     mine = _flag("mine")
+    tag = freshness.etag(get_db(), "api.items", user, request.args, auth.now())
+    if freshness.unchanged(tag):
+        return freshness.not_modified(tag)  # nothing sent: nothing to audit
     items = worklist.list_items(
         get_db(), state=request.args.get("state") or None,
         priority=request.args.get("priority") or None,
@@ -108,7 +112,7 @@ def list_items():
         items = [i for i in items if not i.get("restricted")]
     auth.audit_event("worklist.list", "", detail={"rows": len(items),
                                                   "filters": dict(request.args)})
-    return jsonify(now=auth.now(), count=len(items), items=items)
+    return freshness.tagged(jsonify(now=auth.now(), count=len(items), items=items), tag)
 
 
 @bp.get("/worklist/items/<int:item_id>")

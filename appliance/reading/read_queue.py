@@ -7,13 +7,19 @@ pass does whatever is due, in small transactions, so a ``kill -9`` at any
 line leaves either the whole of a change or none of it, and the next pass
 finishes the job.
 
-- *Completion*: triggers on the index put every touched study in
-  ``pending_completions`` (in the study store's own transaction). A study
-  with no instance for ``worker.quiet_period_s`` gets its one read item: the
-  workflow is applied, the due time is first instance + SLA, and every
+- *Arriving*: triggers on the index put every touched study in
+  ``pending_completions`` (in the study store's own transaction). When the
+  workflow routes a study still arriving as STAT (or urgent), its read item is
+  made on the next pass (``arriving``: the worklist says images are arriving,
+  its image count rises): the due time is first instance + SLA, and every
   escalation step is timed then. ``read_items.study_uid`` is UNIQUE, so a
   second item is impossible even if two sweeps race.
-- *Late instances* attach to the existing item and flag it.
+- *Completion*: a study with no instance for ``worker.quiet_period_s`` is
+  complete (:func:`study_complete`, the one place for what needs the whole
+  study): a routine study gets its read item then; a listed one is re-decided
+  on all its series and re-routed if its rule changed.
+- *Late instances* (after completion, or after a report on an arriving study)
+  attach to the existing item and flag it.
 - *Claims* whose lease lapsed go back to the queue (history + audit).
 - *Escalations*: each step whose time has come fires once: ``fired_at`` is
   set in the same transaction as its notifications and effects.
@@ -191,53 +197,177 @@ def study_facts(conn: sqlite3.Connection, study_uid: str) -> engine.StudyFacts |
     return facts.from_index(dict(study), [dict(s) for s in series])
 
 
+# Priorities listed while their study still arrives. Routine studies wait for completion:
+# their SLA (an hour) gains nothing from 30 s, a reader claiming half a study wastes a read,
+# and a later series may still route them elsewhere (completion re-decides either way).
+EARLY_PRIORITIES = ("stat", "urgent")
+# Studies arriving at once that one pass looks at: every one, in practice (a routine study
+# already decided costs a dict lookup), so a STAT study is never starved behind a page of them.
+ARRIVING_LIMIT = 5000
+_ROUTINE_SEEN: dict[str, tuple[int, tuple[str, ...]]] = {}  # study → (series, workflow shas)
+
+
 def complete_studies(conn: sqlite3.Connection, workflows: list[Workflow], now: float,
                      quiet_s: float) -> dict[str, int]:
-    """Create read items for quiet studies; attach late instances to existing items."""
-    counts = {"created": 0, "late": 0}
+    """List STAT studies while they arrive; complete quiet studies; attach late instances."""
+    created, late = open_arriving(conn, workflows, now, quiet_s)
+    counts = {"created": created, "completed": 0, "late": late}
     while True:
         with db.transaction(conn):
             rows = conn.execute(
                 "SELECT p.study_uid, s.study_uid AS present, s.last_received, s.num_instances,"
-                " r.id AS item_id, r.instances_seen, r.claimed_by, r.state"
+                " r.id AS item_id, r.instances_seen, r.claimed_by, r.state, r.arriving"
                 " FROM pending_completions p LEFT JOIN studies s USING (study_uid)"
                 " LEFT JOIN read_items r ON r.study_uid = p.study_uid"
-                " WHERE s.study_uid IS NULL OR r.id IS NOT NULL OR s.last_received <= ?"
-                " LIMIT ?", (now - quiet_s, BATCH),
+                " WHERE s.study_uid IS NULL OR s.last_received <= ? OR r.arriving = 0 LIMIT ?",
+                (now - quiet_s, BATCH),
             ).fetchall()
             for row in rows:
                 if row["present"] is None:
                     pass  # the study was removed from the index: nothing to read
-                elif row["item_id"] is not None:
+                elif row["item_id"] is not None and not row["arriving"]:
                     counts["late"] += _attach_late(conn, row, now)
                 else:
-                    _create_item(conn, row["study_uid"], workflows, now)
-                    counts["created"] += 1
+                    item_id = row["item_id"]
+                    if item_id is None:
+                        item_id = _create_item(conn, row["study_uid"], workflows, now)
+                        counts["created"] += 1
+                    counts["completed"] += study_complete(conn, item_id, workflows, now)
                 conn.execute("DELETE FROM pending_completions WHERE study_uid = ?",
                              (row["study_uid"],))
         if len(rows) < BATCH:
             return counts
 
 
-def _create_item(conn: sqlite3.Connection, study_uid: str, workflows: list[Workflow],
-                 now: float) -> int:
+def open_arriving(conn: sqlite3.Connection, workflows: list[Workflow], now: float,
+                  quiet_s: float) -> tuple[int, int]:
+    """Studies still arriving: a read item as soon as the rule says STAT (or urgent), and the
+    image count of items already listed kept rising. Returns (items created, items flagged
+    late: images after a report on what had arrived).
+
+    The study stays in ``pending_completions`` until it is quiet: then
+    :func:`study_complete` runs. A routine decision is remembered per series count and
+    workflow version, so a long routine study is not re-decided on every pass.
+    """
+    rows = conn.execute(
+        "SELECT p.study_uid, s.num_instances, s.num_series, r.id AS item_id, r.instances_seen,"
+        " r.claimed_by, r.state, r.read_at FROM pending_completions p"
+        " JOIN studies s USING (study_uid) LEFT JOIN read_items r ON r.study_uid = p.study_uid"
+        " WHERE s.last_received > ? AND (r.id IS NULL OR (r.arriving = 1"
+        " AND r.instances_seen != s.num_instances)) LIMIT ?",
+        (now - quiet_s, ARRIVING_LIMIT),
+    ).fetchall()
+    shas = tuple(w.sha256 for w in workflows)
+    created = late = 0
+    for row in rows:
+        if row["item_id"] is None and \
+                _ROUTINE_SEEN.get(row["study_uid"]) == (row["num_series"], shas):
+            continue  # decided routine on these series already: it waits for completion
+        with db.transaction(conn):
+            if row["item_id"] is not None:
+                late += _arriving_count(conn, row, now)
+                continue
+            decision = engine.decide(workflows, study_facts(conn, row["study_uid"]))
+            if decision.priority not in EARLY_PRIORITIES:
+                if len(_ROUTINE_SEEN) > 10_000:
+                    _ROUTINE_SEEN.clear()
+                _ROUTINE_SEEN[row["study_uid"]] = (row["num_series"], shas)
+                continue
+            if conn.execute("SELECT 1 FROM read_items WHERE study_uid = ?",
+                            (row["study_uid"],)).fetchone() is None:  # no other pass made it
+                _create_item(conn, row["study_uid"], workflows, now, decision)
+                created += 1
+    return created, late
+
+
+def _arriving_count(conn: sqlite3.Connection, row: sqlite3.Row, now: float) -> int:
+    """More images of a listed study still arriving: the count rises; once a report was
+    signed on what had arrived they are late images (flagged, the reader told)."""
+    if row["read_at"] is not None:
+        return _attach_late(conn, row, now)
+    modalities = conn.execute("SELECT modalities FROM studies WHERE study_uid = ?",
+                              (row["study_uid"],)).fetchone()[0]
+    conn.execute("UPDATE read_items SET instances_seen = ?, modalities = ?, updated_at = ?"
+                 " WHERE id = ? AND arriving = 1",
+                 (row["num_instances"], _modalities(conn, row["study_uid"], modalities), now,
+                  row["item_id"]))
+    return 0
+
+
+def _modalities(conn: sqlite3.Connection, study_uid: str, fallback: str | None) -> str:
     f = study_facts(conn, study_uid)
-    decision = engine.decide(workflows, f)
-    study = conn.execute("SELECT first_received, num_instances, modalities FROM studies"
-                         " WHERE study_uid = ?", (study_uid,)).fetchone()
-    first = float(study["first_received"])
-    pool = decision.pool
-    cur = conn.execute(
-        "INSERT INTO read_items (study_uid, state, priority, priority_rank, sla_minutes,"
-        " first_received, due_at, created_at, updated_at, pool, pool_roles, pool_tags, workflow,"
-        " rule, workflow_sha, actions, hold, modalities, instances_seen)"
-        " VALUES (?, 'queued', ?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-        (study_uid, decision.priority, decision.priority_rank, decision.sla_minutes, first,
-         decision.due_at(first), now, now, pool.name, ",".join(pool.roles), ",".join(pool.tags),
-         decision.workflow, decision.rule, decision.workflow_sha, json.dumps(decision.actions),
-         int(decision.hold), "\\".join(f.modalities), study["num_instances"]),
-    )
-    item_id = cur.lastrowid
+    return "\\".join(f.modalities) if f else (fallback or "")
+
+
+def study_complete(conn: sqlite3.Connection, item_id: int, workflows: list[Workflow],
+                   now: float) -> int:
+    """THE "study complete" moment: quiet for ``worker.quiet_period_s``. Runs once per item.
+
+    Called in the transaction that takes the study off ``pending_completions``. The rule
+    is decided again on the whole study (a later series may route it elsewhere: the item
+    is re-routed, never duplicated); from here on new images are late images. Whatever
+    needs the complete study (forwarding it, say) belongs in this function. Returns 1
+    when it completed the item, 0 when it was complete already.
+    """
+    item = conn.execute("SELECT * FROM read_items WHERE id = ?", (item_id,)).fetchone()
+    if item is None or not item["arriving"]:
+        return 0
+    study = conn.execute("SELECT num_instances FROM studies WHERE study_uid = ?",
+                         (item["study_uid"],)).fetchone()
+    decision = engine.decide(workflows, study_facts(conn, item["study_uid"]))
+    if _route(item) != _route_of(decision):
+        _reroute(conn, item, decision, now)
+    conn.execute("UPDATE read_items SET arriving = 0, completed_at = ?, instances_seen = ?,"
+                 " modalities = ?, updated_at = ? WHERE id = ? AND arriving = 1",
+                 (now, study["num_instances"], _modalities(conn, item["study_uid"], None), now,
+                  item_id))
+    worklist.add_history(conn, item_id, now, SYSTEM, "complete", item["state"], item["state"],
+                         {"instances": study["num_instances"],
+                          "arriving_for_s": round(now - item["created_at"], 3)})
+    log.info("study complete", extra={"item_id": item_id, "study_uid": item["study_uid"],
+                                      "instances": study["num_instances"]})
+    return 1
+
+
+def _route(item: sqlite3.Row) -> tuple[Any, ...]:
+    return (item["workflow"], item["rule"], item["workflow_sha"], item["priority"],
+            float(item["sla_minutes"]), item["pool"], item["pool_roles"], item["pool_tags"])
+
+
+def _route_of(d: engine.Decision) -> tuple[Any, ...]:
+    return (d.workflow, d.rule, d.workflow_sha, d.priority, float(d.sla_minutes), d.pool.name,
+            ",".join(d.pool.roles), ",".join(d.pool.tags))
+
+
+def _reroute(conn: sqlite3.Connection, item: sqlite3.Row, decision: engine.Decision,
+             now: float) -> None:
+    """The whole study matched another rule than its first images: the item takes the new
+    priority, SLA (still from the first image), pool and ladder; steps already fired stay."""
+    first, pool = float(item["first_received"]), decision.pool
+    conn.execute(
+        "UPDATE read_items SET priority = ?, priority_rank = ?, sla_minutes = ?, due_at = ?,"
+        " pool = ?, pool_roles = ?, pool_tags = ?, workflow = ?, rule = ?, workflow_sha = ?,"
+        " actions = ?, hold = ?, updated_at = ? WHERE id = ?",
+        (decision.priority, decision.priority_rank, decision.sla_minutes, decision.due_at(first),
+         pool.name, ",".join(pool.roles), ",".join(pool.tags), decision.workflow, decision.rule,
+         decision.workflow_sha, json.dumps(decision.actions), int(decision.hold), now,
+         item["id"]))
+    conn.execute("DELETE FROM escalation_steps WHERE item_id = ? AND fired_at IS NULL"
+                 " AND skipped_at IS NULL", (item["id"],))
+    _insert_steps(conn, item["id"], decision, first)
+    worklist.add_history(conn, item["id"], now, SYSTEM, "rerouted", item["state"], item["state"],
+                         {"from_rule": item["rule"], "rule": decision.rule,
+                          "priority": decision.priority, "sla_minutes": decision.sla_minutes,
+                          "pool": pool.name})
+    log.info("read item re-routed on completion", extra={
+        "item_id": item["id"], "from_rule": item["rule"], "rule": decision.rule})
+
+
+def _insert_steps(conn: sqlite3.Connection, item_id: int, decision: engine.Decision,
+                  first: float) -> None:
+    """The ladder's steps, numbered after any step the item already has (fired ones stay)."""
+    base = conn.execute("SELECT COALESCE(MAX(step_index) + 1, 0) FROM escalation_steps"
+                        " WHERE item_id = ?", (item_id,)).fetchone()[0]
     for index, fire_at, step in decision.step_times(first):
         target: dict[str, Any] = {}
         if step.action == "notify_on_call":
@@ -247,8 +377,32 @@ def _create_item(conn: sqlite3.Connection, study_uid: str, workflows: list[Workf
         conn.execute(
             "INSERT INTO escalation_steps (item_id, step_index, action, target, description,"
             " fire_at) VALUES (?,?,?,?,?,?)",
-            (item_id, index, step.action, json.dumps(target), step.describe(), fire_at),
+            (item_id, base + index, step.action, json.dumps(target), step.describe(), fire_at),
         )
+
+
+def _create_item(conn: sqlite3.Connection, study_uid: str, workflows: list[Workflow],
+                 now: float, decision: engine.Decision | None = None) -> int:
+    """The study's one read item (``UNIQUE(study_uid)``), not complete yet: the caller
+    completes it at once (a quiet study) or when the study goes quiet (a STAT one)."""
+    f = study_facts(conn, study_uid)
+    decision = decision or engine.decide(workflows, f)
+    study = conn.execute("SELECT first_received, num_instances, modalities FROM studies"
+                         " WHERE study_uid = ?", (study_uid,)).fetchone()
+    first = float(study["first_received"])
+    pool = decision.pool
+    cur = conn.execute(
+        "INSERT INTO read_items (study_uid, state, priority, priority_rank, sla_minutes,"
+        " first_received, due_at, created_at, updated_at, pool, pool_roles, pool_tags, workflow,"
+        " rule, workflow_sha, actions, hold, modalities, instances_seen, arriving)"
+        " VALUES (?, 'queued', ?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?, 1)",
+        (study_uid, decision.priority, decision.priority_rank, decision.sla_minutes, first,
+         decision.due_at(first), now, now, pool.name, ",".join(pool.roles), ",".join(pool.tags),
+         decision.workflow, decision.rule, decision.workflow_sha, json.dumps(decision.actions),
+         int(decision.hold), "\\".join(f.modalities), study["num_instances"]),
+    )
+    item_id = cur.lastrowid
+    _insert_steps(conn, item_id, decision, first)
     worklist.add_history(conn, item_id, now, SYSTEM, "created", None, "queued", {
         "workflow": decision.workflow, "rule": decision.rule, "priority": decision.priority,
         "sla_minutes": decision.sla_minutes, "due_at": decision.due_at(first),

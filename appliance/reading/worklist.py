@@ -1,7 +1,8 @@
 """Read items: the worklist every remote reader works from, and its state machine.
 
 One read item per study (``UNIQUE(study_uid)``), created by the read queue
-sweep when the study is complete.  States::
+sweep when the study is complete, or while it still arrives when its rule says
+STAT (``arriving`` until the study is complete).  States::
 
     queued → claimed → preliminary → final → delivered
        ↑        |                                  (cancelled from any open state;
@@ -71,8 +72,8 @@ ITEM_COLUMNS = """
     r.due_at, r.created_at, r.updated_at, r.pool, r.pool_roles, r.pool_tags, r.workflow, r.rule,
     r.actions, r.hold, r.modalities, r.instances_seen, r.late_instances, r.late_at, r.breached,
     r.breached_at, r.claimed_by, r.claimed_at, r.claim_expires_at, r.read_at, r.final_at,
-    s.patient_id, s.patient_name, s.accession_number, s.study_description, s.study_date,
-    s.institution_name, s.num_instances, s.num_series
+    r.arriving, r.completed_at, s.patient_id, s.patient_name, s.accession_number,
+    s.study_description, s.study_date, s.institution_name, s.num_instances, s.num_series
 """
 
 
@@ -89,6 +90,7 @@ def _item(row: sqlite3.Row) -> dict[str, Any]:
     d["breached"] = bool(d["breached"])
     d["modalities"] = [m for m in (d["modalities"] or "").split("\\") if m]
     d["late"] = d["late_instances"] > 0
+    d["arriving"] = bool(d["arriving"])  # images still arriving (a STAT study listed early)
     return d
 
 
@@ -119,6 +121,9 @@ def _as_list(value: str | Iterable[str] | None) -> list[str]:
     return [v for v in value if v]
 
 
+_OPEN_SQL = "r.state IN ('queued', 'claimed', 'preliminary')"  # read_items_open_due's WHERE
+
+
 def list_items(
     conn: sqlite3.Connection, *, state: str | Iterable[str] | None = None,
     priority: str | Iterable[str] | None = None, modality: str | None = None,
@@ -126,7 +131,7 @@ def list_items(
     claimed_by: str | None = None, eligible_for: Mapping[str, Any] | None = None,
     limit: int = 100, offset: int = 0,
 ) -> list[dict[str, Any]]:
-    """Read items matching every filter given, soonest due first.
+    """Read items matching every filter given, soonest due first: one page, one query.
 
     ``state`` defaults to the open states (queued, claimed, preliminary).
     ``eligible_for`` (a user with ``role`` and ``tags``) keeps the items whose
@@ -136,8 +141,46 @@ def list_items(
     bad = [s for s in states if s not in STATES]
     if bad:
         raise WorklistError(f"unknown state {bad[0]!r} (states: {', '.join(STATES)})")
-    # "+r.state": walk the due_at index in order and stop at the page, instead of
-    # collecting every open item by state and sorting them all (10,000 rows: 20 ms).
+    where, args = _filters(states, priority, modality, pool, breached, hold, claimed_by)
+    if eligible_for is not None:
+        where.append("instr(',' || r.pool_roles || ',', ?) > 0")
+        args.append("," + str(eligible_for.get("role", "")) + ",")
+    # Open states walk the partial index of open items in due order and stop at the page:
+    # neither the months of delivered items nor a sort of every open one is read (100,000
+    # closed items: 60 ms for the plain due index, 1.6 ms this way). "+r.state" keeps the
+    # planner off the state index, which would collect and sort every match.
+    source = "read_items r"
+    if set(states) <= {"queued", "claimed", "preliminary"}:
+        source = "read_items r INDEXED BY read_items_open_due"
+        where.insert(0, _OPEN_SQL)
+    limit, skip = max(1, min(int(limit), 1000)), max(0, int(offset))
+    sql = (f"SELECT {ITEM_COLUMNS} FROM {source} LEFT JOIN studies s USING (study_uid)"
+           f" WHERE {' AND '.join(where)} ORDER BY r.due_at, r.id")
+    if eligible_for is None:
+        return [_item(r) for r in conn.execute(sql + " LIMIT ? OFFSET ?", (*args, limit, skip))]
+    # Pool tags are checked here, once per distinct pool, on rows read lazily in due order:
+    # the cursor stops as soon as the page is full.
+    admitted: dict[tuple[str, str], bool] = {}
+    out: list[dict[str, Any]] = []
+    for r in conn.execute(sql, args):
+        key = (r["pool_roles"], r["pool_tags"])
+        if key not in admitted:
+            admitted[key] = _admits(*key, eligible_for)
+        if not admitted[key]:
+            continue
+        if skip:
+            skip -= 1
+            continue
+        out.append(_item(r))
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _filters(states: list[str], priority: str | Iterable[str] | None, modality: str | None,
+             pool: str | None, breached: bool | None, hold: bool | None,
+             claimed_by: str | None) -> tuple[list[str], list[Any]]:
+    """The WHERE terms and their parameters of :func:`list_items`' filters."""
     where = [f"+r.state IN ({', '.join('?' for _ in states)})"]
     args: list[Any] = list(states)
     prios = _as_list(priority)
@@ -151,40 +194,33 @@ def list_items(
     if modality:
         where.append("instr('\\' || r.modalities || '\\', ?) > 0")
         args.append("\\" + modality.strip().upper() + "\\")
-    if pool:
-        where.append("r.pool = ?")
-        args.append(pool)
-    if breached is not None:
-        where.append("r.breached = ?")
-        args.append(int(breached))
-    if hold is not None:
-        where.append("r.hold = ?")
-        args.append(int(hold))
-    if claimed_by:
-        where.append("r.claimed_by = ?")
-        args.append(claimed_by)
-    if eligible_for is not None:
-        where.append("instr(',' || r.pool_roles || ',', ?) > 0")
-        args.append("," + str(eligible_for.get("role", "")) + ",")
-    limit = max(1, min(int(limit), 1000))
-    sql = (f"SELECT {ITEM_COLUMNS} FROM read_items r LEFT JOIN studies s USING (study_uid)"
-           f" WHERE {' AND '.join(where)} ORDER BY r.due_at, r.id"
-           " LIMIT ? OFFSET ?")
-    if eligible_for is None:
-        return [_item(r) for r in conn.execute(sql, (*args, limit, max(0, int(offset))))]
-    # Tags are checked here: a page is filled from chunks, so it stays one short query.
-    out, skip, chunk_at = [], max(0, int(offset)), 0
-    while len(out) < limit:
-        rows = conn.execute(sql, (*args, limit * 4, chunk_at)).fetchall()
-        for r in rows:
-            if _admits(r["pool_roles"], r["pool_tags"], eligible_for):
-                if skip:
-                    skip -= 1
-                elif len(out) < limit:
-                    out.append(_item(r))
-        if len(rows) < limit * 4:
-            break
-        chunk_at += limit * 4
+    for column, value in (("r.pool", pool), ("r.claimed_by", claimed_by)):
+        if value:
+            where.append(f"{column} = ?")
+            args.append(value)
+    for column, flag in (("r.breached", breached), ("r.hold", hold)):
+        if flag is not None:
+            where.append(f"{column} = ?")
+            args.append(int(flag))
+    return where, args
+
+
+def visible_items(conn: sqlite3.Connection, items: Iterable[Mapping[str, Any]],
+                  user: Mapping[str, Any] | None, now: float) -> set[str]:
+    """Study UIDs among listed items the user may see: :func:`permissions.decide` on the
+    facts the rows already carry (site, pool, claim), so a page costs no second query
+    over its studies; only the user's live break-glass grants are read."""
+    granted = permissions.grants(conn, user, now)
+    out = set()
+    for i in items:
+        if i.get("num_series") is None:
+            continue  # the study left the index: nothing to see (as permissions.visible)
+        pool = i["pool"]
+        study = permissions.Study(i["study_uid"], i.get("institution_name") or "",
+                                  Pool(pool["name"], tuple(pool["roles"]), tuple(pool["tags"])),
+                                  i.get("claimed_by"))
+        if permissions.decide(user, study, i["study_uid"] in granted):
+            out.add(i["study_uid"])
     return out
 
 

@@ -52,4 +52,6 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         consults.MEDIA + sync.RECORDING_KIND,
     ),
     (16, "consult participants removed by a host (removed_at, removed_by)", consults.REMOVALS),
+    (20, "read items while a study arrives (completed_at), worklist paging indexes",
+     reading.ARRIVING),
 ]

@@ -116,3 +116,63 @@ CREATE TABLE workflow_files (
 );
 
 """ + core.NOTIFICATIONS
+
+# Migration 20: a read item may exist while its study is still arriving (a STAT study is
+# listed within seconds of its first image): ``arriving`` is 1 until the study has been
+# quiet for ``worker.quiet_period_s`` (``completed_at``), the moment that runs what needs
+# the whole study. Items made before this migration, or written by anything that does not
+# know, are complete. The partial index serves the worklist's paged query (open states,
+# soonest due first).
+ARRIVING = """
+ALTER TABLE read_items ADD COLUMN arriving INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE read_items ADD COLUMN completed_at REAL;
+UPDATE read_items SET completed_at = created_at;
+CREATE INDEX read_items_open_due ON read_items(due_at, id)
+    WHERE state IN ('queued', 'claimed', 'preliminary');
+
+-- The worklist's version: bumped, in the writer's own transaction, by any change to what a
+-- worklist row shows (the read item, its study's patient and image count, its series' body
+-- parts). A refresh whose ETag (appliance/reading/freshness.py) carries the same version
+-- answers 304 without running the page's query.
+CREATE TABLE worklist_version (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL
+);
+INSERT INTO worklist_version (id, version) VALUES (1, 0);
+CREATE TRIGGER worklist_version_read_items_insert AFTER INSERT ON read_items
+BEGIN
+    UPDATE worklist_version SET version = version + 1 WHERE id = 1;
+END;
+CREATE TRIGGER worklist_version_read_items_update AFTER UPDATE ON read_items
+BEGIN
+    UPDATE worklist_version SET version = version + 1 WHERE id = 1;
+END;
+CREATE TRIGGER worklist_version_read_items_delete AFTER DELETE ON read_items
+BEGIN
+    UPDATE worklist_version SET version = version + 1 WHERE id = 1;
+END;
+CREATE TRIGGER worklist_version_studies_insert AFTER INSERT ON studies
+BEGIN
+    UPDATE worklist_version SET version = version + 1 WHERE id = 1;
+END;
+CREATE TRIGGER worklist_version_studies_update AFTER UPDATE ON studies
+BEGIN
+    UPDATE worklist_version SET version = version + 1 WHERE id = 1;
+END;
+CREATE TRIGGER worklist_version_studies_delete AFTER DELETE ON studies
+BEGIN
+    UPDATE worklist_version SET version = version + 1 WHERE id = 1;
+END;
+CREATE TRIGGER worklist_version_series_insert AFTER INSERT ON series
+BEGIN
+    UPDATE worklist_version SET version = version + 1 WHERE id = 1;
+END;
+CREATE TRIGGER worklist_version_series_update AFTER UPDATE ON series
+BEGIN
+    UPDATE worklist_version SET version = version + 1 WHERE id = 1;
+END;
+CREATE TRIGGER worklist_version_series_delete AFTER DELETE ON series
+BEGIN
+    UPDATE worklist_version SET version = version + 1 WHERE id = 1;
+END;
+"""

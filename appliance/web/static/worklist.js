@@ -72,6 +72,12 @@
       cell(tr, it.body_part);
       cell(tr, it.site);
       const imgs = cell(tr, String(it.images));
+      if (it.arriving) {
+        imgs.append(" ");
+        const b = imgs.appendChild(badge("images arriving", "arriving"));
+        b.setAttribute("data-testid", "arriving");
+        b.title = "the study is still arriving: more images may come";
+      }
       if (it.late) { imgs.append(" "); imgs.appendChild(badge("late images", "late")); }
       cell(tr, it.state + (it.claimed_by ? " · " + (it.mine ? "you" : it.claimed_by) : ""));
       const act = cell(tr, "");
@@ -104,14 +110,20 @@
     return b;
   }
 
+  let etag = null; // the tag of the rows shown: an unchanged refresh answers 304, no body
+
   async function refresh() {
     try {
+      const headers = { "Accept": "application/json", "X-Background": "1" };
+      if (etag && rows) headers["If-None-Match"] = etag;
+      // no-store: the answer names patients; the rows stay in this page's memory only.
       const resp = await fetch("/worklist/items" + window.location.search, {
-        headers: { "Accept": "application/json", "X-Background": "1" },
-        credentials: "same-origin",
+        headers: headers, credentials: "same-origin", cache: "no-store",
       });
       if (resp.status === 401) { window.location.href = "/login?idle=1&next=" + encodeURIComponent(location.pathname + location.search); return; }
+      if (resp.status === 304) { updated.textContent = "updated " + new Date().toLocaleTimeString(); return; }
       if (!resp.ok) throw new Error("HTTP " + resp.status);
+      etag = resp.headers.get("ETag");
       const data = await resp.json();
       offset = data.now - Date.now() / 1000;
       rows = data.items;
