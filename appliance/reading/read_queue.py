@@ -36,6 +36,7 @@ from typing import Any
 
 from appliance.accounts import users as accounts
 from appliance.core import audit, config, db, notifications
+from appliance.forwarding import outbox as forward_outbox
 from appliance.reading import worklist
 from workflows import engine, facts
 from workflows.schema import Workflow, WorkflowError, parse
@@ -238,6 +239,8 @@ def _create_item(conn: sqlite3.Connection, study_uid: str, workflows: list[Workf
          int(decision.hold), "\\".join(f.modalities), study["num_instances"]),
     )
     item_id = cur.lastrowid
+    forward_outbox.enqueue_study(conn, study_uid, forward_outbox.destinations(decision.actions),
+                                 decision.priority, now)
     for index, fire_at, step in decision.step_times(first):
         target: dict[str, Any] = {}
         if step.action == "notify_on_call":
@@ -266,6 +269,7 @@ def _create_item(conn: sqlite3.Connection, study_uid: str, workflows: list[Workf
 
 def _attach_late(conn: sqlite3.Connection, row: sqlite3.Row, now: float) -> int:
     """Instances after the item was made: flag the item, tell its reader; never a new item."""
+    forward_outbox.follow_late(conn, row["study_uid"], now)  # late instances follow the study
     extra = int(row["num_instances"]) - int(row["instances_seen"])
     if extra <= 0:
         return 0

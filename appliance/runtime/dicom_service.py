@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.core import audit, components, config, db, metrics
+from appliance.forwarding import commitment as forward_commitment
 from dicom_node import index as dicom_index
 from dicom_node.node import DicomNode, NodeSettings, Peer, listen
 from dicom_node.study_store import StudyStore
@@ -114,6 +115,7 @@ def build_node(cfg: config.Config) -> DicomNode:
 
     node = DicomNode(settings, store, on_reject=on_reject)
     _add_query_services(node, on_event)
+    forward_commitment.accept_reports(node.ae, node.handlers, cfg)  # PACS-opened N-EVENT-REPORT
     return node
 
 
