@@ -171,7 +171,7 @@ class Connection:
             raise ValueError(f"{self.called} accepts neither {item.transfer_syntax} nor"
                              " Explicit VR Little Endian for this class")
         ds = dcmread(item.path)
-        ds.decompress()
+        ds.decompress(generate_instance_uid=False)  # the same object, not a new instance
         log.info("sent %s decompressed: %s did not accept %s", item.sop_uid, self.called,
                  item.transfer_syntax)
         return (self.assoc.send_c_store(ds), ExplicitVRLittleEndian,
@@ -192,8 +192,10 @@ class Connection:
                 if int(status.Status) in (0xFF00, 0xFF01) and ident is not None:
                     found.add(str(ident.get("SOPInstanceUID", "")))
                 elif int(status.Status) != 0x0000:
+                    log.warning("C-FIND to %s answered 0x%04X", self.called, int(status.Status))
                     return None
-        except (ValueError, RuntimeError):
+        except (ValueError, RuntimeError) as e:
+            log.warning("C-FIND to %s failed: %s", self.called, e)
             return None
         return found
 

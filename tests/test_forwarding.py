@@ -4,6 +4,11 @@ C-FIND or by Storage Commitment.  Clocks are passed in; no test sleeps through a
 
 from __future__ import annotations
 
+import io
+import logging
+import time
+
+import numpy as np
 import pydicom
 import pytest
 from forwarding_site import FAR, complete, forwarding_site, ingest, pacs_sop_uids, site_pacs
@@ -32,7 +37,7 @@ def test_a_forward_rule_sends_the_study_as_stored_and_proves_it_by_c_find(tmp_pa
 
     assert sorted(pacs_sop_uids(pacs)) == sorted(pydicom.dcmread(p).SOPInstanceUID for p in paths)
     for i in pacs.instances():
-        got = pydicom.dcmread(__import__("io").BytesIO(pacs.file(i)))
+        got = pydicom.dcmread(io.BytesIO(pacs.file(i)))
         mine = next(pydicom.dcmread(p) for p in paths
                     if pydicom.dcmread(p).SOPInstanceUID == got.SOPInstanceUID)
         assert got.PixelData == mine.PixelData  # byte-identical pixels
@@ -42,3 +47,71 @@ def test_a_forward_rule_sends_the_study_as_stored_and_proves_it_by_c_find(tmp_pa
     assert len(pacs.instances()) == 5
     assert [r["action"] for r in audit.rows(conn) if r["action"].startswith("forward.")] == [
         "forward.sent"]
+
+
+def _compressed(paths, syntax):
+    """Re-encode generated files losslessly (JPEG 2000 lossless via pylibjpeg-openjpeg)."""
+    out = []
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.compress(syntax, generate_instance_uid=False)
+        ds.save_as(p, enforce_file_format=True)
+        out.append(p)
+    return out
+
+
+def test_a_compressed_study_to_a_pacs_that_takes_only_uncompressed_arrives_decompressed(
+        tmp_path, caplog):
+    from dicom_data import write_series
+    from forwarding_site import store_files
+    from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
+
+    pacs = site_pacs(tmp_path / "orthanc", AcceptedTransferSyntaxes=[
+        "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+    pacs.start()
+    try:
+        site, cfg = forwarding_site(tmp_path, pacs)
+        study_uid, _series, paths = write_series(tmp_path / "j2k", 3)
+        originals = {pydicom.dcmread(p).SOPInstanceUID: pydicom.dcmread(p).pixel_array
+                     for p in paths}
+        _compressed(paths, JPEG2000Lossless)
+        store_files(site, paths)
+        complete(cfg)
+        with caplog.at_level(logging.INFO, logger="appliance.forwarding"):
+            assert sending.run_due(cfg, now=FAR)["stored"] == 3
+        assert "decompressed from 1.2.840.10008.1.2.4.90" in caplog.text
+        conn = db.connect(cfg.db_path)
+        rows = outbox.study_rows(conn, study_uid)
+        assert {(r["state"], r["sent_syntax"]) for r in rows} == {
+            ("delivered", ExplicitVRLittleEndian)}
+        for i in pacs.instances():
+            got = pydicom.dcmread(io.BytesIO(pacs.file(i)))
+            assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+            assert np.array_equal(got.pixel_array, originals[got.SOPInstanceUID])  # lossless
+        assert sorted(pacs_sop_uids(pacs)) == sorted(originals)  # the same objects
+    finally:
+        pacs.stop(kill=True)
+
+
+def test_storage_commitment_result_comes_back_on_a_new_association_to_our_node(tmp_path, pacs):
+    from appliance.runtime import dicom_service
+
+    site, cfg = forwarding_site(tmp_path, pacs, commitment=True)
+    node = dicom_service.build_node(cfg)
+    node.start()
+    try:
+        study_uid, _ = ingest(site, 4)
+        complete(cfg)
+        conn = db.connect(cfg.db_path)
+        assert sending.run_due(cfg, now=FAR)["stored"] == 4
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if {r["state"] for r in outbox.study_rows(conn, study_uid)} == {"delivered"}:
+                break
+            time.sleep(0.1)
+        rows = outbox.study_rows(conn, study_uid)
+        assert {(r["state"], r["proof"]) for r in rows} == {("delivered", "commitment")}
+        assert [r["detail"]["committed"] for r in audit.rows(conn)
+                if r["action"] == "forward.committed"] == [4]
+    finally:
+        node.stop()
