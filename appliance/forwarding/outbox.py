@@ -176,6 +176,20 @@ def retry_later(conn: sqlite3.Connection, row_ids: list[int], owner: str | None,
                 (attempts, now + backoff_s(attempts, low, high), error[:500], now, rid))
 
 
+def defer_destination(conn: sqlite3.Connection, destination: str, now: float) -> int:
+    """The destination did not answer: its other due rows wait as long as the batch that
+    tried (one attempt per pass, not one timeout per row); their attempts are unchanged."""
+    with db.transaction(conn):
+        until = conn.execute("SELECT MIN(next_attempt_at) FROM forward_outbox WHERE destination"
+                             " = ? AND state = 'waiting' AND next_attempt_at > ?",
+                             (destination, now)).fetchone()[0]
+        if until is None:
+            return 0
+        return conn.execute("UPDATE forward_outbox SET next_attempt_at = ? WHERE destination = ?"
+                            " AND state = 'waiting' AND next_attempt_at <= ?",
+                            (until, destination, now)).rowcount
+
+
 def refused(conn: sqlite3.Connection, row: sqlite3.Row, owner: str, error: str, status: str,
             now: float) -> None:
     """A permanent refusal: the row stops retrying, is shown as failed and audited."""
@@ -205,6 +219,17 @@ def delivered(conn: sqlite3.Connection, destination: str, sop_uids: Iterable[str
                 sql, args = sql + " AND commit_uid = ?", (*args, commit_uid)
             n += conn.execute(sql, args).rowcount
     return n
+
+
+def unproved(conn: sqlite3.Connection, now: float, settle_s: float,
+             limit: int) -> dict[str, list[sqlite3.Row]]:
+    """Per destination, rows stored at least ``settle_s`` ago with no proof asked for: their
+    sender died between the C-STORE and the C-FIND or the commitment request."""
+    out: dict[str, list[sqlite3.Row]] = {}
+    for r in conn.execute("SELECT * FROM forward_outbox WHERE state = 'stored' AND commit_uid IS"
+                          " NULL AND stored_at <= ? ORDER BY id LIMIT ?", (now - settle_s, limit)):
+        out.setdefault(r["destination"], []).append(r)
+    return out
 
 
 def study_rows(conn: sqlite3.Connection, study_uid: str) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from dicom_node import store_scu
 
 log = logging.getLogger("appliance.forwarding")
 SWEEP_BUDGET_S = 30.0
+PROOF_SETTLE_S = 2.0  # a live sender proves its batch within this after its last C-STORE
 
 
 def _items(conn: sqlite3.Connection, cfg: Config,
@@ -60,6 +61,7 @@ def send_batch(conn: sqlite3.Connection, cfg: Config, peer: KnownAE, rows: list[
     except store_scu.AssociationFailed as e:
         outbox.retry_later(conn, [r["id"] for r in rows], owner, str(e), clock(),
                            f["retry_min_s"], f["retry_max_s"])
+        outbox.defer_destination(conn, peer.name, clock())
         counts["retry"] += len(rows)
         return counts
     done: list[tuple[sqlite3.Row, store_scu.Sent]] = []
@@ -123,6 +125,31 @@ def _prove(conn: sqlite3.Connection, link: store_scu.Connection, peer: KnownAE,
         outbox.delivered(conn, peer.name, [u for u in uids if u in found], "c-find", clock())
 
 
+def prove_left_over(conn: sqlite3.Connection, cfg: Config, now: float, clock) -> int:
+    """Ask for the proof of rows a dead sender stored but never proved (one association per
+    destination; C-FIND or commitment, as for a fresh batch)."""
+    n = 0
+    for name, rows in outbox.unproved(conn, now, PROOF_SETTLE_S, cfg["forwarding"]["batch"]).items():
+        peer = cfg.known_ae(name)
+        if peer is None or not peer.host:
+            continue
+        items = _items(conn, cfg, rows)
+        rows = [r for r in rows if r["sop_uid"] in items]
+        try:
+            link = store_scu.Connection(cfg["dicom"]["ae_title"], peer.name, peer.host, peer.port,
+                                        [items[r["sop_uid"]][0] for r in rows],
+                                        cfg["forwarding"]["timeout_s"], commitment=peer.commitment,
+                                        verify=not peer.commitment,
+                                        on_report=lambda ds: commit.record(cfg, ds))
+        except store_scu.AssociationFailed:
+            continue  # asked again at the next pass
+        with link:
+            _prove(conn, link, peer, [(r, store_scu.Sent(items[r["sop_uid"]][0], "stored"),
+                                       items[r["sop_uid"]][2]) for r in rows], clock)
+        n += len(rows)
+    return n
+
+
 def run_due(cfg: Config, now: float | None = None, conn: sqlite3.Connection | None = None,
             budget_s: float = SWEEP_BUDGET_S) -> dict[str, int]:
     """Recover dead leases, then send due rows, destination by destination, within a budget."""
@@ -135,6 +162,7 @@ def run_due(cfg: Config, now: float | None = None, conn: sqlite3.Connection | No
     try:
         outbox.recover(conn, clock())
         commit.expire(conn, clock(), cfg["forwarding"]["commit_wait_s"])
+        prove_left_over(conn, cfg, clock(), clock)
         skip: set[str] = set()
         while time.monotonic() - started < budget_s:
             dests = [d for d in outbox.due_destinations(conn, clock()) if d not in skip]
