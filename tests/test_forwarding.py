@@ -115,3 +115,85 @@ def test_storage_commitment_result_comes_back_on_a_new_association_to_our_node(t
                 if r["action"] == "forward.committed"] == [4]
     finally:
         node.stop()
+
+
+def _status(site, as_json: bool, capsys) -> str:
+    """``appliance forward status`` in-process (its parser and command; no interpreter start)."""
+    from appliance import cli
+
+    if not cli._EXTENSIONS:
+        cli._load_extensions()
+    args = cli.build_parser().parse_args(["forward", "status", "--data-dir", str(site.data_dir)]
+                                         + (["--json"] if as_json else []))
+    capsys.readouterr()
+    assert args.func(args) == 0
+    return capsys.readouterr().out
+
+
+def test_cli_ae_add_commitment_forward_by_hand_and_status(tmp_path, pacs, capsys):
+    import json
+
+    from conftest import run_cli
+
+    from appliance.core import config
+    from appliance.runtime import dicom_service
+
+    site, cfg = forwarding_site(tmp_path, pacs)
+    for f in (site.data_dir / "workflows").glob("*.yaml"):
+        f.unlink()  # no rule: only the hand-made forward sends
+    d = ["--data-dir", str(site.data_dir)]
+    bad = run_cli("forward", "--study-uid", "1.2.3", "--to", "NOSUCH", *d)
+    assert bad.returncode == 1 and "'NOSUCH' is not a known AE" in bad.stderr
+    out = run_cli("ae", "add", "PACS2", "--host", "127.0.0.1", "--port", str(pacs.dicom_port),
+                  "--commitment", *d, check=True)
+    assert "added PACS2" in out.stdout
+    cfg = config.load(site.data_dir)
+    assert cfg.known_ae("PACS2").commitment and not cfg.known_ae("SITEPACS").commitment
+    assert "commitment: true" in (site.data_dir / "appliance.yaml").read_text()
+    study_uid, _ = ingest(site, 3)
+    assert _status(site, False, capsys).strip() == "nothing forwarded yet"
+    node = dicom_service.build_node(cfg)
+    node.start()
+    try:
+        out = run_cli("forward", "--study-uid", study_uid, "--to", "PACS2", "--wait", "20",
+                      "--json", *d, check=True)
+    finally:
+        node.stop()
+    result = json.loads(out.stdout)
+    assert result["queued"] == 3 and result["study"]["PACS2"]["delivered"] == 3
+    status = json.loads(_status(site, True, capsys))
+    assert [(s["destination"], s["delivered"], s["proved_by"], s["waiting"], s["failed"])
+            for s in status] == [("PACS2", 3, {"commitment": 3}, 0, 0)]
+    text = _status(site, False, capsys)
+    assert "PACS2: waiting 0, sending 0, stored 0, delivered 3 (proved by commitment 3)" in text
+    conn = db.connect(cfg.db_path)
+    assert [r["actor"] for r in audit.rows(conn) if r["action"] == "forward.request"] != []
+
+
+def test_resend_instances_requeues_to_every_destination_they_went_to(tmp_path, pacs):
+    from forwarding_site import add_destination, site_pacs
+
+    other = site_pacs(tmp_path / "other", aet="PACS2")
+    other.start()
+    try:
+        site, cfg = forwarding_site(tmp_path, pacs)
+        add_destination(site, "PACS2", other.dicom_port)
+        from appliance.core import config
+
+        cfg = config.load(site.data_dir)
+        study_uid, paths = ingest(site, 3)
+        complete(cfg)
+        conn = db.connect(cfg.db_path)
+        with db.transaction(conn):
+            outbox.enqueue_study(conn, study_uid, ["PACS2"], "routine", FAR)
+        assert sending.run_due(cfg, now=FAR)["stored"] == 6
+        uid = pydicom.dcmread(paths[0]).SOPInstanceUID
+        assert outbox.resend_instances(conn, [uid, "1.2.3.4.not.sent"], now=FAR + 10) == 2
+        rows = [r for r in outbox.study_rows(conn, study_uid) if r["sop_uid"] == uid]
+        assert sorted((r["destination"], r["state"]) for r in rows) == [
+            ("PACS2", "waiting"), ("SITEPACS", "waiting")]
+        assert sending.run_due(cfg, now=FAR + 10)["stored"] == 2
+        assert {r["state"] for r in outbox.study_rows(conn, study_uid)} == {"delivered"}
+        assert len(pacs.instances()) == len(other.instances()) == 3  # still one copy each
+    finally:
+        other.stop(kill=True)
