@@ -159,6 +159,21 @@ class Connection:
         outcome = "refused" if code in PERMANENT or code >> 8 == 0xA9 else "retry"
         return Sent(item, outcome, code, used, f"status 0x{code:04X} {why} {comment}".strip())
 
+    def send_dataset(self, ds: Dataset) -> Sent:
+        """C-STORE a dataset built in memory (a report document), in a syntax the PACS took."""
+        item = Item(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian, Path())
+        if not self.accepted.get(item.sop_class):
+            return Sent(item, "refused", 0x0122, note=f"{self.called} does not accept"
+                        f" SOP class {item.sop_class}")
+        status = self.assoc.send_c_store(ds)
+        if status is None or "Status" not in status:
+            return Sent(item, "retry", note="no C-STORE response (connection lost)")
+        code = int(status.Status)
+        if code in STORED_CODES:
+            return Sent(item, "stored", code, ExplicitVRLittleEndian, "stored")
+        return Sent(item, "refused" if code in PERMANENT else "retry", code,
+                    note=f"status 0x{code:04X} {PERMANENT.get(code, '')}".strip())
+
     def _as_stored(self, item: Item) -> Dataset | None:
         _config.STORE_SEND_CHUNKED_DATASET = True  # stream the file's bytes, never re-encode
         return self.assoc.send_c_store(item.path)

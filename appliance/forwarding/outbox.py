@@ -227,7 +227,7 @@ def unproved(conn: sqlite3.Connection, now: float, settle_s: float,
     sender died between the C-STORE and the C-FIND or the commitment request."""
     out: dict[str, list[sqlite3.Row]] = {}
     for r in conn.execute("SELECT * FROM forward_outbox WHERE state = 'stored' AND commit_uid IS"
-                          " NULL AND stored_at <= ? ORDER BY id LIMIT ?", (now - settle_s, limit)):
+                          " NULL AND origin != 'report' AND stored_at <= ? ORDER BY id LIMIT ?", (now - settle_s, limit)):
         out.setdefault(r["destination"], []).append(r)
     return out
 
