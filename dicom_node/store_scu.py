@@ -34,6 +34,7 @@ MAX_CONTEXTS = 128  # PS3.8: odd presentation context IDs 1..255
 # Status codes after which sending the same object again cannot succeed (PS3.4 B.2.3, C.4).
 PERMANENT = {0x0122: "SOP class not supported", 0xA900: "dataset does not match SOP class",
              0x0124: "not authorised", 0x0112: "no such SOP instance"}
+FIND_TIMEOUT_S = 5.0
 STORED_CODES = {0x0000, 0xB000, 0xB006, 0xB007}  # success, or warnings: stored
 
 
@@ -199,9 +200,11 @@ class Connection:
         q.QueryRetrieveLevel = "IMAGE"
         q.StudyInstanceUID, q.SeriesInstanceUID, q.SOPInstanceUID = study_uid, series_uid, ""
         found: set[str] = set()
-        try:
+        self.assoc.dimse_timeout = FIND_TIMEOUT_S  # a dropped response (pynetdicom #875) costs
+        try:                                       # this, and the caller asks again
+            self._msg_id = getattr(self, "_msg_id", 0) % 65535 + 1  # one ID per request
             for status, ident in self.assoc.send_c_find(
-                    q, StudyRootQueryRetrieveInformationModelFind):
+                    q, StudyRootQueryRetrieveInformationModelFind, msg_id=self._msg_id):
                 if status is None or "Status" not in status:
                     return None
                 if int(status.Status) in (0xFF00, 0xFF01) and ident is not None:

@@ -106,4 +106,115 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_forward)
 
 
-REGISTER = [register]
+
+# -- hand-back ------------------------------------------------------------------------------------
+def _since(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC).timestamp()
+    except ValueError:
+        raise CliError(f"--since {text!r}: expected a date such as 2026-07-01") from None
+
+
+def _bar(done: int, total: int, sent_bytes: int, seconds: float) -> None:
+    """One self-overwriting line on a terminal: instances and MB sent, rate, time left."""
+    import sys
+
+    if not sys.stderr.isatty():
+        return
+    rate = done / seconds if seconds > 0 else 0.0
+    left = (total - done) / rate if rate > 0 else float("nan")
+    width = 30
+    fill = int(width * done / total) if total else width
+    sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} instances,"
+                     f" {sent_bytes / 1e6:.1f} MB, {rate:.0f}/s, {left:.0f} s left ")
+    sys.stderr.flush()
+    if done >= total:
+        sys.stderr.write("\n")
+
+
+def cmd_handback(args: argparse.Namespace) -> int:
+    from appliance.forwarding import handback, manifest
+
+    if getattr(args, "handback_command", None) == "verify":
+        return cmd_handback_verify(args)
+    if not args.to:
+        raise CliError("give --to AE (the restored PACS), or: appliance handback verify")
+    cfg = config.load(args.data_dir)
+    conn = db.open_db(cfg.db_path)
+    try:
+        result = handback.run(conn, cfg, args.to.strip(), _since(args.since), args.dry_run,
+                              None if args.json else _bar, actor())
+    except (handback.HandbackError, manifest.ManifestError) as e:
+        raise CliError(str(e)) from None
+    finally:
+        conn.close()
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['instances']} instance(s) here; {result['already_held']} already on"
+          f" {result['destination']}; {result['to_send']} to send"
+          f" ({result['bytes_to_send'] / 1e6:.1f} MB)")
+    if not args.dry_run:
+        print(f"sent {result['sent']}; not delivered {result['not_delivered']};"
+              f" manifest {result['manifest']}")
+    return 0 if args.dry_run or not result["not_delivered"] else 1
+
+
+def cmd_handback_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from appliance.forwarding import handback, manifest
+
+    if args.host:
+        cfg = config.Config(Path("."), config.parse("{}", Path("<defaults>")))
+        peer = config.KnownAE(name=args.to.strip(), host=args.host, port=args.port)
+    else:
+        cfg = config.load(args.data_dir)
+        peer = cfg.known_ae(args.to.strip())
+        if peer is None or not peer.host:
+            raise CliError(f"{args.to!r} is not a known AE with a host (or give --host --port)")
+    key_path = Path(args.public_key) if args.public_key else cfg.keys_dir / "identity.pub"
+    try:
+        result = handback.verify(cfg, Path(args.manifest), key_path.read_bytes(), peer,
+                                 args.calling_ae)
+    except OSError as e:
+        raise CliError(f"cannot read {e.filename}: {e.strerror}") from None
+    except (handback.HandbackError, manifest.ManifestError) as e:
+        raise CliError(str(e)) from None
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"signature ok; {result['instances']} instance(s) listed;"
+              f" {len(result['missing'])} missing on {peer.name}")
+        for m in result["missing"]:
+            print(f"missing {m['sop_instance_uid']} (study {m['study_instance_uid']},"
+                  f" series {m['series_instance_uid']})")
+    return 1 if result["missing"] else 0
+
+
+def register_handback(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("handback", help="return to service: send the PACS what it lacks, with a"
+                                        " signed manifest; handback verify")
+    p.add_argument("--data-dir", help="data directory (or APPLIANCE_DATA_DIR)")
+    p.add_argument("--to", help="the restored PACS (a known AE)")
+    p.add_argument("--since", help="only instances received since this date (YYYY-MM-DD, UTC)")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be sent")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    s = p.add_subparsers(dest="handback_command", metavar="verify")
+    v = s.add_parser("verify", help="check a manifest's signature and that the PACS holds all")
+    v.add_argument("manifest", help="the manifest JSON file")
+    v.add_argument("--to", required=True, help="the PACS AE title")
+    v.add_argument("--data-dir", default=argparse.SUPPRESS, help="data directory (known AEs,"
+                   " keys/identity.pub)")
+    v.add_argument("--host", help="the PACS address (instead of a data directory)")
+    v.add_argument("--port", type=int, default=104, help="the PACS port (with --host)")
+    v.add_argument("--calling-ae", help="our AE title towards the PACS (default: the site's)")
+    v.add_argument("--public-key", help="the appliance's identity.pub (default: the data"
+                   " directory's)")
+    v.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_handback)
+
+
+REGISTER = [register, register_handback]

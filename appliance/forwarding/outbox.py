@@ -98,6 +98,38 @@ def resend_instances(conn: sqlite3.Connection, sop_instance_uids: Iterable[str],
     return n
 
 
+def requeue(conn: sqlite3.Connection, destination: str, study_uid: str, sop_uids: list[str],
+            origin: str, now: float) -> int:
+    """Queue instances to one destination whatever their row says (the PACS lacks them):
+    new rows are added, finished ones go back to ``waiting``; rows in flight are left."""
+    n = 0
+    with db.transaction(conn):
+        for uid in sop_uids:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO forward_outbox (destination, study_uid, sop_uid,"
+                " priority_rank, origin, next_attempt_at, created_at) VALUES (?,?,?,2,?,?,?)",
+                (destination, study_uid, uid, origin, now, now))
+            if not cur.rowcount:
+                cur = conn.execute(
+                    "UPDATE forward_outbox SET state = 'waiting', next_attempt_at = ?, proof = '',"
+                    " commit_uid = NULL, delivered_at = NULL, origin = ? WHERE destination = ?"
+                    " AND sop_uid = ? AND state IN ('delivered', 'failed')",
+                    (now, origin, destination, uid))
+            n += cur.rowcount
+    return n
+
+
+def rows_for(conn: sqlite3.Connection, destination: str,
+             sop_uids: list[str]) -> dict[str, sqlite3.Row]:
+    out: dict[str, sqlite3.Row] = {}
+    for i in range(0, len(sop_uids), 500):
+        chunk = sop_uids[i:i + 500]
+        for r in conn.execute("SELECT * FROM forward_outbox WHERE destination = ? AND sop_uid IN"
+                              f" ({','.join('?' * len(chunk))})", (destination, *chunk)):
+            out[r["sop_uid"]] = r
+    return out
+
+
 def backoff_s(attempts: int, low: float, high: float) -> float:
     """Delay after ``attempts`` failures: low, 2×low, 4×low … at most ``high``."""
     return min(float(high), float(low) * (2 ** max(0, attempts - 1)))
