@@ -180,15 +180,20 @@ def renew(conn: sqlite3.Connection, ids: list[int], owner: str, until: float) ->
 
 
 # -- outcomes (each guarded by the lease: a row another worker took over is left alone) -------
-def stored(conn: sqlite3.Connection, row_id: int, owner: str, sha256: str, syntax: str,
-           status: str, now: float) -> bool:
+def stored(conn: sqlite3.Connection, outcomes: list[tuple[int, str, str, str]], owner: str,
+           now: float) -> int:
+    """``sending → stored`` for (row id, sha256, syntax sent, status) in one transaction.
+
+    Outcomes are written in small groups: a kill loses at most one group's knowledge, and
+    those rows are sent again with the same file (the PACS keeps one object)."""
     with db.transaction(conn):
-        return bool(conn.execute(
+        return sum(conn.execute(
             "UPDATE forward_outbox SET state = 'stored', attempts = attempts + 1, sha256 = ?,"
             " sent_syntax = ?, last_status = ?, last_error = '', stored_at = ?,"
             " failing_since = NULL, lease_owner = NULL, lease_until = NULL"
             " WHERE id = ? AND lease_owner = ? AND state = 'sending'",
-            (sha256, syntax, status, now, row_id, owner)).rowcount)
+            (sha256, syntax, status, now, row_id, owner)).rowcount
+            for row_id, sha256, syntax, status in outcomes)
 
 
 def retry_later(conn: sqlite3.Connection, row_ids: list[int], owner: str | None, error: str,

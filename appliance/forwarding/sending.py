@@ -28,6 +28,7 @@ from dicom_node import store_scu
 
 log = logging.getLogger("appliance.forwarding")
 SWEEP_BUDGET_S = 30.0
+RECORD_EVERY = 25  # stored outcomes per transaction (one fsync per group, not per file)
 PROOF_SETTLE_S = 2.0  # a live sender proves its batch within this after its last C-STORE
 
 
@@ -65,13 +66,22 @@ def send_batch(conn: sqlite3.Connection, cfg: Config, peer: KnownAE, rows: list[
         counts["retry"] += len(rows)
         return counts
     done: list[tuple[sqlite3.Row, store_scu.Sent]] = []
+    pending: list[tuple[int, str, str, str]] = []
     with link:
         for i, r in enumerate(rows):
             sent = link.send(items[r["sop_uid"]][0])
-            _record(conn, r, sent, items[r["sop_uid"]][1], owner, f, clock())
-            counts[sent.outcome] += 1
             if sent.outcome == "stored":
+                pending.append((r["id"], items[r["sop_uid"]][1], sent.syntax,
+                                f"0x{sent.status:04X}"))
+                if sent.syntax != sent.item.transfer_syntax:
+                    log.info("forwarded %s to %s %s", r["sop_uid"], peer.name, sent.note)
                 done.append((r, sent))
+            else:
+                _record(conn, r, sent, owner, f, clock())
+            counts[sent.outcome] += 1
+            if len(pending) >= RECORD_EVERY or i == len(rows) - 1 or not link.alive:
+                outbox.stored(conn, pending, owner, clock())
+                pending = []
             if not link.alive:
                 left = [x["id"] for x in rows[i + 1:]]
                 outbox.retry_later(conn, left, owner, "association lost", clock(),
@@ -89,14 +99,11 @@ def send_batch(conn: sqlite3.Connection, cfg: Config, peer: KnownAE, rows: list[
     return counts
 
 
-def _record(conn: sqlite3.Connection, r: sqlite3.Row, sent: store_scu.Sent, sha256: str,
-            owner: str, f: dict[str, Any], now: float) -> None:
+def _record(conn: sqlite3.Connection, r: sqlite3.Row, sent: store_scu.Sent, owner: str,
+            f: dict[str, Any], now: float) -> None:
+    """A refusal or a failure that may pass, written at once."""
     status = f"0x{sent.status:04X}" if sent.status is not None else ""
-    if sent.outcome == "stored":
-        outbox.stored(conn, r["id"], owner, sha256, sent.syntax, status, now)
-        if sent.syntax != sent.item.transfer_syntax:
-            log.info("forwarded %s to %s %s", r["sop_uid"], r["destination"], sent.note)
-    elif sent.outcome == "refused":
+    if sent.outcome == "refused":
         outbox.refused(conn, r, owner, sent.note, status, now)
         log.warning("%s refused %s permanently: %s", r["destination"], r["sop_uid"], sent.note)
     else:
