@@ -105,6 +105,8 @@ def cmd_ae_add(args: argparse.Namespace) -> int:
         raise CliError(f"AE {name!r} is already known (use --replace to change it)")
     entry = {"name": name, "host": args.host or "", "port": args.port, "query": args.query,
              "move_destination": args.move_destination}
+    if args.commitment:
+        entry["commitment"] = True  # forwarding asks it for Storage Commitment
     if args.description:
         entry["description"] = args.description
 
@@ -218,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", action="store_true", help="allow it C-FIND, C-MOVE and C-GET")
     p.add_argument("--move-destination", action="store_true",
                    help="allow C-MOVE to send to it")
+    p.add_argument("--commitment", action="store_true",
+                   help="a PACS that answers Storage Commitment: forwarded instances count as"
+                        " delivered only once it commits them")
     p.add_argument("--description", help="free text, e.g. 'CT scanner, room 2'")
     p.add_argument("--replace", action="store_true", help="replace an existing entry")
     p.set_defaults(func=cmd_ae_add)
@@ -247,6 +252,7 @@ EXTENSION_MODULES = (
     "appliance.setup.cli",  # provision, logs, migrate
     "appliance.reports.cli",  # reports
     "appliance.consults.cli",  # media
+    "appliance.forwarding.cli",  # forward, forward status
 )
 
 

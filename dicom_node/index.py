@@ -344,3 +344,30 @@ def study_instances(conn: sqlite3.Connection, study_uid: str) -> list[sqlite3.Ro
     """A study's current instances (sop_uid, sha256, path, size), by path."""
     return conn.execute("SELECT sop_uid, sha256, path, size FROM instances WHERE study_uid = ?"
                         " ORDER BY path", (study_uid,)).fetchall()
+
+
+_SENDING_COLUMNS = ("sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, path, size,"
+                    " sha256")
+
+
+def instances_to_send(conn: sqlite3.Connection, study_uid: str | None = None,
+                      sop_uids: list[str] | None = None,
+                      received_since: float | None = None) -> list[sqlite3.Row]:
+    """Current instances of a study, or those named, or all received since a time, with what a
+    C-STORE SCU needs (its SOP class, stored transfer syntax, path under the store and
+    SHA-256), by series and number."""
+    if received_since is not None:
+        return conn.execute(f"SELECT {_SENDING_COLUMNS} FROM instances WHERE received_at >= ?"
+                            " ORDER BY study_uid, series_uid, instance_number, sop_uid",
+                            (received_since,)).fetchall()
+    if study_uid is not None:
+        return conn.execute(f"SELECT {_SENDING_COLUMNS} FROM instances WHERE study_uid = ?"
+                            " ORDER BY series_uid, instance_number, sop_uid",
+                            (study_uid,)).fetchall()
+    out: list[sqlite3.Row] = []
+    uids = list(sop_uids or [])
+    for i in range(0, len(uids), 500):
+        chunk = uids[i:i + 500]
+        out += conn.execute(f"SELECT {_SENDING_COLUMNS} FROM instances WHERE sop_uid IN"
+                            f" ({','.join('?' * len(chunk))})", chunk).fetchall()
+    return out

@@ -188,6 +188,15 @@ SCHEMA: dict[str, Any] = {
         "critical_ack_minutes": Leaf((int, float), 15, _positive),
         "retry_max_backoff_s": Leaf((int, float), 300, _positive),
     },
+    "forwarding": {
+        "retry_min_s": Leaf((int, float), 5, _positive),
+        "retry_max_s": Leaf((int, float), 300, _positive),
+        "lease_s": Leaf((int, float), 120, _positive),
+        "batch": Leaf(int, 100, _positive),
+        "timeout_s": Leaf((int, float), 10, _positive),
+        "commit_wait_s": Leaf((int, float), 600, _positive),
+        "failing_alert_min": Leaf((int, float), 15, _positive),
+    },
     "auth": {
         "idle_timeout_min": Leaf((int, float), 15, _positive),
         "session_max_hours": Leaf((int, float), 12, _positive),
@@ -229,6 +238,7 @@ KNOWN_AE_KEYS: dict[str, Leaf] = {
     "query": Leaf(bool, False),
     "move_destination": Leaf(bool, False),
     "description": Leaf(str, ""),
+    "commitment": Leaf(bool, False),
 }
 
 
@@ -242,6 +252,7 @@ class KnownAE:
     query: bool = False
     move_destination: bool = False
     description: str = ""
+    commitment: bool = False  # forwarding asks it for Storage Commitment (PS3.4 Annex J)
 
 
 class Config:

@@ -31,6 +31,8 @@ from flask import (
 from markupsafe import Markup
 
 from appliance.core import metrics
+from appliance.forwarding import outbox as forward_outbox
+from appliance.forwarding import status as forward_status
 from appliance.health import readiness, status_report
 from appliance.health import series as health_series
 from appliance.reading import read_queue
@@ -185,6 +187,28 @@ def _sql_families(conn, now, Gauge, Counter):
     if sent is not None:
         yield Counter("appliance_sync_bytes", "Bytes uploaded to the sync target", value=sent)
     yield from _consult_families(conn, now, Gauge)
+    yield from _forward_families(conn, now, Gauge)
+
+
+def _forward_families(conn, now, Gauge):
+    """Forwarding outbox rows per destination and state, and the oldest waiting."""
+    import sqlite3
+
+    try:
+        rows = forward_status.summary(conn, now)
+    except sqlite3.OperationalError:
+        return
+    by_state = Gauge("appliance_forward_instances", "Forwarding rows by destination and state",
+                     labels=["destination", "state"])
+    oldest = Gauge("appliance_forward_oldest_waiting_seconds", "Age of the oldest waiting row",
+                   labels=["destination"])
+    for d in rows:
+        for state in forward_outbox.STATES:
+            by_state.add_metric([d["destination"], state], d[state])
+        if d["oldest_waiting_at"] is not None:
+            oldest.add_metric([d["destination"]], now - d["oldest_waiting_at"])
+    yield by_state
+    yield oldest
 
 
 def _consult_families(conn, now, Gauge):

@@ -17,6 +17,7 @@ from typing import Any
 
 from appliance.consults import rooms as consults
 from appliance.core import components
+from appliance.forwarding import status as forward_status
 from appliance.health import readiness
 from appliance.health import series as health_series
 from appliance.reading import read_queue
@@ -107,6 +108,22 @@ def alerts(cfg, conn: sqlite3.Connection, reasons: list[str], now: float) -> lis
     out += _sync_alerts(cfg, conn, now)
     out += _cert_alerts(cfg, now)
     out += _modality_alerts(cfg, conn, now)
+    out += _forward_alerts(cfg, conn, now)
+    return out
+
+
+def _forward_alerts(cfg, conn: sqlite3.Connection, now: float) -> list[Alert]:
+    """Amber (never red: forwarding never blocks ingest) when a destination has been failing
+    for ``forwarding.failing_alert_min``, or refused instances for good."""
+    try:
+        rows = forward_status.summary(conn, now, cfg["forwarding"]["failing_alert_min"])
+    except sqlite3.OperationalError:
+        return []
+    out = [Alert("amber", f"forwarding to {d['destination']} failing for"
+                 f" {(now - d['failing_since']) / 60:.0f} min", d["last_error"][:200])
+           for d in rows if d["alert"]]
+    out += [Alert("amber", f"{d['failed']} instance(s) refused by {d['destination']}",
+                  "appliance forward status") for d in rows if d["failed"]]
     return out
 
 
@@ -191,6 +208,13 @@ def _modality_alerts(cfg, conn: sqlite3.Connection, now: float) -> list[Alert]:
                   f"allowed: {', '.join(sorted(allowed))}") for mod, uids in sorted(seen.items())]
 
 
+def _forwarding(cfg, conn: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
+    try:
+        return forward_status.summary(conn, now, cfg["forwarding"]["failing_alert_min"])
+    except sqlite3.OperationalError:
+        return []
+
+
 def consult_figures(conn: sqlite3.Connection, now: float) -> dict[str, Any] | None:
     """Consult join time p50/p95, drop rate and share of time degraded (last 30 days)."""
     try:
@@ -217,6 +241,7 @@ def collect(cfg, conn: sqlite3.Connection, now: float | None = None) -> dict[str
         "slos": [s.as_dict() for s in slos(conn, now)],
         "alerts": [asdict(a) for a in found],
         "consults": consult_figures(conn, now),
+        "forwarding": _forwarding(cfg, conn, now),
         "series": {name: health_series.series(conn, name, now - 86400)
                    for name in health_series.SERIES},
     }

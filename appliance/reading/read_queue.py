@@ -42,6 +42,7 @@ from typing import Any
 
 from appliance.accounts import users as accounts
 from appliance.core import audit, config, db, notifications
+from appliance.forwarding import outbox as forward_outbox
 from appliance.reading import worklist
 from workflows import engine, facts
 from workflows.schema import Workflow, WorkflowError, parse
@@ -321,6 +322,9 @@ def study_complete(conn: sqlite3.Connection, item_id: int, workflows: list[Workf
                  " modalities = ?, updated_at = ? WHERE id = ? AND arriving = 1",
                  (now, study["num_instances"], _modalities(conn, item["study_uid"], None), now,
                   item_id))
+    forward_outbox.enqueue_study(conn, item["study_uid"],
+                                 forward_outbox.destinations(decision.actions),
+                                 decision.priority, now)  # the whole study, to its PACS
     worklist.add_history(conn, item_id, now, SYSTEM, "complete", item["state"], item["state"],
                          {"instances": study["num_instances"],
                           "arriving_for_s": round(now - item["created_at"], 3)})
@@ -420,6 +424,7 @@ def _create_item(conn: sqlite3.Connection, study_uid: str, workflows: list[Workf
 
 def _attach_late(conn: sqlite3.Connection, row: sqlite3.Row, now: float) -> int:
     """Instances after the item was made: flag the item, tell its reader; never a new item."""
+    forward_outbox.follow_late(conn, row["study_uid"], now)  # late instances follow the study
     extra = int(row["num_instances"]) - int(row["instances_seen"])
     if extra <= 0:
         return 0

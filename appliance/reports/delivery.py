@@ -132,8 +132,24 @@ class DicomBackend:
             raise DeliveryFailed(f"{name} is not a known AE with a host (appliance ae add {name}"
                                  " --host H --port P)")
         ds = self.build(job)
+        if getattr(peer, "commitment", False):  # delivered means committed (forwarding's SCU)
+            return _committed_store(job.cfg, ds, peer)
         code = c_store(ds, job.cfg["dicom"]["ae_title"], name, peer.host, peer.port)
         return f"stored on {name} (status 0x{code:04X})"
+
+
+def _committed_store(cfg: Any, ds: Dataset, peer: Any) -> str:
+    """Committed already: delivered. Otherwise store, ask for commitment, and retry later."""
+    from appliance.forwarding import commitment
+    from dicom_node.store_scu import AssociationFailed
+
+    if commitment.is_committed(cfg, peer.name, str(ds.SOPInstanceUID)):
+        return f"committed by {peer.name} (storage commitment)"
+    try:
+        note = commitment.store_and_ask(cfg, ds, peer)
+    except AssociationFailed as e:
+        raise DeliveryFailed(str(e), unreachable=e.unreachable) from None
+    raise DeliveryFailed(f"{peer.name}: {note}; awaiting storage commitment")
 
 
 class PrintBackend:

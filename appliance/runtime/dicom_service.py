@@ -21,6 +21,7 @@ from typing import Any
 
 from appliance.core import audit, components, config, db, metrics
 from appliance.dicomweb import metadata as dicomweb_metadata
+from appliance.forwarding import commitment as forward_commitment
 from dicom_node import index as dicom_index
 from dicom_node.node import DicomNode, NodeSettings, Peer, listen
 from dicom_node.study_store import StudyStore
@@ -115,6 +116,7 @@ def build_node(cfg: config.Config) -> DicomNode:
 
     node = DicomNode(settings, store, on_reject=on_reject)
     _add_query_services(node, on_event)
+    forward_commitment.accept_reports(node.ae, node.handlers, cfg)  # PACS-opened N-EVENT-REPORT
     return node
 
 

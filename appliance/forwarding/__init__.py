@@ -1,0 +1,1 @@
+"""Forwarding: images and reports back to the site PACS, with storage commitment."""

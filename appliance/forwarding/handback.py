@@ -1,0 +1,184 @@
+"""Return to service: hand everything acquired on the appliance back to the restored PACS.
+
+1. List the instances stored here (since ``--since``), by study and series.
+2. Ask the PACS what it already holds (C-FIND at IMAGE level, one query per series).
+3. Queue what it lacks in the forwarding outbox (origin ``handback``): the same durable,
+   leased rows as ``forward:``, so an interrupted hand-back resumes where it stopped and
+   a second run finds the instances already there and sends nothing twice.
+4. Send (passes of :func:`appliance.forwarding.sending.run_due`) with a progress line.
+5. Write the signed manifest (:mod:`appliance.forwarding.manifest`): every instance, its
+   SHA-256, where it went and how its delivery was proved (``commitment``, ``c-find`` after
+   sending, or ``c-find`` because the PACS already held it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from appliance.core import audit
+from appliance.core.config import Config, KnownAE
+from appliance.forwarding import manifest, outbox, sending
+from dicom_node import index as dicom_index
+from dicom_node import store_scu
+
+ORIGIN = "handback"
+Progress = Callable[[int, int, int, float], None]  # done, total, bytes sent, seconds
+
+
+class HandbackError(Exception):
+    """The hand-back cannot start or cannot finish now (resumable: run it again)."""
+
+
+def held_by(cfg: Config, peer: KnownAE, expected: dict[tuple[str, str], set[str]],
+            calling_ae: str | None = None, tries: int = 3) -> dict[tuple[str, str], set[str]]:
+    """(study, series) → SOP Instance UIDs the PACS holds (C-FIND IMAGE level).
+
+    A series answered without all ``expected`` instances is asked again on a fresh
+    association (up to ``tries`` in all) and the answers are united: pynetdicom 3.0 may drop
+    a response when several C-FINDs share an association (pynetdicom issue #875), and a
+    dropped response must not read as a missing instance."""
+    out: dict[tuple[str, str], set[str]] = {k: set() for k in expected}
+    todo = sorted(expected)
+    for _ in range(tries):
+        if not todo:
+            break
+        try:
+            link = store_scu.Connection(calling_ae or cfg["dicom"]["ae_title"], peer.name,
+                                        peer.host, peer.port, [], cfg["forwarding"]["timeout_s"],
+                                        verify=True)
+        except store_scu.AssociationFailed as e:
+            raise HandbackError(f"cannot ask {peer.name} what it holds: {e}") from None
+        with link:
+            for key in todo:
+                if not link.alive:
+                    break
+                out[key] |= link.find_instances(*key) or set()
+        todo = [k for k in todo if not expected[k] <= out[k]]
+    return out
+
+
+def _peer(cfg: Config, to: str) -> KnownAE:
+    peer = cfg.known_ae(to)
+    if peer is None or not peer.host:
+        raise HandbackError(f"{to!r} is not a known AE with a host (appliance ae add {to}"
+                            " --host H --port P [--commitment])")
+    return peer
+
+
+def plan(conn: sqlite3.Connection, cfg: Config, to: str,
+         since: float | None = None) -> dict[str, Any]:
+    """What the site holds, what the PACS holds of it and what it lacks."""
+    peer = _peer(cfg, to)
+    rows = dicom_index.instances_to_send(conn, received_since=since or 0.0)
+    expected: dict[tuple[str, str], set[str]] = {}
+    for r in rows:
+        expected.setdefault((r["study_uid"], r["series_uid"]), set()).add(r["sop_uid"])
+    held = held_by(cfg, peer, expected)
+    lacking = [r for r in rows if r["sop_uid"] not in held[(r["study_uid"], r["series_uid"])]]
+    return {"peer": peer, "instances": rows, "lacking": lacking,
+            "bytes_lacking": sum(r["size"] for r in lacking)}
+
+
+def run(conn: sqlite3.Connection, cfg: Config, to: str, since: float | None = None,
+        dry_run: bool = False, progress: Progress | None = None, actor: str = "cli",
+        out_dir: Path | None = None) -> dict[str, Any]:
+    """Plan, queue, send and prove; then write and return the signed manifest's path."""
+    p = plan(conn, cfg, to, since)
+    peer, lacking = p["peer"], p["lacking"]
+    summary = {"destination": peer.name, "instances": len(p["instances"]),
+               "already_held": len(p["instances"]) - len(lacking), "to_send": len(lacking),
+               "bytes_to_send": p["bytes_lacking"], "dry_run": dry_run}
+    if dry_run:
+        return summary
+    now = time.time()
+    by_study: dict[str, list[str]] = {}
+    for r in lacking:
+        by_study.setdefault(r["study_uid"], []).append(r["sop_uid"])
+    for study, uids in by_study.items():
+        outbox.requeue(conn, peer.name, study, uids, ORIGIN, now)
+    audit.record(conn, actor, "handback.start", peer.name, source="cli",
+                 detail={k: v for k, v in summary.items() if k != "dry_run"})
+    _send(conn, cfg, peer, lacking, progress)
+    body = _body(conn, cfg, peer, p["instances"], {r["sop_uid"] for r in lacking})
+    path = (out_dir or cfg.data_dir / "handback") / (
+        f"manifest-{peer.name}-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}.json")
+    manifest.write(path, manifest.sign(body, cfg.keys_dir))
+    summary.update(manifest=str(path), sent=body["sent"], not_delivered=body["not_delivered"])
+    audit.record(conn, actor, "handback.done", peer.name, source="cli",
+                 outcome="ok" if not body["not_delivered"] else "failed",
+                 detail={"manifest": path.name, "instances": summary["instances"],
+                         "sent": body["sent"], "not_delivered": body["not_delivered"]})
+    return summary
+
+
+def _send(conn: sqlite3.Connection, cfg: Config, peer: KnownAE, lacking: list[sqlite3.Row],
+          progress: Progress | None) -> None:
+    """Passes until every lacking instance is delivered or failed; stalls end in an error."""
+    uids = [r["sop_uid"] for r in lacking]
+    size = {r["sop_uid"]: r["size"] for r in lacking}
+    started, idle = time.monotonic(), 0
+    while True:
+        rows = outbox.rows_for(conn, peer.name, uids)
+        open_ = [u for u, r in rows.items() if r["state"] not in ("delivered", "failed")]
+        done = len(uids) - len(open_)
+        if progress:
+            progress(done, len(uids), sum(size[u] for u, r in rows.items()
+                                          if r["state"] in ("stored", "delivered")),
+                     time.monotonic() - started)
+        if not open_:
+            return
+        got = sending.run_due(cfg, conn=conn)
+        if got["stored"] == 0:
+            idle += 1
+            if idle > 50:
+                raise HandbackError(f"{len(open_)} instance(s) not delivered to {peer.name} yet"
+                                    " (see appliance forward status); run handback again")
+            time.sleep(0.2)  # waiting for a commitment report or a backoff
+        else:
+            idle = 0
+
+
+def _body(conn: sqlite3.Connection, cfg: Config, peer: KnownAE, instances: list[sqlite3.Row],
+          sent: set[str]) -> dict[str, Any]:
+    rows = outbox.rows_for(conn, peer.name, [r["sop_uid"] for r in instances])
+    studies: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    missing = 0
+    for r in instances:
+        row = rows.get(r["sop_uid"])
+        if r["sop_uid"] not in sent:
+            proof = "c-find (already held)"
+        elif row is not None and row["state"] == "delivered":
+            proof = row["proof"]
+        else:
+            proof, missing = "not delivered", missing + 1
+        studies.setdefault(r["study_uid"], {}).setdefault(r["series_uid"], []).append(
+            {"sop_instance_uid": r["sop_uid"], "sha256": r["sha256"], "proof": proof})
+    return {"site": cfg["site"]["name"], "site_id": cfg["site"]["id"],
+            "sent_to": {"ae_title": peer.name, "host": peer.host, "port": peer.port},
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "instances": len(instances), "sent": len(sent), "not_delivered": missing,
+            "studies": [{"study_instance_uid": st, "series": [
+                {"series_instance_uid": se, "instances": inst} for se, inst in sers.items()]}
+                for st, sers in studies.items()]}
+
+
+def verify(cfg: Config, path: Path, public_key_pem: bytes, peer: KnownAE,
+           calling_ae: str | None = None) -> dict[str, Any]:
+    """Check the signature, then ask the PACS for every instance; return what is missing."""
+    body = manifest.load_verified(path, public_key_pem)
+    expected = {(st["study_instance_uid"], se["series_instance_uid"]):
+                {i["sop_instance_uid"] for i in se["instances"]}
+                for st in body["studies"] for se in st["series"]}
+    held = held_by(cfg, peer, expected, calling_ae)
+    missing = [{"study_instance_uid": st["study_instance_uid"],
+                "series_instance_uid": se["series_instance_uid"],
+                "sop_instance_uid": i["sop_instance_uid"]}
+               for st in body["studies"] for se in st["series"] for i in se["instances"]
+               if i["sop_instance_uid"] not in held[(st["study_instance_uid"],
+                                                     se["series_instance_uid"])]]
+    return {"instances": body["instances"], "missing": missing}

@@ -1,0 +1,42 @@
+"""Tables of migration 17: the forwarding outbox (images and reports back to the site PACS).
+
+One row per (destination, SOP Instance): ``waiting → sending → stored → delivered``, or
+``failed`` on a permanent refusal.  ``sending`` rows carry a lease (owner ``host:pid:…``,
+``lease_until``); a worker killed at any line leaves a lease that runs out (or whose owner
+is a dead process of this host) and the row is sent again, with the same file and so the
+same SOP Instance UID: the PACS keeps one object.  ``stored`` means the C-STORE succeeded
+and the proof is awaited: a Storage Commitment result (``commit_uid`` names the N-ACTION
+transaction) or a C-FIND at IMAGE level; ``proof`` says which one delivered it.
+"""
+
+SCHEMA = """
+CREATE TABLE forward_outbox (
+    id INTEGER PRIMARY KEY,
+    destination TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    sop_uid TEXT NOT NULL,
+    priority_rank INTEGER NOT NULL DEFAULT 2,
+    origin TEXT NOT NULL DEFAULT 'rule',
+    state TEXT NOT NULL DEFAULT 'waiting'
+        CHECK (state IN ('waiting', 'sending', 'stored', 'delivered', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    lease_owner TEXT,
+    lease_until REAL,
+    sha256 TEXT NOT NULL DEFAULT '',
+    sent_syntax TEXT NOT NULL DEFAULT '',
+    last_status TEXT NOT NULL DEFAULT '',
+    last_error TEXT NOT NULL DEFAULT '',
+    commit_uid TEXT,
+    commit_asked_at REAL,
+    proof TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    stored_at REAL,
+    delivered_at REAL,
+    failing_since REAL,
+    UNIQUE (destination, sop_uid)
+);
+CREATE INDEX forward_outbox_due ON forward_outbox(state, priority_rank, next_attempt_at);
+CREATE INDEX forward_outbox_study ON forward_outbox(study_uid);
+CREATE INDEX forward_outbox_commit ON forward_outbox(commit_uid);
+"""
