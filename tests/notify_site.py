@@ -3,11 +3,14 @@ whose contact points are verified, and a STAT CT head study with a known patient
 
 from __future__ import annotations
 
+import subprocess
 import threading
+import time
 from email import message_from_bytes
 from email.message import Message
+from pathlib import Path
 
-from conftest import free_port, require_module
+from conftest import free_port, require_module, require_tool
 
 from appliance.core import config, db
 from appliance.notify import contacts, outbox
@@ -86,3 +89,56 @@ def sweep_all(data_dir, now: float) -> dict:
         return outbox.run_once(conn, cfg, now, clock=lambda: now)
     finally:
         conn.close()
+
+
+class GammuSmsd:
+    """Debian's gammu-smsd with gammu's dummy phone (a directory) and the FILES backend.
+
+    ``spool`` is what ``notify.sms_spool`` names (outbox/, sent/, error/, inbox/); a phone's
+    reply is an SMS backup file dropped into the dummy phone's folder, which gammu-smsd
+    receives into ``inbox/`` as it would from a modem.
+    """
+
+    def __init__(self, base: Path):
+        self.binary = require_tool("gammu-smsd")
+        self.spool, self.phone = base / "sms", base / "dummy-phone"
+        for d in ("outbox", "sent", "error", "inbox"):
+            (self.spool / d).mkdir(parents=True)
+        for folder in range(1, 6):
+            (self.phone / "sms" / str(folder)).mkdir(parents=True)
+        self.config = base / "smsdrc"
+        self.config.write_text(
+            f"[gammu]\nmodel = dummy\nconnection = none\nport = {self.phone}\n"
+            "gammuloc = /dev/null\n\n[smsd]\nservice = files\n"
+            f"logfile = {base / 'smsd.log'}\ndebuglevel = 1\ncommtimeout = 1\n"
+            "receivefrequency = 1\nloopsleep = 1\nstatusfrequency = 0\nchecksecurity = 0\n"
+            "checkbattery = 0\nchecksignal = 0\ntransmitformat = auto\n"
+            + "".join(f"{k}path = {self.spool / d}/\n" for k, d in (
+                ("inbox", "inbox"), ("outbox", "outbox"), ("sentsms", "sent"),
+                ("errorsms", "error"))))
+        self.proc = subprocess.Popen([self.binary, "-c", str(self.config)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._replies = 0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    def wait_files(self, folder: str, n: int, timeout: float = 20.0) -> list[Path]:
+        """Until ``folder`` holds at least ``n`` message files (gammu-smsd works each second)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            files = sorted(p for p in (self.spool / folder).glob("*.txt"))
+            if len(files) >= n:
+                return files
+            assert self.proc.poll() is None, "gammu-smsd exited"
+            assert time.monotonic() < deadline, f"{folder}/ has {len(files)} of {n} messages"
+            time.sleep(0.1)
+
+    def reply(self, number: str, text: str) -> None:
+        """A text from ``number`` reaching the modem (the dummy phone's inbox folder)."""
+        self._replies += 1
+        hexed = text.encode("utf-16-be").hex().upper()
+        (self.phone / "sms" / "1" / str(100 + self._replies)).write_text(
+            f'[SMSBackup000]\nNumber = "{number}"\nCoding = Default\nFolder = 1\n'
+            f"Sent = 20261207T210000\nState = UnRead\nPDU = Deliver\nText00 = {hexed}\n")
