@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import stat
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from appliance.core import config
@@ -53,8 +55,10 @@ def write_credentials(path: Path, values: dict[str, str]) -> None:
     os.chmod(path, 0o600)
 
 
-def configured(cfg: config.Config) -> dict[str, OutboundChannel]:
-    """Channel name → channel, for each channel appliance.yaml sets up."""
+def configured(cfg: config.Config,
+               clock: Callable[[], float] = time.time) -> dict[str, OutboundChannel]:
+    """Channel name → channel, for each channel appliance.yaml sets up (``clock`` stamps
+    webhook timestamps: the worker's clock, so tests under a fake clock agree)."""
     n = cfg["notify"]
     secrets = read_credentials(Path(n["credentials_file"])) if n["credentials_file"] else {}
     out: dict[str, OutboundChannel] = {}
@@ -69,5 +73,5 @@ def configured(cfg: config.Config) -> dict[str, OutboundChannel]:
             raise CredentialsError("notify.webhook_url is set but the credentials file has no"
                                    " webhook_secret")
         out["webhook"] = WebhookChannel(secrets["webhook_secret"].encode("utf-8"),
-                                        float(n["timeout_s"]))
+                                        float(n["timeout_s"]), clock)
     return out

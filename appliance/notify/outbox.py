@@ -242,7 +242,7 @@ def read_replies(conn: sqlite3.Connection, available: dict[str, OutboundChannel]
 def run_once(conn: sqlite3.Connection, cfg: config.Config, now: float,
              clock: Clock = time.time) -> dict[str, int]:
     """One pass: fan out, ladder, replies, delivery. Safe to repeat or to die part way."""
-    available = channels.configured(cfg)
+    available = channels.configured(cfg, clock)
     counts = {"messages": fan_out(conn, cfg, now, available)}
     counts["unacknowledged"] = acks.escalate_unacknowledged(conn, cfg, now)
     if counts["unacknowledged"]:
