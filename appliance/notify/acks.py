@@ -171,11 +171,10 @@ def page_for(conn: sqlite3.Connection, cfg: config.Config, n: dict[str, Any],
     if row:
         return row["id"], False
     item = worklist.get_item(conn, n["item_id"])
-    on_call = [u for t in read_queue.on_call_targets(conn, n["item_id"])
-               for u in t.get("users", [])]
     pool = {"roles": item["pool"]["roles"], "tags": item["pool"]["tags"]}
-    chain = [list(dict.fromkeys(on_call)), [pool],
-             [{"roles": list(notifications.FALLBACK_ROLES), "tags": []}]]
+    # One level per on-call person (the rota's fallback order), then the pool, then admins.
+    chain = [[u] for u in read_queue.on_call_order(conn, n["item_id"], now)] + [
+        [pool], [{"roles": list(notifications.FALLBACK_ROLES), "tags": []}]]
     cur = conn.execute(
         "INSERT INTO notify_pages (item_id, step_id, kind, priority, chain, next_at,"
         " created_at) VALUES (?,?,?,?,?,?,?)",
