@@ -27,6 +27,7 @@ class Receiver:
 
     def __init__(self, now):
         self.now, self.accepted, self.rejected, self.raw = now, [], [], []
+        self.delay = 0.0  # seconds to wait before answering (a kill lands mid-request)
         self.seen: set[str] = set()
         outer = self
 
@@ -34,6 +35,7 @@ class Receiver:
             def do_POST(self):  # noqa: N802 (http.server's name)
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 verdict = outer.check(dict(self.headers), body)
+                time.sleep(outer.delay)
                 self.send_response(200 if verdict in ("ok", "duplicate") else 401)
                 self.end_headers()
 

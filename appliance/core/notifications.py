@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -73,14 +73,18 @@ class OutboundChannel(Protocol):
     """Sends one message to one address outside the box (email, SMS, webhook).
 
     ``send`` returns the provider's answer (a short text kept on the outbox row) once the
-    provider has accepted the message, and raises :class:`DeliveryError` otherwise; it may be
-    called again for the same key after a crash, so ``already_sent`` is asked first and says
-    whether the provider holds a message with that key (False when it cannot tell).
+    provider has accepted the message, and raises :class:`DeliveryError` otherwise. It calls
+    ``committing()`` just before the step after which the provider may hold the message (the
+    SMTP DATA, the HTTP POST, the file's rename). After a crash past that point the outbox asks
+    ``already_sent`` (does the provider hold a message with this key? False when it cannot
+    tell) and resends only if ``resend_safe`` (the receiver drops a key it has seen).
     """
 
     name: str
+    resend_safe: bool
 
-    def send(self, address: str, message: OutboundMessage) -> str: ...
+    def send(self, address: str, message: OutboundMessage,
+             committing: Callable[[], None] = lambda: None) -> str: ...
 
     def already_sent(self, address: str, key: str) -> bool: ...
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import smtplib
 import ssl
+from collections.abc import Callable
 from email.message import EmailMessage
 from email.utils import formatdate
 
@@ -19,6 +20,7 @@ class EmailChannel:
     """Hands each message to one SMTP server (the site's relay or a provider)."""
 
     name = "email"
+    resend_safe = False  # SMTP cannot be asked what it holds: never sent twice (at most once)
 
     def __init__(self, host: str, port: int, security: str, sender: str, user: str = "",
                  password: str = "", timeout_s: float = 10.0):
@@ -36,7 +38,8 @@ class EmailChannel:
             smtp.starttls(context=context)
         return smtp
 
-    def send(self, address: str, message: OutboundMessage) -> str:
+    def send(self, address: str, message: OutboundMessage,
+             committing: Callable[[], None] = lambda: None) -> str:
         """Deliver to the server; the answer is the server's reply to the message's DATA."""
         mail = EmailMessage()
         mail["From"], mail["To"] = self.sender, address
@@ -48,12 +51,18 @@ class EmailChannel:
             with self._connect() as smtp:
                 if self.user:
                     smtp.login(self.user, self.password)
-                refused = smtp.send_message(mail)
+                smtp.ehlo_or_helo_if_needed()
+                code, answer = smtp.mail(self.sender)
+                if code != 250:
+                    raise smtplib.SMTPSenderRefused(code, answer, self.sender)
+                code, answer = smtp.rcpt(address)
+                if code not in (250, 251):
+                    raise smtplib.SMTPRecipientsRefused({address: (code, answer)})
+                committing()
+                code, answer = smtp.data(mail.as_bytes())
         except (smtplib.SMTPException, OSError) as e:
             raise DeliveryError(f"{type(e).__name__}: {_reason(e)}") from None
-        if refused:
-            raise DeliveryError(f"refused: {refused}")
-        return f"accepted by {self.host}:{self.port}"
+        return f"{code} {answer.decode('utf-8', 'replace')[:200]}"
 
     def already_sent(self, address: str, key: str) -> bool:
         return False

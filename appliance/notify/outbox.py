@@ -129,25 +129,53 @@ def _backoff(cfg: config.Config, attempts: int) -> float:
 
 
 def _due(conn: sqlite3.Connection, now: float) -> list[sqlite3.Row]:
-    return conn.execute(
+    """Pending rows whose time has come, and rows a dead or expired sender left 'sending'."""
+    rows = conn.execute(
         "SELECT o.*, m.subject, m.body, m.acked_at, m.kind FROM notify_outbox o"
         " JOIN notify_messages m ON m.id = o.message_id"
-        " WHERE ((o.state = 'pending' AND o.next_attempt_at <= ? AND o.not_before <= ?)"
-        " OR (o.state = 'sending' AND o.lease_until < ?)) ORDER BY o.next_attempt_at LIMIT ?",
-        (now, now, now, BATCH)).fetchall()
+        " WHERE (o.state = 'pending' AND o.next_attempt_at <= ? AND o.not_before <= ?)"
+        " OR o.state = 'sending' ORDER BY o.next_attempt_at LIMIT ?",
+        (now, now, BATCH)).fetchall()
+    return [r for r in rows if r["state"] == "pending" or _stale(r, now)]
 
 
-def _stale_sender(conn: sqlite3.Connection, row: sqlite3.Row, now: float) -> bool:
-    return row["state"] == "sending" and (row["lease_until"] < now
-                                          or leases.holder_gone(row["lease_owner"]))
+def _stale(row: sqlite3.Row, now: float) -> bool:
+    return row["lease_until"] < now or leases.holder_gone(row["lease_owner"])
 
 
 def _lease(conn: sqlite3.Connection, row: sqlite3.Row, owner: str, now: float) -> bool:
+    """Take the row (compare-and-swap on the state and holder we read)."""
     with db.transaction(conn):
         return conn.execute(
             "UPDATE notify_outbox SET state = 'sending', lease_owner = ?, lease_until = ?,"
-            " attempts = attempts + 1 WHERE id = ? AND (state = 'pending' OR (state = 'sending'"
-            " AND lease_until < ?))", (owner, now + LEASE_S, row["id"], now)).rowcount == 1
+            " phase = CASE WHEN state = 'pending' THEN '' ELSE phase END,"
+            " attempts = attempts + 1 WHERE id = ? AND state = ? AND lease_owner IS ?",
+            (owner, now + LEASE_S, row["id"], row["state"], row["lease_owner"])).rowcount == 1
+
+
+def _committing(conn: sqlite3.Connection, row_id: int, owner: str) -> Callable[[], None]:
+    """The mark a channel sets just before the provider may hold the message."""
+    def mark() -> None:
+        with db.transaction(conn):
+            conn.execute("UPDATE notify_outbox SET phase = 'handed' WHERE id = ? AND"
+                         " lease_owner = ?", (row_id, owner))
+    return mark
+
+
+def _recover(conn: sqlite3.Connection, row: sqlite3.Row, channel: OutboundChannel,
+             owner: str, now: float) -> str | None:
+    """A row a dead sender held past the hand-over: found at the provider, resent only where
+    the receiver drops duplicates, else given up (at most once; the next channel takes it)."""
+    if row["phase"] != "handed":
+        return None  # died before the provider could hold it: send as usual
+    if channel.already_sent(row["address"], row["idempotency_key"]):
+        _settle(conn, row["id"], owner, "sent", "found at the provider after a restart", now)
+        return "sent"
+    if channel.resend_safe:
+        return None
+    _settle(conn, row["id"], owner, "failed", "interrupted while the provider took it: not"
+            " resent, so never twice (the next channel is tried)", now)
+    return "failed"
 
 
 def _settle(conn: sqlite3.Connection, row_id: int, owner: str, state: str, answer: str,
@@ -168,7 +196,8 @@ def _superseded(conn: sqlite3.Connection, row: sqlite3.Row) -> str | None:
         return "acknowledged"
     if row["rank"] > 0 and row["channel"] != "webhook" and conn.execute(
             "SELECT 1 FROM notify_outbox WHERE message_id = ? AND rank < ? AND state = 'sent'"
-            " AND channel != 'webhook'", (row["message_id"], row["rank"])).fetchone():
+            " AND channel != 'webhook' AND sent_at <= ?",
+            (row["message_id"], row["rank"], row["not_before"])).fetchone():
         return "delivered by an earlier channel"
     return None
 
@@ -189,12 +218,12 @@ def deliver(conn: sqlite3.Connection, cfg: config.Config, now: float,
                              " id = ? AND state = 'pending'", (why, row["id"]))
             counts["skipped"] += 1
             continue
-        was_stale = _stale_sender(conn, row, now)
         if not _lease(conn, row, owner, now):
             continue
-        if was_stale and channel.already_sent(row["address"], row["idempotency_key"]):
-            _settle(conn, row["id"], owner, "sent", "found at the provider after a restart", now)
-            counts["sent"] += 1
+        outcome = _recover(conn, row, channel, owner, now) if row["state"] == "sending" \
+            else None
+        if outcome is not None:
+            counts[outcome] += 1
             continue
         outcome = _send(conn, cfg, row, channel, owner, now, clock)
         counts[outcome] += 1
@@ -209,7 +238,7 @@ def _send(conn: sqlite3.Connection, cfg: config.Config, row: sqlite3.Row,
                           {"kind": row["kind"]})
     started = clock()
     try:
-        answer = channel.send(row["address"], msg)
+        answer = channel.send(row["address"], msg, _committing(conn, row["id"], owner))
     except DeliveryError as e:
         _settle(conn, row["id"], owner, "pending", str(e), now,
                 retry_at=now + _backoff(cfg, row["attempts"] + 1))

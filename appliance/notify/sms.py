@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from appliance.core import durable
@@ -26,11 +27,13 @@ class SmsChannel:
     """Queues each message for gammu-smsd by writing one file into its outbox."""
 
     name = "sms"
+    resend_safe = True  # already_sent finds the file by its key in outbox, sent or error
 
     def __init__(self, spool: Path):
         self.spool = Path(spool)
 
-    def send(self, address: str, message: OutboundMessage) -> str:
+    def send(self, address: str, message: OutboundMessage,
+             committing: Callable[[], None] = lambda: None) -> str:
         """Write the file atomically (gammu-smsd ignores names not starting with OUT)."""
         if not NUMBER_RE.match(address):
             raise DeliveryError(f"not a phone number: {address!r}")
@@ -40,6 +43,7 @@ class SmsChannel:
         stamp = time.strftime("%Y%m%d_%H%M%S", time.gmtime())
         name = f"OUTA{stamp}_00_{address}_{message.key}.txt"
         text = message.body.encode("ascii", "replace")[:SMS_LIMIT]
+        committing()
         try:
             durable.atomic_write(outbox / name, text)  # its temp name starts with "."
         except OSError as e:

@@ -15,6 +15,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 
 from appliance.core.notifications import DeliveryError, OutboundMessage
 
@@ -42,11 +43,13 @@ class WebhookChannel:
     """POSTs each message to one URL (the site's ``notify.webhook_url``)."""
 
     name = "webhook"
+    resend_safe = True  # the receiver drops an idempotency key it has seen
 
     def __init__(self, secret: bytes, timeout_s: float = 10.0, clock=time.time):
         self.secret, self.timeout_s, self.clock = secret, timeout_s, clock
 
-    def send(self, address: str, message: OutboundMessage) -> str:
+    def send(self, address: str, message: OutboundMessage,
+             committing: Callable[[], None] = lambda: None) -> str:
         """A 2xx answer is delivery; anything else is an error kept on the outbox row."""
         body = json.dumps({"text": f"{message.subject}\n{message.body}", "key": message.key,
                            **message.fields}, sort_keys=True).encode("utf-8")
@@ -55,6 +58,7 @@ class WebhookChannel:
             "Content-Type": "application/json", "X-Appliance-Timestamp": ts,
             "X-Appliance-Idempotency-Key": message.key,
             "X-Appliance-Signature": signature(self.secret, ts, body)})
+        committing()
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 return f"HTTP {resp.status}"

@@ -67,6 +67,7 @@ CREATE TABLE notify_outbox (
     attempts INTEGER NOT NULL DEFAULT 0,
     lease_owner TEXT,
     lease_until REAL,
+    phase TEXT NOT NULL DEFAULT '',
     answer TEXT NOT NULL DEFAULT '',
     created_at REAL NOT NULL,
     first_failure_at REAL,
