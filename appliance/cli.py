@@ -247,6 +247,7 @@ EXTENSION_MODULES = (
     "appliance.setup.cli",  # provision, logs, migrate
     "appliance.reports.cli",  # reports
     "appliance.consults.cli",  # media
+    "appliance.notify.cli",  # notify contact, verify, test, status
 )
 
 

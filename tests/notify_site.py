@@ -51,15 +51,19 @@ class SmtpServer:
         self.port = free_port()
         self.controller = Controller(self.box, hostname="127.0.0.1", port=self.port)
         self.controller.start()
+        self.running = True
 
     def stop(self) -> None:
-        self.controller.stop()
+        if self.running:
+            self.controller.stop()
+            self.running = False
 
     def start(self) -> None:
         from aiosmtpd.controller import Controller
 
         self.controller = Controller(self.box, hostname="127.0.0.1", port=self.port)
         self.controller.start()
+        self.running = True
 
 
 def notify_yaml(smtp_port: int, sms_spool: str = "", extra: str = "") -> str:

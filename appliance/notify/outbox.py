@@ -122,6 +122,63 @@ def _message(conn: sqlite3.Connection, cfg: config.Config, n: dict[str, Any], no
              now + (rank * failover if channel != "webhook" else 0), now, now))
 
 
+def enqueue_direct(conn: sqlite3.Connection, cfg: config.Config, username: str, kind: str,
+                   subject: str, body: str, targets: list[tuple[str, str]],
+                   now: float) -> list[int]:
+    """A message to given (channel, address) pairs, not through the inbox: a verification
+    code goes to the address being verified, never to the in-app inbox. Returns row ids."""
+    site = cfg["site"]["name"]
+    ids = []
+    with db.transaction(conn):
+        code = acks.new_code(conn)
+        cur = conn.execute(
+            "INSERT INTO notify_messages (notification_id, username, kind, subject, body,"
+            " ack_code, ack_expires, created_at) VALUES (NULL,?,?,?,?,?,?,?)",
+            (username, kind, f"[{site}] {subject}", f"{site}: {subject}\n{body}\n", code, now,
+             now))
+        for channel, address in targets:
+            ids.append(conn.execute(
+                "INSERT INTO notify_outbox (message_id, channel, address, rank, idempotency_key,"
+                " not_before, next_attempt_at, created_at) VALUES (?,?,?,0,?,?,?,?)",
+                (cur.lastrowid, channel, address, f"n{cur.lastrowid}-{channel}-{code.lower()}",
+                 now, now, now)).lastrowid)
+    return ids
+
+
+def rows(conn: sqlite3.Connection, ids: list[int]) -> list[dict[str, Any]]:
+    """Outbox rows by id (what `notify test` prints after sending)."""
+    return [dict(r) for r in conn.execute(
+        f"SELECT id, channel, address, state, attempts, answer FROM notify_outbox WHERE id IN"
+        f" ({','.join('?' * len(ids))}) ORDER BY id", ids)]
+
+
+def status(conn: sqlite3.Connection, cfg: config.Config, now: float) -> dict[str, Any]:
+    """Channels with their last success and failure, the outbox by state, open pages."""
+    try:
+        configured = sorted(channels.configured(cfg))
+        problem = ""
+    except channels.CredentialsError as e:
+        configured, problem = [], str(e)
+    out: dict[str, Any] = {"channels": {}, "outbox": {}, "open_pages": 0, "problem": problem}
+    for name in sorted(set(configured) | {r[0] for r in conn.execute(
+            "SELECT DISTINCT channel FROM notify_outbox")}):
+        ok = conn.execute("SELECT MAX(sent_at) FROM notify_outbox WHERE channel = ? AND"
+                          " state = 'sent'", (name,)).fetchone()[0]
+        bad = conn.execute("SELECT first_failure_at, answer FROM notify_outbox WHERE channel = ?"
+                           " AND first_failure_at IS NOT NULL ORDER BY first_failure_at DESC"
+                           " LIMIT 1", (name,)).fetchone()
+        out["channels"][name] = {"configured": name in configured, "last_success": ok,
+                                 "last_failure": bad[0] if bad else None,
+                                 "last_error": bad[1] if bad and bad[1] else ""}
+    out["outbox"] = dict(conn.execute("SELECT state, COUNT(*) FROM notify_outbox GROUP BY state"
+                                      ).fetchall())
+    out["open_pages"] = conn.execute("SELECT COUNT(*) FROM notify_pages WHERE acked_at IS NULL"
+                                     " AND next_at IS NOT NULL").fetchone()[0]
+    out["oldest_waiting"] = conn.execute("SELECT MIN(created_at) FROM notify_outbox WHERE"
+                                         " state IN ('pending', 'sending')").fetchone()[0]
+    return out
+
+
 # -- delivery ------------------------------------------------------------------------------------
 def _backoff(cfg: config.Config, attempts: int) -> float:
     n = cfg["notify"]

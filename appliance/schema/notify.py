@@ -41,7 +41,7 @@ CREATE INDEX notify_pages_due ON notify_pages(next_at) WHERE acked_at IS NULL;
 
 CREATE TABLE notify_messages (
     id INTEGER PRIMARY KEY,
-    notification_id INTEGER NOT NULL UNIQUE,
+    notification_id INTEGER UNIQUE,  -- NULL: sent directly (a verification code, a test)
     username TEXT NOT NULL,
     kind TEXT NOT NULL,
     subject TEXT NOT NULL,
