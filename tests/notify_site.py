@@ -67,7 +67,7 @@ class SmtpServer:
 
 
 def notify_yaml(smtp_port: int, sms_spool: str = "", extra: str = "") -> str:
-    lines = ["notify:", "  smtp_host: 127.0.0.1", f"  smtp_port: {smtp_port}",
+    lines = ["notify:", "  health_alerts: false", "  smtp_host: 127.0.0.1", f"  smtp_port: {smtp_port}",
              "  smtp_security: none", "  smtp_from: pager@field.example"]
     if sms_spool:
         lines.append(f"  sms_spool: {sms_spool}")

@@ -21,7 +21,7 @@ def smtp():
 
 def test_contact_is_verified_by_its_code_then_test_and_status(tmp_path, smtp):
     a = make_auth_app(tmp_path, yaml_edit=lambda t: t + (
-        f"\nnotify:\n  smtp_host: 127.0.0.1\n  smtp_port: {smtp.port}\n  smtp_security: none\n"))
+        f"\nnotify:\n  health_alerts: false\n  smtp_host: 127.0.0.1\n  smtp_port: {smtp.port}\n  smtp_security: none\n"))
     a.add_user("dr.ray", "radiologist")
     d = str(a.data_dir)
     r = run_cli("notify", "test", "--data-dir", d, "--user", "dr.ray")

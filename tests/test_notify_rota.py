@@ -58,7 +58,7 @@ def _last_id(a) -> int:
 
 def test_monday_night_pages_the_night_doctor_then_the_second_then_the_pool(tmp_path, capsys):
     with time_machine.travel(MONDAY_2057, tick=False):
-        a = make_auth_app(tmp_path)
+        a = make_auth_app(tmp_path, yaml_edit=lambda t: t + "\nnotify:\n  health_alerts: false\n")
         (a.data_dir / "workflows" / "night-rota.yaml").write_text(ROTA)
         for name in ("dr.osei", "dr.lind", "dr.day", "dr.pool"):
             a.add_user(name, "radiologist")

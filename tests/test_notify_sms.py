@@ -34,7 +34,7 @@ def _state(conn):
 
 
 def test_sms_goes_through_gammu_smsd_and_an_ack_reply_acknowledges(tmp_path, smsd):
-    a = make_auth_app(tmp_path, yaml_edit=lambda t: t + f"\nnotify:\n  sms_spool: {smsd.spool}\n")
+    a = make_auth_app(tmp_path, yaml_edit=lambda t: t + f"\nnotify:\n  health_alerts: false\n  sms_spool: {smsd.spool}\n")
     for name in ("dr.ray", "dr.lee"):
         a.add_user(name, "radiologist")
     conn = a.db()

@@ -74,7 +74,7 @@ def test_webhook_is_signed_has_no_patient_and_replays_or_edits_are_rejected(tmp_
     creds = tmp_path / "notify-credentials"
     channels.write_credentials(creds, {"webhook_secret": SECRET})
     a = make_auth_app(tmp_path, yaml_edit=lambda t: t + (
-        f"\nnotify:\n  webhook_url: http://127.0.0.1:{receiver.port}/hook\n"
+        f"\nnotify:\n  health_alerts: false\n  webhook_url: http://127.0.0.1:{receiver.port}/hook\n"
         f"  credentials_file: {creds}\n"))
     for name in ("dr.ray", "dr.lee"):
         a.add_user(name, "radiologist")

@@ -230,6 +230,7 @@ SCHEMA: dict[str, Any] = {
         "retry_min_s": Leaf((int, float), 5, _positive),
         "retry_max_s": Leaf((int, float), 300, _positive),
         "timeout_s": Leaf((int, float), 10, _positive),
+        "health_alerts": Leaf(bool, True),
     },
 }
 

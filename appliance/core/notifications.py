@@ -74,10 +74,11 @@ class OutboundChannel(Protocol):
 
     ``send`` returns the provider's answer (a short text kept on the outbox row) once the
     provider has accepted the message, and raises :class:`DeliveryError` otherwise. It calls
-    ``committing()`` just before the step after which the provider may hold the message (the
-    SMTP DATA, the HTTP POST, the file's rename). After a crash past that point the outbox asks
-    ``already_sent`` (does the provider hold a message with this key? False when it cannot
-    tell) and resends only if ``resend_safe`` (the receiver drops a key it has seen).
+    ``committing()`` at the point after which the provider holds the message (the
+    whole SMTP DATA written, the HTTP POST, the file's rename). After a crash past that point
+    the outbox asks ``already_sent`` (does the provider hold a message with this key? False
+    when it cannot tell), then resends if ``resend_safe`` (the receiver drops a key it has
+    seen), else counts the handed-over message as sent.
     """
 
     name: str

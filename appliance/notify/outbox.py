@@ -29,7 +29,7 @@ from typing import Any
 
 from appliance.core import config, db, leases, metrics, notifications
 from appliance.core.notifications import DeliveryError, OutboundChannel, OutboundMessage
-from appliance.notify import acks, channels, contacts
+from appliance.notify import acks, alerts, channels, contacts
 from appliance.reading import read_queue, worklist
 
 log = logging.getLogger("appliance.notify")
@@ -221,18 +221,17 @@ def _committing(conn: sqlite3.Connection, row_id: int, owner: str) -> Callable[[
 
 def _recover(conn: sqlite3.Connection, row: sqlite3.Row, channel: OutboundChannel,
              owner: str, now: float) -> str | None:
-    """A row a dead sender held past the hand-over: found at the provider, resent only where
-    the receiver drops duplicates, else given up (at most once; the next channel takes it)."""
+    """A row a dead sender held past the hand-over: found at the provider, or resent where the
+    receiver drops duplicates, or (email: handed means held) counted as sent."""
     if row["phase"] != "handed":
         return None  # died before the provider could hold it: send as usual
     if channel.already_sent(row["address"], row["idempotency_key"]):
         _settle(conn, row["id"], owner, "sent", "found at the provider after a restart", now)
         return "sent"
     if channel.resend_safe:
-        return None
-    _settle(conn, row["id"], owner, "failed", "interrupted while the provider took it: not"
-            " resent, so never twice (the next channel is tried)", now)
-    return "failed"
+        return None  # the receiver drops the key it has seen
+    _settle(conn, row["id"], owner, "sent", "handed over in full before a restart", now)
+    return "sent"
 
 
 def _settle(conn: sqlite3.Connection, row_id: int, owner: str, state: str, answer: str,
@@ -329,7 +328,8 @@ def run_once(conn: sqlite3.Connection, cfg: config.Config, now: float,
              clock: Clock = time.time) -> dict[str, int]:
     """One pass: fan out, ladder, replies, delivery. Safe to repeat or to die part way."""
     available = channels.configured(cfg, clock)
-    counts = {"messages": fan_out(conn, cfg, now, available)}
+    counts = alerts.check(conn, cfg, now)
+    counts["messages"] = fan_out(conn, cfg, now, available)
     counts["unacknowledged"] = acks.escalate_unacknowledged(conn, cfg, now)
     if counts["unacknowledged"]:
         counts["messages"] += fan_out(conn, cfg, now, available)
