@@ -111,7 +111,8 @@ def _message(conn: sqlite3.Connection, cfg: config.Config, n: dict[str, Any], no
         acks.note_paged(conn, page_id, n["username"])
     targets = [(ch, addr) for ch, addr in contacts.verified(conn, n["username"])
                if ch in available]
-    if "webhook" in available and (page_id is None or new_page):
+    if "webhook" in available and (new_page or (page_id is None
+                                                and not _webhook_has(conn, n, subject, now))):
         targets.append(("webhook", cfg["notify"]["webhook_url"]))
     failover = float(cfg["notify"]["failover_s"])
     for rank, (channel, address) in enumerate(targets):
@@ -177,6 +178,16 @@ def status(conn: sqlite3.Connection, cfg: config.Config, now: float) -> dict[str
     out["oldest_waiting"] = conn.execute("SELECT MIN(created_at) FROM notify_outbox WHERE"
                                          " state IN ('pending', 'sending')").fetchone()[0]
     return out
+
+
+def _webhook_has(conn: sqlite3.Connection, n: dict[str, Any], subject: str,
+                 now: float) -> bool:
+    """The site webhook posts a notification once, not once per user it went to: the same
+    kind and subject within a minute is the same notification to several people."""
+    return conn.execute(
+        "SELECT 1 FROM notify_outbox o JOIN notify_messages m ON m.id = o.message_id"
+        " WHERE o.channel = 'webhook' AND m.kind = ? AND m.subject = ? AND m.created_at >= ?",
+        (n["kind"], subject, now - 60)).fetchone() is not None
 
 
 # -- delivery ------------------------------------------------------------------------------------
