@@ -19,7 +19,7 @@ from notify_site import (
 from reporting_site import ingest_study
 from test_auth import HTML, PASSWORD, login, make_auth_app
 
-from appliance.core import audit
+from appliance.core import audit, metrics
 from appliance.reading import worklist
 
 
@@ -65,6 +65,7 @@ def _ack_path(mail) -> str:
 
 def test_stat_ct_head_mail_has_no_patient_and_its_link_stops_the_next_step(site, smtp):
     a = site
+    metrics.setup(a.data_dir)  # this test process writes its counters where /metrics reads
     uid, t0 = _stat_head(a)
     other, _ = _stat_head(a)  # a second STAT head nobody acknowledges: the control
     sweep_all(a.data_dir, t0 + 31)  # quiet period over: two read items
@@ -122,3 +123,6 @@ def test_stat_ct_head_mail_has_no_patient_and_its_link_stops_the_next_step(site,
     assert "notify.acknowledged" in actions and "read_item.notify.unacknowledged" in actions
     assert audit.verify(conn)[0]
     conn.close()
+    text = a.client().get("/metrics").get_data(as_text=True)
+    assert 'appliance_notifications_total{channel="email",outcome="sent"} 5.0' in text
+    assert 'appliance_notification_delivery_seconds_count{channel="email"} 5.0' in text

@@ -358,6 +358,7 @@ def sweep(cfg: config.Config, now: float | None = None,
     if not _LOCK.acquire(blocking=False):
         return None
     try:
+        metrics.ensure_setup(cfg.data_dir)  # counters in the files /metrics merges
         conn = db.connect(cfg.db_path)
         try:
             return run_once(conn, cfg, clock() if now is None else now, clock)
