@@ -27,6 +27,7 @@ BLUEPRINT_MODULES = (
     "appliance.dicomweb.web",  # /dicom-web
     "appliance.dicomweb.viewer",  # /viewer (OHIF)
     "appliance.consults.web",  # consult signaling
+    "appliance.notify.web",  # /notify/ack/<token>: acknowledgement links
 )
 
 

@@ -253,6 +253,7 @@ EXTENSION_MODULES = (
     "appliance.reports.cli",  # reports
     "appliance.consults.cli",  # media
     "appliance.forwarding.cli",  # forward, forward status
+    "appliance.notify.cli",  # notify contact, verify, test, status
 )
 
 

@@ -19,6 +19,8 @@ command -v age >/dev/null 2>&1 || need="$need age"
 # consult tests: TURN relay (coturn) and network namespaces (iproute2, iptables)
 command -v turnserver >/dev/null 2>&1 || need="$need coturn"
 command -v iptables >/dev/null 2>&1 || need="$need iptables"
+# notify tests: SMS through gammu-smsd with gammu's dummy phone
+command -v gammu-smsd >/dev/null 2>&1 || need="$need gammu-smsd gammu"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing test tools:$need"

@@ -32,10 +32,11 @@ Shape of a file (see ``workflows/library/*.yaml`` for commented examples)::
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,49 @@ class Pool:
         return f"{self.name} ({' or '.join(self.roles)}{tags})"
 
 
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+SHIFT_KEYS = ("who", "days", "from", "to")
+
+
+@dataclass(frozen=True)
+class Shift:
+    """One window of an on-call rota: ``who`` in fallback order, on ``days`` (the day a
+    shift starts; all days when empty) from ``start`` to ``end`` minutes after midnight,
+    local time (an overnight shift has end <= start). No times: always."""
+
+    who: tuple[str, ...]
+    days: tuple[str, ...] = ()
+    start: int | None = None
+    end: int | None = None
+
+    def covers(self, when: dt.datetime) -> bool:
+        minutes = when.hour * 60 + when.minute
+        today, yesterday = DAYS[when.weekday()], DAYS[(when.weekday() - 1) % 7]
+        if self.start is None or self.end is None:
+            return not self.days or today in self.days
+        if self.start < self.end:
+            return (not self.days or today in self.days) and self.start <= minutes < self.end
+        if minutes >= self.start:  # the evening part, on the day the shift starts
+            return not self.days or today in self.days
+        return minutes < self.end and (not self.days or yesterday in self.days)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"who": list(self.who), "days": list(self.days), "start": self.start,
+                "end": self.end}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Shift:
+        return cls(tuple(d["who"]), tuple(d.get("days", ())), d.get("start"), d.get("end"))
+
+
+def on_duty(shifts: Iterable[Shift], when: dt.datetime) -> tuple[str, ...]:
+    """Who is on call at ``when``, in fallback order (the first covering window's people)."""
+    for shift in shifts:
+        if shift.covers(when):
+            return shift.who
+    return ()
+
+
 @dataclass(frozen=True)
 class Step:
     """One rung of an escalation ladder.
@@ -104,6 +148,7 @@ class Step:
     on_call: str = ""
     pool: Pool | None = None
     recipients: tuple[str, ...] = ()  # resolved on-call user names
+    shifts: tuple[Shift, ...] = ()  # the rota, when on_call names time windows
 
     def offset_s(self, sla_minutes: float) -> float:
         """Seconds after the first instance at which the step fires."""
@@ -161,6 +206,7 @@ class Workflow:
     sha256: str
     text: str
     description: str = ""
+    rotas: dict[str, tuple[Shift, ...]] = field(default_factory=dict)
 
     @property
     def default_rule(self) -> Rule | None:
@@ -319,15 +365,24 @@ def parse(text: str, path: str | Path, roles: Iterable[str] = DEFAULT_ROLES) -> 
     description = c.string(doc, "description", "description") or ""
     order = c.number(doc, "order", "order")
     pools = _pools(c, doc)
-    on_call = _on_call(c, doc)
-    rules = _rules(c, doc, pools, on_call)
+    on_call, rotas = _on_call(c, doc)
+    rules = [_with_rotas(r, rotas) for r in _rules(c, doc, pools, on_call)]
     if c.problems:
         raise WorkflowError(sorted(c.problems, key=_position))
     return Workflow(
         name=name, path=path, order=int(order if order is not None else 100), rules=tuple(rules),
         pools=pools, on_call=on_call, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        text=text, description=description,
+        text=text, description=description, rotas=rotas,
     )
+
+
+def _with_rotas(rule: Rule, rotas: dict[str, tuple[Shift, ...]]) -> Rule:
+    """notify_on_call steps carry their rota's windows (resolved when the step fires)."""
+    if not rule.escalation:
+        return rule
+    return replace(rule, escalation=tuple(
+        replace(st, shifts=rotas.get(st.on_call, ())) if st.action == "notify_on_call" else st
+        for st in rule.escalation))
 
 
 def _position(problem: str) -> tuple[int, int]:
@@ -374,15 +429,51 @@ def _pools(c: _Checker, doc: CommentedMap) -> dict[str, Pool]:
     return out
 
 
-def _on_call(c: _Checker, doc: CommentedMap) -> dict[str, tuple[str, ...]]:
+def _on_call(c: _Checker, doc: CommentedMap) -> tuple[dict[str, tuple[str, ...]],
+                                                     dict[str, tuple[Shift, ...]]]:
+    """``name: [users]`` (all paged at once) or ``name: [{who, days, from, to}, …]`` (a rota:
+    the first window covering the time pages its first person; the rest are the fallback)."""
     node = c.mapping(doc, "on_call", "on_call")
     out: dict[str, tuple[str, ...]] = {}
+    rotas: dict[str, tuple[Shift, ...]] = {}
     for name in node or {}:
+        value = node[name]
+        if isinstance(value, CommentedSeq) and any(isinstance(v, CommentedMap) for v in value):
+            shifts = tuple(s for i, v in enumerate(value)
+                           if (s := _shift(c, value, i, f"on_call {name!r} window {i + 1}")))
+            rotas[str(name)] = shifts
+            out[str(name)] = tuple(dict.fromkeys(u for s in shifts for u in s.who))
+            continue
         users = c.strings(node, name, f"on_call {name!r}")
         if not users and node[name] is None:
             c.fail(c.at_key(node, name), f"on_call {name!r}: name at least one user")
         out[str(name)] = users
-    return out
+    return out, rotas
+
+
+def _shift(c: _Checker, seq: CommentedSeq, i: int, what: str) -> Shift | None:
+    item = seq[i]
+    if not isinstance(item, CommentedMap):
+        c.fail(c.at_value(seq, i), f"{what}: expected {{who: [users], days: [mon…], from: "
+                                   f"\"20:00\", to: \"08:00\"}}, got {_kind(item)}")
+        return None
+    c.unknown_keys(item, SHIFT_KEYS, what)
+    who = c.strings(item, "who", f"{what} who")
+    if not who:
+        c.fail(c.at_node(item), f"{what}: name at least one user in 'who'")
+    days = tuple(d.lower() for d in c.strings(item, "days", f"{what} days"))
+    bad = [d for d in days if d not in DAYS]
+    if bad:
+        c.fail(c.at_value(item, "days"), f"{what}: unknown day(s) {', '.join(bad)} "
+                                         f"(days: {', '.join(DAYS)})")
+    start = end = None
+    if ("from" in item) != ("to" in item):
+        c.fail(c.at_node(item), f"{what}: give both 'from' and 'to', or neither (all day)")
+    elif "from" in item:
+        start, end = _clock(c, item, "from", what), _clock(c, item, "to", what)
+    if not who or bad:
+        return None
+    return Shift(who, days, start, end)
 
 
 def _rules(c: _Checker, doc: CommentedMap, pools: dict[str, Pool],

@@ -283,6 +283,8 @@ NO_PATIENT_DATA: dict[str, str] = {
     "api.turnaround": "turnaround figures, no patient",
     "api.inbox": "notifications carry site, priority, modality and a link only",
     "api.mark_read": "marks the caller's own notifications",
+    "notify.ack_page": "the caller's own message: site, priority, modality, a link only",
+    "notify.ack": "acknowledges the caller's own message",
     "reports.critical_open": "ids of open findings for the page's badge, no patient",
     "consults.summary": "call quality figures, no patient",
     "consults.join_link": "an invite token is the guest's right to the lobby; no study shown",

@@ -223,6 +223,24 @@ SCHEMA: dict[str, Any] = {
     "turn": {
         "allowed_peer_ips": Leaf((list,), [], _peer_ips),
     },
+    "notify": {  # appliance/notify: messages that leave the box (README "Notifications")
+        "smtp_host": Leaf(str, ""),
+        "smtp_port": Leaf(int, 587, _port),
+        "smtp_security": Leaf(str, "starttls", _choice("none", "starttls", "tls")),
+        "smtp_user": Leaf(str, ""),
+        "smtp_from": Leaf(str, "appliance@localhost"),
+        "credentials_file": Leaf(str, ""),
+        "sms_spool": Leaf(str, ""),
+        "webhook_url": Leaf(str, ""),
+        "ack_minutes": Leaf((int, float), 15, _positive),
+        "ack_minutes_stat": Leaf((int, float), 5, _positive),
+        "failover_s": Leaf((int, float), 120, _positive),
+        "link_minutes": Leaf((int, float), 1440, _positive),
+        "retry_min_s": Leaf((int, float), 5, _positive),
+        "retry_max_s": Leaf((int, float), 300, _positive),
+        "timeout_s": Leaf((int, float), 10, _positive),
+        "health_alerts": Leaf(bool, True),
+    },
 }
 
 

@@ -116,6 +116,12 @@ def _build() -> SimpleNamespace:
                                        buckets=(0.5, 1, 2, 3, 5, 8, 13, 30)),
         consult_calls=Counter("appliance_consult_calls_total", "Consult calls ended"),
         consult_drops=Counter("appliance_consult_drops_total", "Consult calls dropped"),
+        notifications=Counter("appliance_notifications_total",
+                              "Notifications handed to an outbound channel, by outcome",
+                              ["channel", "outcome"]),
+        notification_seconds=Histogram("appliance_notification_delivery_seconds",
+                                       "From the notification to its channel's acceptance",
+                                       ["channel"], buckets=(1, 2, 5, 10, 30, 60, 120, 300, 900)),
         worker_last_sweep=Gauge("appliance_worker_last_sweep_timestamp_seconds",
                                 "When the worker last completed a sweep",
                                 multiprocess_mode="max"),
@@ -161,6 +167,15 @@ def observe_consult(join_seconds: float | None = None, ended: bool = False,
             m().consult_calls.inc()
         if dropped:
             m().consult_drops.inc()
+    _safely(do)
+
+
+def observe_notification(channel: str, outcome: str, seconds: float | None = None) -> None:
+    """For the notify outbox: one attempt (sent or failed) and, when sent, its latency."""
+    def do() -> None:
+        m().notifications.labels(channel, outcome).inc()
+        if seconds is not None:
+            m().notification_seconds.labels(channel).observe(seconds)
     _safely(do)
 
 

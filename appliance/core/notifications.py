@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from appliance.core.db import transaction
@@ -48,6 +49,45 @@ class InboxChannel:
 
 
 CHANNELS: list[Channel] = [InboxChannel()]
+
+
+class DeliveryError(Exception):
+    """An outbound channel could not hand the message over; the text is its answer (no secret)."""
+
+
+@dataclass(frozen=True)
+class OutboundMessage:
+    """What leaves the box: no patient identity, only site, priority, modality and a link.
+
+    ``key`` is stable for one message on one channel (the email Message-ID, the SMS file's
+    note, the webhook idempotency key), so a resend after a crash is recognisable.
+    """
+
+    key: str
+    subject: str
+    body: str
+    fields: Mapping[str, Any]
+
+
+class OutboundChannel(Protocol):
+    """Sends one message to one address outside the box (email, SMS, webhook).
+
+    ``send`` returns the provider's answer (a short text kept on the outbox row) once the
+    provider has accepted the message, and raises :class:`DeliveryError` otherwise. It calls
+    ``committing()`` at the point after which the provider holds the message (the
+    whole SMTP DATA written, the HTTP POST, the file's rename). After a crash past that point
+    the outbox asks ``already_sent`` (does the provider hold a message with this key? False
+    when it cannot tell), then resends if ``resend_safe`` (the receiver drops a key it has
+    seen), else counts the handed-over message as sent.
+    """
+
+    name: str
+    resend_safe: bool
+
+    def send(self, address: str, message: OutboundMessage,
+             committing: Callable[[], None] = lambda: None) -> str: ...
+
+    def already_sent(self, address: str, key: str) -> bool: ...
 
 
 def _pool_members(conn: sqlite3.Connection, roles: Iterable[str], tags: Iterable[str]) -> list[str]:
@@ -130,3 +170,17 @@ def mark_read(conn: sqlite3.Connection, username: str, ids: Iterable[int],
         f" ({', '.join('?' for _ in ids)})", (now, username, *ids),
     )
     return cur.rowcount
+
+
+def after(conn: sqlite3.Connection, last_id: int, since: float = 0.0,
+          limit: int = 200) -> list[dict[str, Any]]:
+    """Notifications with an id above ``last_id`` created at or after ``since``, oldest first.
+
+    What the notify capability reads to send each one out by mail, SMS or webhook: the
+    inbox row is the durable record, so a notification is never lost between the two.
+    """
+    rows = conn.execute(
+        "SELECT id, username, kind, subject, body, item_id, step_id, created_at"
+        " FROM notifications WHERE id > ? AND created_at >= ? ORDER BY id LIMIT ?",
+        (last_id, since, limit)).fetchall()
+    return [dict(r) for r in rows]

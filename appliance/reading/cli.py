@@ -71,9 +71,20 @@ def _explain_one(f: engine.StudyFacts, d: engine.Decision) -> dict[str, Any]:
         "result": {"workflow": d.workflow, "rule": d.rule, "priority": d.priority,
                    "sla_minutes": d.sla_minutes, "due_at": d.due_at(first),
                    "pool": d.pool.to_dict(), "actions": d.actions,
-                   "escalation": [{"at": t, "step": s.describe()}
+                   "escalation": [{"at": t, "step": s.describe(), **_on_call_now(s)}
                                   for _, t, s in d.step_times(first)]},
     }
+
+
+def _on_call_now(step: Any) -> dict[str, Any]:
+    """Who a notify_on_call step would page now: the rota's first on duty, then the rest."""
+    if step.action != "notify_on_call":
+        return {}
+    from workflows.schema import on_duty
+
+    who = (list(on_duty(step.shifts, dt.datetime.now())) if step.shifts
+           else list(step.recipients))
+    return {"on_call_now": who, "rota": bool(step.shifts)}
 
 
 def _print_explain(e: dict[str, Any]) -> None:
@@ -100,6 +111,11 @@ def _print_explain(e: dict[str, Any]) -> None:
     print(f"  pool {pool['name']} (role {' or '.join(pool['roles'])}{tags})")
     for step in r["escalation"]:
         print(f"  escalation {_when(step['at'])}: {step['step']}")
+        if "on_call_now" in step:
+            who = step["on_call_now"]
+            order = (f"{who[0]}, then {', '.join(who[1:])}" if step["rota"] and len(who) > 1
+                     else ", ".join(who))
+            print(f"      paged if it fired now: {order or 'nobody on duty (the pool instead)'}")
     for action in r["actions"]:
         key, value = next(iter(action.items()))
         print(f"  action {key}: {value}")

@@ -30,6 +30,7 @@ finishes the job.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import sqlite3
@@ -45,7 +46,7 @@ from appliance.core import audit, config, db, notifications
 from appliance.forwarding import outbox as forward_outbox
 from appliance.reading import worklist
 from workflows import engine, facts
-from workflows.schema import Workflow, WorkflowError, parse
+from workflows.schema import Shift, Workflow, WorkflowError, on_duty, parse
 
 log = logging.getLogger("appliance.read_queue")
 
@@ -375,7 +376,8 @@ def _insert_steps(conn: sqlite3.Connection, item_id: int, decision: engine.Decis
     for index, fire_at, step in decision.step_times(first):
         target: dict[str, Any] = {}
         if step.action == "notify_on_call":
-            target = {"on_call": step.on_call, "users": list(step.recipients)}
+            target = {"on_call": step.on_call, "users": list(step.recipients),
+                      "shifts": [sh.to_dict() for sh in step.shifts]}
         elif step.action == "reopen" and step.pool is not None:
             target = step.pool.to_dict()
         conn.execute(
@@ -497,7 +499,10 @@ def _fire(conn: sqlite3.Connection, row: sqlite3.Row, now: float) -> None:
                                     f"{what} is waiting, {_minutes_left(row, now)}",
                                     row["description"], item_id, row["id"], now)
     elif action == "notify_on_call":
-        sent = notifications.notify(conn, target.get("users", []), "escalation.on_call",
+        # A rota pages the first person on duty now; the notify ladder pages the next ones.
+        who = on_duty_now(target, now)
+        recipients = who[:1] if target.get("shifts") else who
+        sent = notifications.notify(conn, recipients or [pool], "escalation.on_call",
                                     f"On call: {what} needs a reader, {_minutes_left(row, now)}",
                                     row["description"], item_id, row["id"], now)
     elif action == "reopen":
@@ -578,6 +583,22 @@ def on_call_targets(conn: sqlite3.Connection, item_id: int) -> list[dict[str, An
     rows = conn.execute("SELECT target FROM escalation_steps WHERE item_id = ?"
                         " AND action = 'notify_on_call' ORDER BY step_index", (item_id,))
     return [json.loads(r[0] or "{}") for r in rows]
+
+
+def on_duty_now(target: dict[str, Any], now: float) -> list[str]:
+    """The people of a notify_on_call target on duty at ``now`` (local time), in fallback
+    order: a rota's covering window, or the plain list of names."""
+    if not target.get("shifts"):
+        return list(target.get("users", []))
+    shifts = [Shift.from_dict(d) for d in target["shifts"]]
+    return list(on_duty(shifts, dt.datetime.fromtimestamp(now)))
+
+
+def on_call_order(conn: sqlite3.Connection, item_id: int, now: float) -> list[str]:
+    """Everyone the item's on-call steps name who is on duty at ``now``, ladder order first
+    (the notify capability pages them one by one when a page is not acknowledged)."""
+    return list(dict.fromkeys(u for t in on_call_targets(conn, item_id)
+                              for u in on_duty_now(t, now)))
 
 
 def counts_by_state(conn: sqlite3.Connection) -> dict[str, int]:

@@ -31,6 +31,7 @@ SWEEP_MODULES = (
     "appliance.health.series",  # a health sample a minute, component restarts (status page)
     "appliance.dicomweb.metadata",  # DICOMweb metadata kept per instance after ingest
     "appliance.accounts.users",  # old sign-in attempts and sessions pruned (hourly)
+    "appliance.notify.outbox",  # notifications out by email, SMS, webhook; ack ladder
 )
 
 

@@ -8,15 +8,16 @@ the read queue, ``sync.py`` for the outbox …), so migrating imports no domain 
 from __future__ import annotations
 
 from appliance.schema import (
-                              accounts,
-                              consults,
-                              core,
-                              dicomweb,
-                              forwarding,
-                              health,
-                              reading,
-                              reports,
-                              sync,
+    accounts,
+    consults,
+    core,
+    dicomweb,
+    forwarding,
+    health,
+    notify,
+    reading,
+    reports,
+    sync,
 )
 from dicom_node import index as dicom_index
 
@@ -64,6 +65,8 @@ MIGRATIONS: list[tuple[int, str, str]] = [
     (16, "consult participants removed by a host (removed_at, removed_by)", consults.REMOVALS),
     (17, "forwarding outbox: instances to site PACS destinations, leases, commitment",
      forwarding.SCHEMA),
+    (18, "notify: contact points, messages, delivery outbox, ack pages, health alerts",
+     notify.SCHEMA),
     (20, "read items while a study arrives (completed_at), worklist paging indexes",
      reading.ARRIVING),
 ]
