@@ -247,6 +247,7 @@ EXTENSION_MODULES = (
     "appliance.setup.cli",  # provision, logs, migrate
     "appliance.reports.cli",  # reports
     "appliance.consults.cli",  # media
+    "appliance.patients.cli",  # patient
 )
 
 

@@ -7,7 +7,17 @@ the read queue, ``sync.py`` for the outbox …), so migrating imports no domain 
 
 from __future__ import annotations
 
-from appliance.schema import accounts, consults, core, dicomweb, health, reading, reports, sync
+from appliance.schema import (
+    accounts,
+    consults,
+    core,
+    dicomweb,
+    health,
+    patients,
+    reading,
+    reports,
+    sync,
+)
 from dicom_node import index as dicom_index
 
 # (number, description, SQL). Append only; never edit a landed migration (descriptions
@@ -52,4 +62,6 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         consults.MEDIA + sync.RECORDING_KIND,
     ),
     (16, "consult participants removed by a host (removed_at, removed_by)", consults.REMOVALS),
+    (19, "patients: registrations, temporary-identity sequence, orders (worklist, MPPS),"
+         " orders met by studies, identity links", patients.SCHEMA),
 ]
