@@ -105,6 +105,8 @@ def cmd_ae_add(args: argparse.Namespace) -> int:
         raise CliError(f"AE {name!r} is already known (use --replace to change it)")
     entry = {"name": name, "host": args.host or "", "port": args.port, "query": args.query,
              "move_destination": args.move_destination}
+    if args.worklist:
+        entry["worklist"] = True
     if args.description:
         entry["description"] = args.description
 
@@ -123,7 +125,8 @@ def cmd_ae_add(args: argparse.Namespace) -> int:
               f"that AE title. With dicom.require_host_for_query (the default) it is answered "
               f"only from this machine; add --host to allow its workstation.", file=sys.stderr)
     print(f"added {name} ({entry['host'] or 'any host'}:{entry['port']}"
-          f"{', query' if args.query else ''}{', move destination' if args.move_destination else ''})")
+          f"{', query' if args.query else ''}{', move destination' if args.move_destination else ''}"
+          f"{', worklist' if args.worklist else ''})")
     return 0
 
 
@@ -218,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query", action="store_true", help="allow it C-FIND, C-MOVE and C-GET")
     p.add_argument("--move-destination", action="store_true",
                    help="allow C-MOVE to send to it")
+    p.add_argument("--worklist", action="store_true",
+                   help="allow it the Modality Worklist (C-FIND) and MPPS (a scanner)")
     p.add_argument("--description", help="free text, e.g. 'CT scanner, room 2'")
     p.add_argument("--replace", action="store_true", help="replace an existing entry")
     p.set_defaults(func=cmd_ae_add)
