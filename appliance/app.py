@@ -26,6 +26,7 @@ BLUEPRINT_MODULES = (
     "appliance.dicomweb.web",  # /dicom-web
     "appliance.dicomweb.viewer",  # /viewer (OHIF)
     "appliance.consults.web",  # consult signaling
+    "appliance.patients.web",  # registration desk, trauma identities, wristbands
 )
 
 

@@ -19,6 +19,9 @@ command -v age >/dev/null 2>&1 || need="$need age"
 # consult tests: TURN relay (coturn) and network namespaces (iproute2, iptables)
 command -v turnserver >/dev/null 2>&1 || need="$need coturn"
 command -v iptables >/dev/null 2>&1 || need="$need iptables"
+# patients: a wristband's QR code rendered (poppler) and read back (zbar)
+command -v pdftoppm >/dev/null 2>&1 || need="$need poppler-utils"
+command -v zbarimg >/dev/null 2>&1 || need="$need zbar-tools"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing test tools:$need"
