@@ -15,7 +15,7 @@ from flask import Blueprint, Response, current_app, jsonify, redirect, render_te
 from appliance.accounts import permissions
 from appliance.accounts import sessions as auth
 from appliance.core import db
-from appliance.patients import registry, wristband
+from appliance.patients import registry, studies, wristband
 from appliance.patients.registry import RegistrationError
 from appliance.web import get_db
 
@@ -111,6 +111,22 @@ def listing():
     return jsonify(rows)
 
 
+@bp.get("/api/v1/patients/flagged-studies")
+@auth.require(*DESK)
+@permissions.patient_data("list")
+def flagged_studies():
+    """Studies with no order, or whose patient fields disagree with their order's."""
+    return jsonify(_flagged())
+
+
+def _flagged() -> list[dict]:
+    rows = studies.flagged(get_db())
+    seen = permissions.visible_to_caller(r["study_uid"] for r in rows)
+    rows = [r for r in rows if r["study_uid"] in seen]  # the staff's own site
+    auth.audit_event("patient.flagged_studies", "", detail={"rows": len(rows)})
+    return rows
+
+
 @bp.get("/patients")
 @auth.require(*DESK)
 @permissions.patient_data("list")
@@ -125,6 +141,7 @@ def _page(error: str = ""):
     fresh = next((r for r in rows if r["id"] == new), None)
     auth.audit_event("patient.list", "", detail={"rows": len(rows), "page": True})
     return render_template("patients/desk.html", rows=rows, fresh=fresh, error=error,
+                           flagged=_flagged(),
                            procedures=_site().procedures, bands=list(registry.AGE_BANDS),
                            priorities=registry.PRIORITIES)
 
