@@ -1,4 +1,5 @@
-"""``appliance patient list|show|register|trauma|order|wristband``: the registration desk from a shell.
+"""``appliance patient list|show|register|trauma|order|wristband|link|merge|unlink|fix-study``:
+the registration desk and reconciliation from a shell.
 
 Every command takes ``--json``; every registration is audited with the operator's login
 name (``cli`` source).  A typing error is one ``error:`` line and nothing is written.
@@ -15,7 +16,7 @@ from typing import Any
 
 from appliance.core import audit, config, db
 from appliance.core.command_line import CliError, actor, data_dir_arg
-from appliance.patients import registry, wristband
+from appliance.patients import reconciliation, registry, wristband
 from appliance.patients.registry import RegistrationError
 
 
@@ -174,6 +175,40 @@ def cmd_wristband(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reconcile(args: argparse.Namespace, run) -> int:
+    cfg, conn, site = _open(args)
+    try:
+        result = run(cfg, conn)
+    finally:
+        conn.close()
+    what = "nothing changed (already done)" if result.get("replayed") else \
+        f"{result['instances']} instances corrected, " \
+        f"{len(result.get('reports_reissued', []))} reports re-issued"
+    _print(args, result, what)
+    return 0
+
+
+@_run
+def cmd_link(args: argparse.Namespace) -> int:
+    kind = "merge" if args.patient_command == "merge" else "link"
+    return _reconcile(args, lambda cfg, conn: reconciliation.link(
+        cfg, conn, args.source, args.target, actor=actor(), reason=args.reason, kind=kind,
+        source="cli"))
+
+
+@_run
+def cmd_unlink(args: argparse.Namespace) -> int:
+    return _reconcile(args, lambda cfg, conn: reconciliation.unlink(
+        cfg, conn, args.source, actor=actor(), reason=args.reason, source="cli"))
+
+
+@_run
+def cmd_fix_study(args: argparse.Namespace) -> int:
+    return _reconcile(args, lambda cfg, conn: reconciliation.fix_study(
+        cfg, conn, args.study_uid, args.patient, actor=actor(), reason=args.reason,
+        source="cli"))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     top = sub.add_parser("patient", help="registration desk: patients, trauma identities, orders")
     cmds = top.add_subparsers(dest="patient_command", metavar="ACTION")
@@ -211,6 +246,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add("wristband", cmd_wristband, "write a patient's wristband PDF")
     p.add_argument("patient", help="Patient ID")
     p.add_argument("--out", required=True, help="file to write ('-': standard output)")
+    for name, text in (("link", "join a temporary identity to the real patient's record"),
+                       ("merge", "merge two records of one person (the first into the second)")):
+        p = add(name, cmd_link, text)
+        p.add_argument("source", help="Patient ID that goes away (e.g. CAMPN-T0007)")
+        p.add_argument("target", help="Patient ID that stays")
+        p.add_argument("--reason", required=True, help="why (audited)")
+    p = add("unlink", cmd_unlink, "undo the link or merge of a Patient ID")
+    p.add_argument("source", help="the Patient ID that was linked")
+    p.add_argument("--reason", required=True, help="why (audited)")
+    p = add("fix-study", cmd_fix_study, "give one study a registered patient's identity "
+                                        "(a name typed wrong on the scanner)")
+    p.add_argument("study_uid")
+    p.add_argument("patient", help="the registered Patient ID the study belongs to")
+    p.add_argument("--reason", required=True, help="why (audited)")
 
 
 REGISTER = [register]

@@ -64,15 +64,18 @@ CREATE TABLE order_studies (
 CREATE INDEX order_studies_order ON order_studies(order_id);
 CREATE TABLE patient_links (
     id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL CHECK (kind IN ('link', 'merge')),
-    from_ref INTEGER NOT NULL REFERENCES patients(id),
+    kind TEXT NOT NULL CHECK (kind IN ('link', 'merge', 'study')),
+    from_ref INTEGER REFERENCES patients(id),
+    study_uid TEXT,
     to_ref INTEGER NOT NULL REFERENCES patients(id),
     actor TEXT NOT NULL,
     reason TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '{}',
     at REAL NOT NULL,
     undone_at REAL,
     undone_by TEXT,
     CHECK (from_ref != to_ref)
 );
-CREATE UNIQUE INDEX patient_links_live ON patient_links(from_ref) WHERE undone_at IS NULL;
+CREATE UNIQUE INDEX patient_links_live ON patient_links(from_ref)
+    WHERE undone_at IS NULL AND from_ref IS NOT NULL;
 """
