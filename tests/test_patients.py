@@ -146,8 +146,25 @@ def test_fifty_one_click_trauma_registrations_and_the_desk_page(tmp_path: Path):
     band = re.search(r'href="(/patients/\d+/wristband.pdf)" data-testid="wristband"', page)
     pdf = browser.get(band.group(1))
     assert pdf.mimetype == "application/pdf" and _decoded_qr(pdf.data, tmp_path) == new_id
+    # Reconciliation from the desk: JSON (a replay changes nothing), and the page's form.
+    r = c.post("/api/v1/patients/link", headers=bearer, json={
+        "source": ids[0], "target": new_id, "reason": "identified"})
+    assert r.status_code == 200 and r.get_json()["replayed"] is False, r.get_data(as_text=True)
+    r = c.post("/api/v1/patients/link", headers=bearer, json={
+        "source": ids[0], "target": new_id, "reason": "identified"})
+    assert r.get_json()["replayed"] is True
+    assert c.post("/api/v1/patients/link", headers=bearer, json={
+        "source": "NOPE", "target": new_id, "reason": "x"}).status_code == 404
+    assert c.post("/api/v1/patients/link", headers=bearer, json={
+        "source": new_id, "target": new_id, "reason": "x", "kind": "merge"}).status_code == 400
+    r = browser.post("/api/v1/patients/link", headers=HTML, data={
+        "csrf_token": token, "source": ids[1], "target": new_id, "reason": "same person"})
+    assert r.status_code == 303
+    linked = {p["patient_id"]: p["merged_into"] for p in c.get(
+        "/api/v1/patients", headers=bearer).get_json()}
+    assert linked[ids[0]] and linked[ids[0]] == linked[ids[1]]
     conn = a.db()
     audited = {r[0] for r in conn.execute("SELECT action FROM audit WHERE actor = 'desk'")}
     conn.close()
     assert {"patient.trauma", "patient.register", "order.create", "patient.list",
-            "patient.wristband"} <= audited
+            "patient.wristband", "patient.link"} <= audited

@@ -15,7 +15,7 @@ from flask import Blueprint, Response, current_app, jsonify, redirect, render_te
 from appliance.accounts import permissions
 from appliance.accounts import sessions as auth
 from appliance.core import db
-from appliance.patients import registry, studies, wristband
+from appliance.patients import reconciliation, registry, studies, wristband
 from appliance.patients.registry import RegistrationError
 from appliance.web import get_db
 
@@ -100,6 +100,35 @@ def trauma():
     except RegistrationError as e:
         return _fail(e)
     return _answer(p, o)
+
+
+@bp.post("/api/v1/patients/link")
+@auth.require(*DESK)
+@permissions.patient_data("patient")
+def link():
+    """Reconcile: ``source`` (a temporary identity, or with ``kind: merge`` any record) is
+    ``target``; or ``unlink: true`` undoes ``source``'s link.  JSON or the desk's form."""
+    body, conn = _body(), get_db()
+    source, target = str(body.get("source", "")).strip(), str(body.get("target", "")).strip()
+    cfg = current_app.config["SITE"]
+    try:
+        if not source or not conn.execute("SELECT 1 FROM patients WHERE patient_id = ?",
+                                          (source,)).fetchone():
+            return jsonify({"error": "no such patient"}), 404
+        if str(body.get("unlink", "")).lower() in ("1", "true", "on"):
+            result = reconciliation.unlink(cfg, conn, source, actor=_user(),
+                                           reason=str(body.get("reason", "")),
+                                           source=auth.client_address())
+        else:
+            kind = "merge" if body.get("kind") == "merge" else "link"
+            result = reconciliation.link(cfg, conn, source, target, actor=_user(),
+                                         reason=str(body.get("reason", "")), kind=kind,
+                                         source=auth.client_address())
+    except RegistrationError as e:
+        return _fail(e)
+    if request.is_json:
+        return jsonify(result)
+    return redirect("/patients", code=303)
 
 
 @bp.get("/api/v1/patients")
