@@ -28,6 +28,7 @@ BLUEPRINT_MODULES = (
     "appliance.dicomweb.viewer",  # /viewer (OHIF)
     "appliance.consults.web",  # consult signaling
     "appliance.notify.web",  # /notify/ack/<token>: acknowledgement links
+    "appliance.patients.web",  # registration desk, trauma identities, wristbands
 )
 
 

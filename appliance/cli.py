@@ -107,6 +107,8 @@ def cmd_ae_add(args: argparse.Namespace) -> int:
              "move_destination": args.move_destination}
     if args.commitment:
         entry["commitment"] = True  # forwarding asks it for Storage Commitment
+    if args.worklist:
+        entry["worklist"] = True
     if args.description:
         entry["description"] = args.description
 
@@ -125,7 +127,8 @@ def cmd_ae_add(args: argparse.Namespace) -> int:
               f"that AE title. With dicom.require_host_for_query (the default) it is answered "
               f"only from this machine; add --host to allow its workstation.", file=sys.stderr)
     print(f"added {name} ({entry['host'] or 'any host'}:{entry['port']}"
-          f"{', query' if args.query else ''}{', move destination' if args.move_destination else ''})")
+          f"{', query' if args.query else ''}{', move destination' if args.move_destination else ''}"
+          f"{', worklist' if args.worklist else ''})")
     return 0
 
 
@@ -223,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commitment", action="store_true",
                    help="a PACS that answers Storage Commitment: forwarded instances count as"
                         " delivered only once it commits them")
+    p.add_argument("--worklist", action="store_true",
+                   help="allow it the Modality Worklist (C-FIND) and MPPS (a scanner)")
     p.add_argument("--description", help="free text, e.g. 'CT scanner, room 2'")
     p.add_argument("--replace", action="store_true", help="replace an existing entry")
     p.set_defaults(func=cmd_ae_add)
@@ -254,6 +259,7 @@ EXTENSION_MODULES = (
     "appliance.consults.cli",  # media
     "appliance.forwarding.cli",  # forward, forward status
     "appliance.notify.cli",  # notify contact, verify, test, status
+    "appliance.patients.cli",  # patient
 )
 
 

@@ -226,8 +226,17 @@ def replace(conn: sqlite3.Connection, old: sqlite3.Row, rec: InstanceRecord) -> 
         " WHERE study_uid = ?",
         (rec.size, old["size"], rec.received_at, old["study_uid"]),
     )
+    # A corrected version (identity reconciliation, a PACS re-sending a fix) brings new
+    # patient attributes: the study row, which C-FIND and QIDO answer from, follows it.
+    conn.execute(
+        "UPDATE studies SET " + ", ".join(f"{c} = CASE WHEN ? != '' THEN ? ELSE {c} END"
+                                          for c in PATIENT_COLUMNS) + " WHERE study_uid = ?",
+        (*[v for c in PATIENT_COLUMNS for v in (rec.study.get(c, ""),) * 2], old["study_uid"]),
+    )
 
 
+PATIENT_COLUMNS = ("patient_id", "issuer_of_patient_id", "patient_name", "patient_birth_date",
+                   "patient_sex", "patient_age")
 STUDY_COLUMNS = ("patient_id", "issuer_of_patient_id", "patient_name", "patient_birth_date",
                  "patient_sex", "patient_age", "study_date", "study_time", "accession_number",
                  "study_id", "study_description", "referring_physician", "institution_name")

@@ -77,6 +77,7 @@ class Peer:
     port: int = 104
     query: bool = False
     move_destination: bool = False
+    worklist: bool = False  # may read the Modality Worklist and report MPPS
 
 
 @dataclass

@@ -21,6 +21,9 @@ command -v turnserver >/dev/null 2>&1 || need="$need coturn"
 command -v iptables >/dev/null 2>&1 || need="$need iptables"
 # notify tests: SMS through gammu-smsd with gammu's dummy phone
 command -v gammu-smsd >/dev/null 2>&1 || need="$need gammu-smsd gammu"
+# patients: a wristband's QR code rendered (poppler) and read back (zbar)
+command -v pdftoppm >/dev/null 2>&1 || need="$need poppler-utils"
+command -v zbarimg >/dev/null 2>&1 || need="$need zbar-tools"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing test tools:$need"

@@ -394,6 +394,8 @@ INDEX_READERS = {
     "appliance.health.series": "instances received per minute",
     "appliance.health.status_page": "studies and instances stored (/metrics)",
     "appliance.health.status_report": "modalities received today (unexpected-modality alert)",
+    "appliance.patients.studies": "orders meet studies: a study's accession, UID and patient"
+                                  " fields against its order; the desk lists flagged studies",
     "appliance.accounts.permissions": "the one access decision reads each study's institution"
                                       " (site: scoping) in the same query as its pool",
 }

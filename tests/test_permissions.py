@@ -258,7 +258,7 @@ def world(tmp_path_factory) -> World:
 def _args(w: World, rule) -> dict[str, object]:
     values = {"study": w.study, "series": w.series, "sop": w.sop, "frame_list": "1", "frame": 1,
               "tag": "7FE00010", "item_id": w.item, "rid": w.report, "fid": w.finding,
-              "cid": w.consult, "pid": w.participant}
+              "cid": w.consult, "pid": w.participant, "patient_ref": 1}
     missing = set(rule.arguments) - set(values)
     assert not missing, f"{rule.rule}: give the matrix a value for {sorted(missing)}"
     return {k: values[k] for k in rule.arguments}

@@ -273,7 +273,8 @@ def patient_data(kind: str) -> Callable:
     return mark
 
 
-PATIENT_DATA_KINDS = ("study", "item", "report", "finding", "consult", "list")
+# "patient": a registration of the desk (the view checks the desk's roles; it names no study).
+PATIENT_DATA_KINDS = ("study", "item", "report", "finding", "consult", "list", "patient")
 
 # Routes behind a sign-in that carry no patient data, with the reason. A new route must be
 # marked @patient_data or listed here, or tests/test_permissions.py fails.
@@ -306,6 +307,8 @@ NO_PATIENT_DATA: dict[str, str] = {
     "status_page.status_html": "health figures; no patient identity leaves in them",
     "status_page.status_json": "health figures; no patient identity leaves in them",
     "status_page.prometheus_metrics": "counters and histograms, no patient",
+    "patients.register": "registers what the caller typed and answers only that new record",
+    "patients.trauma": "issues a new temporary identity; answers only that new record",
 }
 
 # Endpoints anyone may call without signing in, with the reason. Views of our
@@ -322,6 +325,7 @@ PUBLIC_ENDPOINTS: dict[str, str] = {
 NAV: list[tuple[str, str, tuple[str, ...]]] = [
     ("/worklist", "Worklist", READERS),
     ("/critical", "Critical findings", ("site_staff", "responder", "admin")),
+    ("/patients", "Registration", ("site_staff", "responder", "admin")),
     ("/reports", "Reports", ("site_staff",)),
     ("/consults", "Consults", CONSULT_HOSTS),
     ("/dashboard", "Turnaround", DASHBOARD),

@@ -121,6 +121,21 @@ def _peer_ips(v: list) -> str | None:
     return None
 
 
+def _temporary_prefix(v: str) -> str | None:
+    """patients.temporary_prefix: capitals and digits, at most 8 (it goes into a 16-char LO)."""
+    return None if v == "" or (v.isalnum() and v.isupper() and len(v) <= 8) else \
+        "must be up to 8 capital letters or digits, such as CAMPN"
+
+
+def _procedures(v: list) -> str | None:
+    """patients.procedures: entries with code, name, modality."""
+    for i, p in enumerate(v):
+        if not isinstance(p, dict) or set(p) != {"code", "name", "modality"} \
+                or not all(isinstance(p[k], str) and p[k] for k in p):
+            return f"entry {i}: expected code, name and modality (text)"
+    return None
+
+
 SCHEMA: dict[str, Any] = {
     "site": {
         "name": Leaf(str, "Field site", None, "shown on every page and report"),
@@ -197,6 +212,11 @@ SCHEMA: dict[str, Any] = {
         "commit_wait_s": Leaf((int, float), 600, _positive),
         "failing_alert_min": Leaf((int, float), 15, _positive),
     },
+    "patients": {
+        "temporary_prefix": Leaf(str, "", _temporary_prefix,
+                                 "prefix of trauma identities (empty: site.id in capitals)"),
+        "procedures": Leaf((list,), [], _procedures, "the site's procedure list (empty: built in)"),
+    },
     "auth": {
         "idle_timeout_min": Leaf((int, float), 15, _positive),
         "session_max_hours": Leaf((int, float), 12, _positive),
@@ -255,6 +275,7 @@ KNOWN_AE_KEYS: dict[str, Leaf] = {
     "port": Leaf(int, 104, _port),
     "query": Leaf(bool, False),
     "move_destination": Leaf(bool, False),
+    "worklist": Leaf(bool, False),
     "description": Leaf(str, ""),
     "commitment": Leaf(bool, False),
 }
@@ -271,6 +292,7 @@ class KnownAE:
     move_destination: bool = False
     description: str = ""
     commitment: bool = False  # forwarding asks it for Storage Commitment (PS3.4 Annex J)
+    worklist: bool = False
 
 
 class Config:

@@ -33,6 +33,7 @@ from flask import (
 
 from appliance.accounts import permissions
 from appliance.accounts import sessions as auth
+from appliance.patients import studies as patient_orders
 from appliance.reports import critical_findings
 from appliance.reports import delivery as report_delivery
 from appliance.reports import documents as report_documents
@@ -135,6 +136,7 @@ def _page_data(conn, report: dict[str, Any]) -> dict[str, Any]:
         "editable": report["status"] != "final" and report["author"] == _user()["username"],
         "is_reader": _user()["role"] in permissions.READERS,
         "template_problems": g.get("template_problems", []),
+        "order": patient_orders.study_order(conn, report["study_uid"]),  # reason for exam
     }
 
 

@@ -52,7 +52,8 @@ class PeerList:
 
     @staticmethod
     def _convert(cfg: config.Config) -> list[Peer]:
-        return [Peer(a.name, a.host, a.port, a.query, a.move_destination) for a in cfg.known_aes]
+        return [Peer(a.name, a.host, a.port, a.query, a.move_destination, a.worklist)
+                for a in cfg.known_aes]
 
     def __call__(self) -> list[Peer]:
         mtime = self._stat()
@@ -117,7 +118,22 @@ def build_node(cfg: config.Config) -> DicomNode:
     node = DicomNode(settings, store, on_reject=on_reject)
     _add_query_services(node, on_event)
     forward_commitment.accept_reports(node.ae, node.handlers, cfg)  # PACS-opened N-EVENT-REPORT
+    _add_patient_services(node, cfg, on_event)
     return node
+
+
+def _add_patient_services(node: DicomNode, cfg: config.Config, on_event) -> None:
+    """Modality Worklist C-FIND and MPPS N-CREATE/N-SET over the registration desk's orders."""
+    from appliance.patients import orders
+    from dicom_node import mpps, worklist
+
+    worklist.add_contexts(node.ae)
+    mpps.add_contexts(node.ae)
+    source = worklist.WorklistSource(orders.WORKLIST_SQL, lambda: node.store.conn)
+    node.handlers = worklist.bind(node.handlers, worklist.WorklistService(
+        node.settings, source, on_event))
+    node.handlers.extend(mpps.handlers(mpps.MppsService(
+        node.settings, orders.MppsRecorder(cfg.db_path, on_event), on_event)))
 
 
 def _add_query_services(node: DicomNode, on_event) -> None:

@@ -23,6 +23,7 @@ log = logging.getLogger("appliance.worker")
 
 # Modules whose ``sweep(cfg)`` the periodic sweep runs, in order, registered by name. Each sweep must be idempotent and bounded in time.
 SWEEP_MODULES = (
+    "appliance.patients.studies",  # studies linked to their orders (or flagged) before read
     "appliance.reading.read_queue",  # study completion, read items, claims, SLA escalations
     "appliance.reports.delivery",  # signed reports back to the site
     "appliance.forwarding.sending",  # images to site PACS destinations (forward:, handback)

@@ -15,6 +15,7 @@ from appliance.schema import (
     forwarding,
     health,
     notify,
+    patients,
     reading,
     reports,
     sync,
@@ -67,6 +68,8 @@ MIGRATIONS: list[tuple[int, str, str]] = [
      forwarding.SCHEMA),
     (18, "notify: contact points, messages, delivery outbox, ack pages, health alerts",
      notify.SCHEMA),
+    (19, "patients: registrations, temporary-identity sequence, orders (worklist, MPPS),"
+         " orders met by studies, identity links", patients.SCHEMA),
     (20, "read items while a study arrives (completed_at), worklist paging indexes",
      reading.ARRIVING),
 ]

@@ -1,0 +1,214 @@
+"""Reconciliation: a temporary identity joined to the real one, two records of one person
+merged, a study typed wrong put right, and each undone the same way.
+
+Done with DICOM alone (IHE Patient Information Reconciliation): every stored instance of
+the affected studies gets a header-only corrected version (:mod:`dicom_node.correction`:
+pixel data untouched, old values in the Original Attributes Sequence, the old ID in Other
+Patient IDs, the previous file kept as a version), and in the same pass the index (so
+C-FIND and QIDO), the orders (so the worklist) and the registration are updated.  A signed
+report is never edited: each final report of an affected study gets a signed correction
+addendum naming the change, delivered like any addendum (its SR carries the corrected
+identity and names the original as its predecessor).  Corrected objects are re-sent
+through :func:`_resend_corrected` (forwarding's outbox).
+
+Who, what and why are audited.  Refused with a clear error and nothing changed: merging a
+record into itself, a loop (A→B when B is already merged into A), linking into a record
+that was itself merged away.  A replay (the same link again) changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from typing import Any
+
+from appliance.core import audit, config, db
+from appliance.forwarding import outbox as forward_outbox
+from appliance.patients import registry
+from appliance.patients.registry import RegistrationError
+from dicom_node import correction
+from dicom_node.study_store import StudyStore
+
+SYSTEM = "APPLIANCE-RECONCILE"
+
+
+class ReconciliationError(RegistrationError):
+    """A link, merge or unlink that would be wrong; nothing was changed."""
+
+
+def _identity(p: dict[str, Any]) -> dict[str, str]:
+    """The patient attributes an instance carries for this registration."""
+    return {"PatientID": p["patient_id"], "PatientName": p["name"],
+            "PatientBirthDate": p["birth_date"], "PatientSex": p["sex"]}
+
+
+def _store(cfg: config.Config) -> StudyStore:
+    return StudyStore(cfg.studies_dir, cfg.db_path, connect=db.connect)
+
+
+def _check(conn: sqlite3.Connection, source: dict[str, Any], target: dict[str, Any],
+           kind: str) -> dict[str, Any] | None:
+    """The live link this request replays (None when new); raises when it is wrong."""
+    if source["id"] == target["id"]:
+        raise ReconciliationError("a record cannot be merged into itself")
+    if kind == "link" and not source["temporary"]:
+        raise ReconciliationError(f"{source['patient_id']} is not a temporary identity: "
+                                  "use merge for two records of one person")
+    live = conn.execute("SELECT * FROM patient_links WHERE from_ref = ? AND undone_at IS NULL",
+                        (source["id"],)).fetchone()
+    if live is not None:
+        if live["to_ref"] == target["id"]:
+            return dict(live)  # the same link again: nothing to do
+        raise ReconciliationError(f"{source['patient_id']} is already linked to record "
+                                  f"#{live['to_ref']}: unlink it first")
+    ref, seen = target["merged_into"], {target["id"]}
+    while ref is not None and ref not in seen:
+        if ref == source["id"]:
+            raise ReconciliationError(f"{target['patient_id']} is already merged into "
+                                      f"{source['patient_id']}: that would be a loop")
+        seen.add(ref)
+        ref = registry.get(conn, ref)["merged_into"]
+    if target["merged_into"] is not None:
+        raise ReconciliationError(f"{target['patient_id']} was merged into record "
+                                  f"#{target['merged_into']}: link to that one")
+    return None
+
+
+def link(cfg: config.Config, conn: sqlite3.Connection, source_id: str, target_id: str, *,
+         actor: str, reason: str, kind: str = "link", source: str = "") -> dict[str, Any]:
+    """Join ``source_id``'s studies, orders and reports to ``target_id`` (link or merge)."""
+    if not (reason or "").strip():
+        raise ReconciliationError("give a reason (it goes into the audit trail)")
+    src, dst = registry.find(conn, source_id), registry.find(conn, target_id)
+    replay = _check(conn, src, dst, kind)
+    if replay is not None:
+        return {"link": replay["id"], "replayed": True, "instances": 0, "studies": []}
+    studies = correction.studies_of_patient(conn, src["patient_id"])
+    changed = _correct(cfg, studies, _identity(dst), f"{kind} {src['patient_id']}")
+    orders = [o["id"] for o in registry.orders_of(conn, src["id"])]
+    now = time.time()
+    with db.transaction(conn):
+        conn.execute("UPDATE orders SET patient_ref = ?, updated_at = ? WHERE patient_ref = ?",
+                     (dst["id"], now, src["id"]))
+        conn.execute("UPDATE patients SET merged_into = ? WHERE id = ?", (dst["id"], src["id"]))
+        detail = {"studies": studies, "orders": orders, "instances": len(changed),
+                  "from": _identity(src), "to": _identity(dst)}
+        cur = conn.execute(
+            "INSERT INTO patient_links (kind, from_ref, to_ref, actor, reason, detail, at)"
+            " VALUES (?,?,?,?,?,?,?)", (kind, src["id"], dst["id"], actor, reason.strip(),
+                                        json.dumps(detail), now))
+        _recheck(conn, studies)
+        audit.record(conn, actor, f"patient.{kind}", src["patient_id"], source=source,
+                     detail={"link": cur.lastrowid, "to": dst["patient_id"], "reason": reason,
+                             "studies": studies, "instances": len(changed)})
+    reissued = _reissue_reports(cfg, conn, studies, actor,
+                                f"{src['patient_id']} ({src['name']}) is "
+                                f"{dst['patient_id']} ({dst['name']})")
+    _resend_corrected(conn, changed)
+    return {"link": cur.lastrowid, "replayed": False, "instances": len(changed),
+            "studies": studies, "reports_reissued": reissued}
+
+
+def unlink(cfg: config.Config, conn: sqlite3.Connection, source_id: str, *, actor: str,
+           reason: str, source: str = "") -> dict[str, Any]:
+    """Undo the live link of ``source_id`` the same way: its studies get its identity back."""
+    if not (reason or "").strip():
+        raise ReconciliationError("give a reason (it goes into the audit trail)")
+    src = registry.find(conn, source_id)
+    live = conn.execute("SELECT * FROM patient_links WHERE from_ref = ? AND undone_at IS NULL",
+                        (src["id"],)).fetchone()
+    if live is None:
+        raise ReconciliationError(f"{src['patient_id']} is not linked to anyone")
+    detail = json.loads(live["detail"])
+    changed = _correct(cfg, detail["studies"], detail["from"], f"unlink {src['patient_id']}")
+    now = time.time()
+    with db.transaction(conn):
+        if detail["orders"]:
+            marks = ",".join("?" * len(detail["orders"]))
+            conn.execute(f"UPDATE orders SET patient_ref = ?, updated_at = ? WHERE id IN ({marks})",
+                         (src["id"], now, *detail["orders"]))
+        conn.execute("UPDATE patients SET merged_into = NULL WHERE id = ?", (src["id"],))
+        conn.execute("UPDATE patient_links SET undone_at = ?, undone_by = ? WHERE id = ?",
+                     (now, actor, live["id"]))
+        _recheck(conn, detail["studies"])
+        audit.record(conn, actor, "patient.unlink", src["patient_id"], source=source,
+                     detail={"link": live["id"], "reason": reason, "instances": len(changed)})
+    to = detail["to"]
+    reissued = _reissue_reports(cfg, conn, detail["studies"], actor,
+                                f"{to['PatientID']} is not {src['patient_id']}: the link was "
+                                f"undone; {src['patient_id']} ({src['name']}) is restored")
+    _resend_corrected(conn, changed)
+    return {"link": live["id"], "instances": len(changed), "reports_reissued": reissued}
+
+
+def fix_study(cfg: config.Config, conn: sqlite3.Connection, study_uid: str, patient_id: str, *,
+              actor: str, reason: str, source: str = "") -> dict[str, Any]:
+    """Put one study right (a name typed wrong on the console): it takes the registration's
+    identity.  Audited; undone by fixing it again."""
+    if not (reason or "").strip():
+        raise ReconciliationError("give a reason (it goes into the audit trail)")
+    dst = registry.find(conn, patient_id)
+    if dst["merged_into"] is not None:
+        raise ReconciliationError(f"{dst['patient_id']} was merged: use the record it was "
+                                  "merged into")
+    changed = _correct(cfg, [study_uid], _identity(dst), "study correction")
+    if not changed:
+        return {"instances": 0, "replayed": True}
+    with db.transaction(conn):
+        conn.execute("INSERT INTO patient_links (kind, study_uid, to_ref, actor, reason, detail,"
+                     " at) VALUES ('study',?,?,?,?,?,?)",
+                     (study_uid, dst["id"], actor, reason.strip(),
+                      json.dumps({"instances": len(changed)}), time.time()))
+        _recheck(conn, [study_uid])
+        audit.record(conn, actor, "patient.fix_study", study_uid, source=source,
+                     detail={"to": dst["patient_id"], "reason": reason,
+                             "instances": len(changed)})
+    reissued = _reissue_reports(cfg, conn, [study_uid], actor,
+                                f"the study belongs to {dst['patient_id']} ({dst['name']})")
+    _resend_corrected(conn, changed)
+    return {"instances": len(changed), "replayed": False, "reports_reissued": reissued}
+
+
+def _correct(cfg: config.Config, studies: list[str], identity: dict[str, str],
+             why: str) -> list[str]:
+    store = _store(cfg)
+    try:
+        changed: list[str] = []
+        for uid in studies:
+            changed += correction.correct_study(store, uid, identity, why, SYSTEM)
+        return changed
+    finally:
+        store.close()
+
+
+def _recheck(conn: sqlite3.Connection, studies: list[str]) -> None:
+    """Orders meet studies again at the next sweep: the flag follows the corrected header."""
+    for uid in studies:
+        conn.execute("UPDATE order_studies SET checked_at = 0 WHERE study_uid = ?", (uid,))
+
+
+def _reissue_reports(cfg: config.Config, conn: sqlite3.Connection, studies: list[str],
+                     actor: str, what: str) -> list[int]:
+    """A signed correction addendum for each final report of the studies (never an edit)."""
+    from appliance.reports import delivery, model
+
+    made = []
+    templates = model.load_templates(cfg.data_dir / "report_templates", [])
+    for uid in studies:
+        for report in model.reports_for_study(conn, uid):
+            if report["kind"] != "report" or report["status"] != "final":
+                continue
+            add = model.add_addendum(conn, report["id"], actor=actor,
+                                     text=f"Identity correction: {what}. The findings and "
+                                          "impression of the report are unchanged.")
+            delivery.sign(conn, cfg, add, actor=actor, level="final", templates=templates)
+            made.append(add)
+    return made
+
+
+def _resend_corrected(conn: sqlite3.Connection, sop_uids: list[str]) -> int:
+    """Send corrected objects again wherever forwarding sent them (same SOP Instance UID,
+    corrected header); the correction addenda queued above are report delivery's re-sends.
+    Returns how many outbox rows were queued again."""
+    return forward_outbox.resend_instances(conn, sop_uids)
