@@ -52,4 +52,6 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         consults.MEDIA + sync.RECORDING_KIND,
     ),
     (16, "consult participants removed by a host (removed_at, removed_by)", consults.REMOVALS),
+    (22, "HTJ2K frame cache: instance versions encoded (appliance/dicomweb/htj2k_cache.py)",
+     dicomweb.HTJ2K_CACHE),
 ]
