@@ -22,8 +22,19 @@ Measures, printing medians and the ratio ours/Orthanc where Orthanc is installed
    cache); ``--waterfall`` prints each load's requests (ours only; FIELD-NOTES has
    the Orthanc figures).
 
+6. ``--thin``: progressive loading over two link profiles (5 Mbit/s with 300 ms
+   round trip, 384 kbit/s with 700 ms), head CT phantom of tests/phantoms.py.
+   Ours: OHIF's first image (stored frame, gzip), then what our viewer config
+   asks for: the first 16 KB of every frame's HTJ2K RPCL codestream (every 4th
+   slice, then the rest: the whole stack scrollable at preview quality), then
+   the rest of every codestream (full quality). "ours today" and Orthanc: every
+   frame whole with gzip (their preview is the full series). Medians of
+   ``--thin-runs``; at 384 kbit/s the full-quality pass is skipped unless
+   ``--thin-slow-full`` (it takes tens of minutes).
+
 Run: ``.venv/bin/python benchmarks/dicomweb.py [--thin-frames 300] [--runs 30]
-[--parts qido,metadata,frames,thin,browser] [--waterfall]``.
+[--parts qido,metadata,frames,thin,browser] [--waterfall]``, or
+``benchmarks/dicomweb.py --thin [--thin-frames 100] [--thin-runs 3]``.
 The machine is shared: compare ratios from one run, not figures across runs.
 """
 
@@ -134,6 +145,17 @@ def write_ct(out: Path, slices: int, size: int) -> tuple[str, str, list[Path]]:
     return study, series, paths
 
 
+def write_head_ct(out: Path, slices: int, size: int) -> tuple[str, str, list[Path]]:
+    """The tests' head CT phantom (skull, brain, ventricles, ~5 HU noise), unsigned 12 bits."""
+    import phantoms
+
+    study, series = generate_uid(), generate_uid()
+    paths = [phantoms.write(phantoms.ct(study, series, i, signed=False, size=size,
+                                        patient_id="BENCH-CT"), out, f"ct{i:04d}")
+             for i in range(slices)]
+    return study, series, paths
+
+
 def fill_index(db_path: Path, studies: int, per_study: int) -> None:
     """1,000 studies × 300 instances of index rows (3 series each), written in one transaction."""
     from appliance.core import db
@@ -218,7 +240,7 @@ def copies(paths: list[Path], count: int) -> list[tuple[str, list[bytes]]]:
 
 
 def start_ours(work: Path, paths: list[Path], big_index: bool,
-               extra: list[tuple[str, list[bytes]]] = ()) -> Target:
+               extra: list[tuple[str, list[bytes]]] = (), htj2k_too: bool = False) -> Target:
     from appliance.accounts import tokens
     from appliance.accounts import users as accounts
     from appliance.core import db
@@ -248,6 +270,17 @@ def start_ours(work: Path, paths: list[Path], big_index: bool,
         for b in blobs:
             assert store.store(b, calling_ae="BENCH").success
     print("  metadata written at ingest by the store (no worker sweep run, no request before)")
+    if htj2k_too:
+        from appliance.core import config
+        from appliance.dicomweb import htj2k_cache
+
+        site_cfg = config.load(data)
+        t, swept = time.monotonic(), 0
+        while n := htj2k_cache.sweep(site_cfg):
+            swept += n
+        took = time.monotonic() - t
+        print(f"  HTJ2K of {swept} instances encoded by the sweep in {took:.1f} s"
+              f" ({swept / max(took, 1e-9):.0f} frames/s, ojph_compress)")
     if big_index:  # index rows only (no files): QIDO never opens a file
         t = time.monotonic()
         fill_index(data / "appliance.db", 1000, 300)
@@ -504,6 +537,96 @@ def bench_thin(targets: list[Target], study: str, series: str, sops: list[str], 
         print(f"  ours/Orthanc: first image {ratio(o[0], t[0])}, full series {ratio(o[1], t[1])}")
 
 
+PREVIEW_BYTES = 16384  # what the viewer config's preview stage asks for (viewer-app-config.js)
+HTJ2K_ACCEPT = "multipart/related; type=application/octet-stream; transfer-syntax=1.2.840.10008.1.2.4.202"
+PROFILES = ((5.0, 300.0), (0.384, 700.0))
+
+
+def _ranges(t: Target, urls: list[str], rng: str, clients: int) -> None:
+    """GET each URL's byte range ``rng`` of its HTJ2K frame, over ``clients`` connections."""
+    def get(url: str) -> None:
+        s = sessions.setdefault(threading.get_ident(), t.session(retries=3))
+        r = s.get(url, params={"accept": HTJ2K_ACCEPT},
+                  headers={"Accept": OHIF_FRAME_ACCEPT, "Range": rng})
+        assert r.status_code in (200, 206), r.status_code
+        _ = r.content
+
+    sessions: dict[int, requests.Session] = {}
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        list(pool.map(get, urls))
+
+
+def _thin_once(t: Target, link: PacedLink, study: str, series: str, sops: list[str],
+               progressive: bool, full: bool) -> dict[str, float]:
+    """One opening over the link: first image, whole stack at preview, at full quality."""
+    time.sleep(link.idle_in())
+    link.reset()
+    port_base = f"{t.base.split(':')[0]}://localhost:{link.port}/dicom-web"
+    thin = Target(t.name, port_base, t.session_kw)
+    s = thin.session(retries=3)
+    s.headers["Accept-Encoding"] = "gzip"
+    start = time.perf_counter()
+    s.get(f"{port_base}/studies?StudyInstanceUID={study}&includefield=all").raise_for_status()
+    s.get(f"{port_base}/studies/{study}/series").raise_for_status()
+    s.get(f"{port_base}/studies/{study}/series/{series}/metadata").raise_for_status()
+    middle = len(sops) // 2  # the CT head protocol opens at the middle slice
+    first_url = _frame_urls(thin, study, series, [sops[middle]])[0]
+    s.get(first_url, headers={"Accept": OHIF_FRAME_ACCEPT}).raise_for_status()
+    out = {"first": time.perf_counter() - start}
+    rest = [sop for i, sop in enumerate(sops) if i != middle]
+    order = rest[::4] + [sop for i, sop in enumerate(rest) if i % 4]
+    urls = _frame_urls(thin, study, series, order)
+    if progressive:
+        _ranges(thin, urls, f"bytes=0-{PREVIEW_BYTES - 1}", 6)
+        out["preview"] = time.perf_counter() - start
+        if full:
+            _ranges(thin, urls, f"bytes={PREVIEW_BYTES}-", 6)
+            out["full"] = time.perf_counter() - start
+    elif full:
+        _fetch_all(thin, urls, 6, True, retries=3)
+        out["full"] = out["preview"] = time.perf_counter() - start
+    out["wire_mb"] = link.bytes["down"] / 1e6
+    return out
+
+
+def bench_thin_progressive(targets: list[Target], study: str, series: str, sops: list[str],
+                           frame_bytes: int, runs: int, slow_full: bool) -> None:
+    """The issue's figures: medians of ``runs`` openings per link profile and server."""
+    print(f"\nProgressive loading over thin links: {len(sops)} frames"
+          f" ({len(sops) * frame_bytes / 1e6:.0f} MB of pixels), medians of {runs}")
+    rows = [("ours", True), ("ours today", False)] + \
+        [("Orthanc", False) for t in targets if t.name == "Orthanc"]
+    by_name = {t.name: t for t in targets}
+    for rate, rtt in PROFILES:
+        full = rate >= 1 or slow_full
+        print(f"  {rate * 1000:g} kbit/s, {rtt:g} ms round trip"
+              + ("" if full else " (full-quality pass skipped: --thin-slow-full runs it)"))
+        res = {}
+        for name, progressive in rows:
+            t = by_name["ours" if name.startswith("ours") else name]
+            port = int(t.base.split(":")[2].split("/")[0])
+            link = PacedLink(port, rate * 1e6, rtt / 2000)
+            try:
+                got = [_thin_once(t, link, study, series, sops, progressive, full)
+                       for _ in range(runs)]
+            finally:
+                link.close()
+            med = {k: statistics.median(g[k] for g in got) for k in got[0]}
+            res[name] = med
+            print(f"    {name:11s} first image {med['first']:6.2f} s   whole stack"
+                  f" {'preview' if progressive else 'whole  '} "
+                  f"{med.get('preview', float('nan')):7.1f} s   full quality"
+                  f" {med.get('full', float('nan')):7.1f} s   wire {med['wire_mb']:6.1f} MB")
+        ours = res["ours"]
+        for peer in ("ours today", "Orthanc"):
+            if peer in res:
+                p = res[peer]
+                print(f"    ours/{peer}: first image {ratio(ours['first'], p['first'])},"
+                      f" stack scrollable {ratio(ours.get('preview'), p.get('preview'))},"
+                      f" full quality {ratio(ours.get('full'), p.get('full'))},"
+                      f" bytes {ratio(ours['wire_mb'], p['wire_mb'])}")
+
+
 BROWSER_PASSWORD = "bench-password-1"
 
 
@@ -625,7 +748,14 @@ def main() -> int:
                     help="which measurements to run (comma-separated)")
     ap.add_argument("--waterfall", action="store_true",
                     help="print every request of each browser page load (start/first byte/end)")
+    ap.add_argument("--thin", action="store_true",
+                    help="progressive loading (HTJ2K byte ranges) over the two link profiles")
+    ap.add_argument("--thin-runs", type=int, default=3)
+    ap.add_argument("--thin-slow-full", action="store_true",
+                    help="also the full-quality pass at 384 kbit/s (tens of minutes)")
     args = ap.parse_args()
+    if args.thin:
+        return main_thin(args)
 
     with tempfile.TemporaryDirectory(prefix="bench-dicomweb-") as tmp:
         work = Path(tmp)
@@ -656,6 +786,31 @@ def main() -> int:
             if "browser" in parts:
                 bench_browser(targets[0], [study] + [uid for uid, _ in extra], args.rate_mbit,
                               args.rtt_ms, args.waterfall)
+        finally:
+            for t in targets:
+                if t.proc:
+                    stop(t.proc)
+    return 0
+
+
+def main_thin(args: argparse.Namespace) -> int:
+    """``--thin``: the head CT phantom on ours (HTJ2K cache made by the sweep) and Orthanc."""
+    with tempfile.TemporaryDirectory(prefix="bench-dicomweb-thin-") as tmp:
+        work = Path(tmp)
+        slices = min(args.thin_frames, args.slices)
+        print(f"Head CT phantom (tests/phantoms.py): {slices} × {args.size}×{args.size} 16-bit")
+        study, series, paths = write_head_ct(work / "ct", slices, args.size)
+        import pydicom
+
+        sops = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths]
+        targets = []
+        try:
+            targets.append(start_ours(work, paths, False, htj2k_too=True))
+            orthanc = start_orthanc(work, paths)
+            if orthanc:
+                targets.append(orthanc)
+            bench_thin_progressive(targets, study, series, sops, args.size * args.size * 2,
+                                   args.thin_runs, args.thin_slow_full)
         finally:
             for t in targets:
                 if t.proc:

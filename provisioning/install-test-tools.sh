@@ -14,6 +14,8 @@ command -v cloud-init >/dev/null 2>&1 || need="$need cloud-init"
 command -v debootstrap >/dev/null 2>&1 || need="$need debootstrap"
 # browser end-to-end tests (Python playwright drives Debian's chromium)
 [ -x /usr/bin/chromium ] || need="$need chromium"
+# HTJ2K frames (ojph_compress encodes, ojph_expand reads previews in tests)
+command -v ojph_compress >/dev/null 2>&1 || need="$need openjph-tools"
 # sync benchmark baseline (tar | age)
 command -v age >/dev/null 2>&1 || need="$need age"
 # consult tests: TURN relay (coturn) and network namespaces (iproute2, iptables)

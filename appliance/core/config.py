@@ -164,6 +164,7 @@ SCHEMA: dict[str, Any] = {
         "bind": Leaf(str, "0.0.0.0"),
         "workers": Leaf(int, 2, _positive),
         "public_url": Leaf(str, "", _public_url),
+        "htj2k_cache_mb": Leaf(int, 4096, _positive),
     },
     "worker": {
         "quiet_period_s": Leaf((int, float), 30, _positive),
@@ -584,6 +585,9 @@ web:
   workers: 2
   # The address readers use to reach this appliance, if not https://<host>:<port>.
   public_url: ""
+  # Derived HTJ2K frames (progressive loading over thin links) kept beside the
+  # studies in DATA_DIR/htj2k/; the oldest studies' frames are pruned above this.
+  htj2k_cache_mb: 4096
 
 worker:
   # A study is complete when no instance has arrived for this many seconds.

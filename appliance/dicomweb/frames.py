@@ -4,8 +4,9 @@ Frames are cut out of the stored file by offset (``dicomweb_metadata`` keeps
 where each frame lies), so serving frame 150 of a CT reads half a megabyte,
 not the whole file, and never parses it.  ``transfer-syntax=*`` returns the
 stored bytes untouched; a named syntax is served when it is the stored one,
-an uncompressed one we can decode to, or RLE Lossless / JPEG 2000 Lossless
-when pydicom can encode it here; anything else is a 406 with the reason.  Rendered/thumbnail images apply the modality LUT and a window
+an uncompressed one we can decode to, RLE Lossless / JPEG 2000 Lossless
+when pydicom can encode it here, or HTJ2K lossless (RPCL, .202, or .201) from the
+derived cache (:mod:`appliance.dicomweb.htj2k_cache`); anything else is a 406 with the reason.  Rendered/thumbnail images apply the modality LUT and a window
 (the request's, else the file's, else min/max) and are JPEG or PNG.
 """
 
@@ -23,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from appliance.dicomweb import htj2k
+
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 NATIVE = (EXPLICIT_LE, IMPLICIT_LE)
@@ -33,10 +36,12 @@ FRAME_MEDIA = {
     "1.2.840.10008.1.2.4.80": "image/jls", "1.2.840.10008.1.2.4.81": "image/jls",
     "1.2.840.10008.1.2.4.90": "image/jp2", "1.2.840.10008.1.2.4.91": "image/jp2",
     "1.2.840.10008.1.2.5": "image/dicom-rle",
+    "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
 }
 MEDIA_DEFAULT_TS = {"application/octet-stream": EXPLICIT_LE, "image/jpeg": "1.2.840.10008.1.2.4.70",
                     "image/jls": "1.2.840.10008.1.2.4.80", "image/jp2": "1.2.840.10008.1.2.4.90",
-                    "image/dicom-rle": "1.2.840.10008.1.2.5", "application/dicom": EXPLICIT_LE}
+                    "image/dicom-rle": "1.2.840.10008.1.2.5", "application/dicom": EXPLICIT_LE,
+                    "image/jphc": "1.2.840.10008.1.2.4.202"}
 # Lossless syntaxes a frame can be transcoded to on request, when pydicom has an encoder
 # here (RLE is pydicom's own; JPEG 2000 needs pylibjpeg-openjpeg).
 LOSSLESS_ENCODE = ("1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.90")
@@ -131,6 +136,7 @@ class FramePlan:
     multipart: bool
     decode: bool
     encode: bool = False
+    derived: bool = False  # from the HTJ2K cache (appliance.dicomweb.htj2k_cache)
 
 
 def plan_frames(accept: str | None, stored_ts: str) -> FramePlan:
@@ -159,6 +165,12 @@ def plan_frames(accept: str | None, stored_ts: str) -> FramePlan:
                 return FramePlan(wanted, "application/octet-stream", multipart, True)
             reasons.append(f"no decoder here for the stored transfer syntax {stored_ts}")
             continue
+        if wanted in htj2k.SYNTAXES and part in (htj2k.MEDIA, "application/octet-stream"):
+            if htj2k.available():
+                return FramePlan(wanted, htj2k.MEDIA if part == htj2k.MEDIA else part,
+                                 multipart, decode=False, derived=True)
+            reasons.append(f"no HTJ2K encoder here ({htj2k.TOOL})")
+            continue
         if wanted in LOSSLESS_ENCODE and part in (FRAME_MEDIA[wanted], "application/octet-stream"):
             plan = _encode_plan(wanted, part, multipart, stored_ts, reasons)
             if plan:
@@ -166,6 +178,7 @@ def plan_frames(accept: str | None, stored_ts: str) -> FramePlan:
             continue
         reasons.append(f"cannot transcode the stored {stored_ts} to {wanted or part}")
     lossless = [ts for ts in LOSSLESS_ENCODE if can_encode(ts)]
+    lossless += list(htj2k.SYNTAXES) if htj2k.available() else []
     raise NotAcceptable("; ".join(reasons) + f". Available: transfer-syntax=* (stored "
                         f"{stored_ts}) or {EXPLICIT_LE} as application/octet-stream"
                         + (", or " + " / ".join(f"{FRAME_MEDIA[t]}; transfer-syntax={t}"

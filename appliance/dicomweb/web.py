@@ -31,7 +31,7 @@ from appliance.accounts import permissions
 from appliance.accounts import sessions as auth
 from appliance.core import db
 from appliance.dicomweb import frames as frames_mod
-from appliance.dicomweb import metadata
+from appliance.dicomweb import htj2k, htj2k_cache, metadata
 from appliance.dicomweb import query as qido
 from appliance.web import get_db
 from dicom_node import study_store
@@ -343,7 +343,7 @@ def _pixel_response(blobs: Iterator[bytes], count: int, part_media: str, ts: str
         return Response(status=304, headers=headers)
     part_type = f"{part_media}; transfer-syntax={ts}"
     if multipart:
-        boundary = frames_mod.new_boundary()
+        boundary = etag if count == 1 else frames_mod.new_boundary()
         body: Iterable[bytes] = frames_mod.multipart(((part_type, [b]) for b in blobs), boundary)
         ctype = f'multipart/related; type="{part_media}"; boundary={boundary}'
     else:
@@ -353,7 +353,13 @@ def _pixel_response(blobs: Iterator[bytes], count: int, part_media: str, ts: str
         body = frames_mod.gzip_stream(body)
     if count == 1:  # one frame: small enough to send with a length (keep-alive friendly)
         data = b"".join(body)
-        return Response(data, content_type=ctype, headers=headers)
+        if gz:
+            return Response(data, content_type=ctype, headers=headers)
+        # Byte ranges (RFC 9110 §14): a viewer reads the first kilobytes of an HTJ2K RPCL
+        # codestream as a preview and the rest later. The boundary comes from the ETag, so
+        # every range of one representation cuts the same bytes.
+        resp = Response(data, content_type=ctype, headers=headers)
+        return resp.make_conditional(request, accept_ranges=True, complete_length=len(data))
     return Response(body, content_type=ctype, headers=headers, direct_passthrough=True)
 
 
@@ -368,7 +374,10 @@ def retrieve_frames(study: str, series: str, sop: str, frame_list: str):
     count = frames_mod.frame_count(pixel, None)
     try:
         numbers = frames_mod.parse_frame_list(frame_list, count)
-        plan = frames_mod.plan_frames(request.headers.get("Accept"), row["transfer_syntax"])
+        # The ``accept`` query parameter (PS3.18 §8.3.3.1) wins over the header: a viewer
+        # whose loader always sends ``transfer-syntax=*`` can still ask for HTJ2K.
+        plan = frames_mod.plan_frames(request.args.get("accept") or request.headers.get("Accept"),
+                                      row["transfer_syntax"])
     except frames_mod.BadRequest as e:
         raise _fail(400, str(e)) from None
     except LookupError as e:
@@ -378,7 +387,13 @@ def retrieve_frames(study: str, series: str, sop: str, frame_list: str):
     _audit("dicomweb.frames", study, {"series": series, "sop": sop}, coalesce_key=series)
     path = _path(row)
     blobs: Iterable[bytes] = (frames_mod.frame_bytes(path, pixel, n, plan) for n in numbers)
-    if plan.encode:  # compressed on request: done before answering, so a failure is a 406
+    if plan.derived:  # HTJ2K from the derived cache, encoded now when not there yet
+        cfg = current_app.config["SITE"]
+        try:
+            blobs = [htj2k_cache.frame(cfg, row, n) for n in numbers]
+        except (htj2k.EncodeError, ValueError) as e:
+            raise _fail(406, f"{e}; ask with transfer-syntax=* for the stored frames") from None
+    elif plan.encode:  # compressed on request: done before answering, so a failure is a 406
         try:
             blobs = [frames_mod.frame_bytes(path, pixel, n, plan) for n in numbers]
         except ValueError as e:

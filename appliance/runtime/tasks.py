@@ -31,6 +31,7 @@ SWEEP_MODULES = (
     "appliance.core.audit_heads",  # the audit chain head signed into DATA_DIR/audit-heads/
     "appliance.health.series",  # a health sample a minute, component restarts (status page)
     "appliance.dicomweb.metadata",  # DICOMweb metadata kept per instance after ingest
+    "appliance.dicomweb.htj2k_cache",  # HTJ2K frames for thin links (STAT first), pruned by size
     "appliance.accounts.users",  # old sign-in attempts and sessions pruned (hourly)
     "appliance.notify.outbox",  # notifications out by email, SMS, webhook; ack ladder
 )

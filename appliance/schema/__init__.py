@@ -72,4 +72,6 @@ MIGRATIONS: list[tuple[int, str, str]] = [
          " orders met by studies, identity links", patients.SCHEMA),
     (20, "read items while a study arrives (completed_at), worklist paging indexes",
      reading.ARRIVING),
+    (22, "HTJ2K frame cache: instance versions encoded (appliance/dicomweb/htj2k_cache.py)",
+     dicomweb.HTJ2K_CACHE),
 ]

@@ -134,6 +134,82 @@
     },
   };
 
+  // -- Progressive loading over thin links (HTJ2K RPCL, byte ranges) ---------------------
+  // The hanging protocol's image loads whole, at full quality, as OHIF asks for it. Then a
+  // loader of our own walks the whole stack in cornerstone3D retrieve stages: every 4th
+  // slice, then the rest, each from the first PREVIEW_BYTES of its lossless HTJ2K RPCL
+  // codestream (a byte range: a whole image at reduced resolution, quality status
+  // SUBRESOLUTION), then the rest of every codestream (FULL_RESOLUTION). cornerstone's
+  // loader always sends "transfer-syntax=*"; the accept query parameter asks our
+  // DICOMweb for HTJ2K instead (it wins over the header). Slices the reader scrolls to
+  // are the viewport's own Interaction requests, served before these (Thumbnail: a
+  // type OHIF does not clear when the stack changes, unlike Prefetch).
+  var HTJ2K_ACCEPT = 'accept=' + encodeURIComponent(
+    'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.4.202');
+  var PREVIEW_BYTES = 16384; // ~1/12 of a 512x512 CT frame's codestream
+  var STACK_STAGES = [
+    { id: 'previewQuarter', decimate: 4, offset: 0, retrieveType: 'preview',
+      requestType: 'thumbnail', priority: 6 },
+    { id: 'previewRest1', decimate: 4, offset: 2, retrieveType: 'preview',
+      requestType: 'thumbnail', priority: 7 },
+    { id: 'previewRest2', decimate: 2, offset: 1, retrieveType: 'preview',
+      requestType: 'thumbnail', priority: 7 },
+    { id: 'fullQuality', retrieveType: 'full', requestType: 'thumbnail', priority: 8 },
+  ];
+  var STACK_RETRIEVE_OPTIONS = {
+    preview: { rangeIndex: 0, chunkSize: PREVIEW_BYTES, decodeLevel: 2,
+               urlArguments: HTJ2K_ACCEPT },
+    full: { rangeIndex: -1, chunkSize: PREVIEW_BYTES, urlArguments: HTJ2K_ACCEPT },
+  };
+  var progress = { started: {}, loads: [] };
+  window.applianceProgressive = progress; // what tests and the benchmark read
+
+  function startStackLoader(viewport, cs) {
+    var ids = viewport.getImageIds ? viewport.getImageIds() : [];
+    var key = ids[0];
+    if (!key || ids.length < 2 || progress.started[key]) {
+      return;
+    }
+    progress.started[key] = true;
+    var load = { total: ids.length, preview: {}, full: {}, errors: 0, startedAt: Date.now() };
+    progress.loads.push(load);
+    var listener = {
+      getLoaderImageOptions: function (imageId) {
+        var o = viewport.getLoaderImageOptions(imageId);
+        o.requestType = 'thumbnail';
+        o.preScale = { enabled: true };
+        return o;
+      },
+      successCallback: function (imageId, image) {
+        var full = image.imageQualityStatus === cs.Enums.ImageQualityStatus.FULL_RESOLUTION;
+        load[full ? 'full' : 'preview'][imageId] = Date.now() - load.startedAt;
+      },
+      errorCallback: function (imageId, permanent) {
+        if (permanent) {
+          load.errors += 1;
+        }
+      },
+    };
+    var loader = cs.ProgressiveRetrieveImages.createProgressive({
+      stages: STACK_STAGES, retrieveOptions: STACK_RETRIEVE_OPTIONS });
+    loader.loadImages(ids, listener).then(function () { load.doneAt = Date.now(); });
+  }
+
+  // The viewport appears once OHIF has hung the protocol: look for it, then start once.
+  setInterval(function () {
+    var cs = window.cornerstone;
+    if (!cs || !cs.getRenderingEngines || !cs.ProgressiveRetrieveImages) {
+      return;
+    }
+    cs.getRenderingEngines().forEach(function (engine) {
+      engine.getViewports().forEach(function (vp) {
+        if (vp.type === 'stack' && vp.getCurrentImageId && vp.getCurrentImageId()) {
+          startStackLoader(vp, cs);
+        }
+      });
+    });
+  }, 250);
+
   window.config = {
     name: 'appliance',
     routerBasename: '/',
@@ -149,9 +225,10 @@
     strictZSpacingForVolumeViewport: true,
     maxNumberOfWebWorkers: 3,
     // HTTP/1.1 with keep-alive: a few connections fetch frames in parallel.
-    maxNumRequests: { interaction: 100, thumbnail: 5, prefetch: 10 },
-    // Load the whole stack after the first image (a CT head is read by scrolling).
-    studyPrefetcher: { enabled: true, displaySetsCount: 1, maxNumPrefetchRequests: 10,
+    maxNumRequests: { interaction: 100, thumbnail: 10, prefetch: 10 },
+    // The whole stack loads progressively after the first image (see STACK_STAGES), not
+    // through OHIF's prefetcher, which would fetch every frame whole.
+    studyPrefetcher: { enabled: false, displaySetsCount: 1, maxNumPrefetchRequests: 10,
                        order: 'closest' },
     defaultDataSourceName: 'appliance',
     dataSources: [
