@@ -103,19 +103,54 @@ def _set_disabled(disabled: bool) -> Callable[[argparse.Namespace], int]:
 
 
 def cmd_user_modify(args: argparse.Namespace) -> int:
-    if args.role is None and args.tags is None and args.display_name is None:
-        raise CliError("nothing to change: give --role, --tags or --display-name")
-    with _site_db(args) as conn, db.transaction(conn):
-        changes = accounts.modify_user(conn, args.username, role=args.role, tags=args.tags,
-                                       display_name=args.display_name)
-        if changes:
-            audit.record(conn, actor(), "user.modify", args.username, source="cli",
-                         detail=changes)
-    if not changes:
+    contact = {"email": args.email, "sms": args.phone}
+    if args.role is None and args.tags is None and args.display_name is None \
+            and not any(contact.values()):
+        raise CliError("nothing to change: give --role, --tags, --display-name, --email or"
+                       " --phone")
+    cfg = config.load(args.data_dir)
+    with _site_db(args) as conn:
+        accounts.get_user(conn, args.username)  # AccountError: no such user, nothing changed
+        _check_contacts(cfg, contact)
+        lines: list[str] = []
+        with db.transaction(conn):
+            changes = accounts.modify_user(conn, args.username, role=args.role,
+                                           tags=args.tags, display_name=args.display_name)
+            if changes:
+                audit.record(conn, actor(), "user.modify", args.username, source="cli",
+                             detail=changes)
+        if any(contact.values()):
+            lines = _send_codes(cfg, conn, args.username, contact)
+    if not changes and not lines:
         print(f"{args.username}: nothing changed")
     for column, (old, new) in changes.items():
         print(f"{args.username}: {column} {old!r} → {new!r}")
+    for line in lines:  # each contact point is used once its code comes back
+        print(f"{args.username}: {line}; then: appliance notify verify {args.username}"
+              " --channel email|sms CODE")
     return 0
+
+
+def _check_contacts(cfg: config.Config, contact: dict[str, str | None]) -> None:
+    """Bad addresses or an unsafe credentials file fail before anything changes."""
+    from appliance.notify import channels, contacts  # notify delivers; accounts only asks
+
+    try:
+        for channel, address in contact.items():
+            if address:
+                contacts.check_address(channel, address)
+        if any(contact.values()):
+            channels.configured(cfg)
+    except (contacts.ContactError, channels.CredentialsError) as e:
+        raise CliError(str(e)) from None
+
+
+def _send_codes(cfg: config.Config, conn: sqlite3.Connection, username: str,
+                contact: dict[str, str | None]) -> list[str]:
+    from appliance.notify import outbox as notify_outbox
+
+    return notify_outbox.set_contacts(conn, cfg, username, contact, time.time(), actor(),
+                                      "cli")
 
 
 def cmd_user_reset_password(args: argparse.Namespace) -> int:
@@ -230,12 +265,16 @@ def register_user(sub: argparse._SubParsersAction) -> None:
         p.add_argument("username")
         p.set_defaults(func=_set_disabled(disabled))
 
-    p = us.add_parser("modify", help="change a user's role, pools/sites (tags) or display name")
+    p = us.add_parser("modify", help="change a user's role, pools/sites (tags), display name, email or phone")
     data_dir_arg(p)
     p.add_argument("username")
     p.add_argument("--role", choices=accounts.ROLES)
     p.add_argument("--tags", help="replaces the tags, e.g. 'neuro,site:north' ('' clears them)")
     p.add_argument("--display-name")
+    p.add_argument("--email", help="where notifications are mailed; a code is sent there to"
+                                   " verify it (appliance notify verify)")
+    p.add_argument("--phone", help="mobile number in international form (+2547…) for SMS;"
+                                   " verified the same way")
     p.set_defaults(func=cmd_user_modify)
 
     p = us.add_parser("unlock", help="lift a sign-in lockout and the account's attempt limit")

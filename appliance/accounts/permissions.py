@@ -286,6 +286,9 @@ NO_PATIENT_DATA: dict[str, str] = {
     "api.mark_read": "marks the caller's own notifications",
     "notify.ack_page": "the caller's own message: site, priority, modality, a link only",
     "notify.ack": "acknowledges the caller's own message",
+    "notify.contacts_page": "the caller's own email and phone, no patient",
+    "notify.set_contacts": "sets the caller's own email and phone",
+    "notify.verify_contact": "verifies the caller's own contact point",
     "reports.critical_open": "ids of open findings for the page's badge, no patient",
     "consults.summary": "call quality figures, no patient",
     "consults.join_link": "an invite token is the guest's right to the lobby; no study shown",
@@ -333,4 +336,5 @@ NAV: list[tuple[str, str, tuple[str, ...]]] = [
     ("/admin/users", "Users", ADMINS),
     ("/admin/audit", "Audit trail", ADMINS),
     ("/admin/break-glass", "Break-glass", ADMINS),
+    ("/notify/contacts", "My contact points", ALL),
 ]

@@ -45,27 +45,16 @@ def cmd_contact(args: argparse.Namespace) -> int:
     cfg, conn = _site(args)
     try:
         _user_exists(conn, args.username)
-        wanted = [("email", args.email), ("sms", args.phone)]
-        if not any(v for _, v in wanted):
+        if not (args.email or args.phone):
             raise CliError("give --email ADDRESS and/or --phone +NUMBER")
-        for channel, address in wanted:
-            if not address:
-                continue
-            try:
-                code = contacts.set_contact(conn, args.username, channel, address, time.time())
-            except contacts.ContactError as e:
-                raise CliError(str(e)) from None
-            address = contacts.check_address(channel, address)
-            ids = outbox.enqueue_direct(
-                conn, cfg, args.username, "notify.verify", "Verification code",
-                f"Your code: {code} (appliance notify verify {args.username} --channel"
-                f" {channel} {code})", [(channel, address)], time.time())
-            audit.record(conn, actor(), "notify.contact", args.username, source="cli",
-                         detail={"channel": channel})
-            row = _send_now(conn, cfg, ids)[0]
-            why = row["answer"] or "the channel is not configured"
-            print(f"{channel} {address}: code sent ({row['answer']})" if row["state"] == "sent"
-                  else f"{channel} {address}: code waiting in the outbox ({why})")
+        try:
+            lines = outbox.set_contacts(conn, cfg, args.username,
+                                        {"email": args.email, "sms": args.phone},
+                                        time.time(), actor(), "cli")
+        except (contacts.ContactError, channels.CredentialsError) as e:
+            raise CliError(str(e)) from None
+        for line in lines:
+            print(line)
     finally:
         conn.close()
     return 0

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from appliance.core import config, db, leases, metrics, notifications
+from appliance.core import audit, config, db, leases, metrics, notifications
 from appliance.core.notifications import DeliveryError, OutboundChannel, OutboundMessage
 from appliance.notify import acks, alerts, channels, contacts
 from appliance.reading import read_queue, worklist
@@ -144,6 +144,52 @@ def enqueue_direct(conn: sqlite3.Connection, cfg: config.Config, username: str, 
                 (cur.lastrowid, channel, address, f"n{cur.lastrowid}-{channel}-{code.lower()}",
                  now, now, now)).lastrowid)
     return ids
+
+
+def send_verification(conn: sqlite3.Connection, cfg: config.Config, username: str,
+                      channel: str, address: str, now: float) -> dict[str, Any]:
+    """Store ``address`` unverified and send its code there now (by that channel only).
+
+    The one path for `notify contact`, `user modify --email/--phone` and the account page,
+    so each stores, sends and reports the same way. Returns the outbox row with the cleaned
+    address; raises :class:`contacts.ContactError` (bad address) or
+    :class:`channels.CredentialsError` (credentials file unsafe) before anything is sent.
+    """
+    address = contacts.check_address(channel, address)
+    available = channels.configured(cfg)
+    code = contacts.set_contact(conn, username, channel, address, now)
+    ids = enqueue_direct(conn, cfg, username, "notify.verify", "Verification code",
+                         f"Your code: {code} (appliance notify verify {username} --channel"
+                         f" {channel} {code}, or your account page)", [(channel, address)],
+                         now)
+    deliver(conn, cfg, now, available)
+    return {**rows(conn, ids)[0], "address": address}
+
+
+def set_contacts(conn: sqlite3.Connection, cfg: config.Config, username: str,
+                 addresses: dict[str, str | None], now: float, actor: str,
+                 source: str) -> list[str]:
+    """Each given address (``{"email": …, "sms": …}``) stored and sent its code, audited;
+    one line each. Every address is checked first: a bad one changes nothing."""
+    wanted = {ch: a for ch, a in addresses.items() if a}
+    for channel, address in wanted.items():
+        contacts.check_address(channel, address)
+    channels.configured(cfg)  # an unsafe credentials file, before anything is stored
+    lines = []
+    for channel, address in wanted.items():
+        row = send_verification(conn, cfg, username, channel, address, now)
+        audit.record(conn, actor, "notify.contact", username, source=source,
+                     detail={"channel": channel})
+        lines.append(describe_sent(row))
+    return lines
+
+
+def describe_sent(row: dict[str, Any]) -> str:
+    """One line on a verification code's fate, for a terminal or a page."""
+    if row["state"] == "sent":
+        return f"{row['channel']} {row['address']}: code sent ({row['answer']})"
+    why = row["answer"] or "the channel is not configured"
+    return f"{row['channel']} {row['address']}: code waiting in the outbox ({why})"
 
 
 def rows(conn: sqlite3.Connection, ids: list[int]) -> list[dict[str, Any]]:
