@@ -1,13 +1,12 @@
 """Reconciliation of temporary identities, scaled down from the issue's mass casualty.
 
 10 trauma registrations × 2 studies each (2 instances a study), pushed with storescu to the
-real ``appliance dicom`` and on to Orthanc as the site PACS (``OverwriteInstances``); a
-signed report on 3 of them; then all 10 linked to real identities through the CLI's
-functions, and the corrected objects pushed to Orthanc again by the test itself (the
-forwarding outbox, which will re-send them, is another branch): Orthanc then holds every
-corrected instance under the real ID, and (its ids hash the Patient ID, so a corrected
-instance is not an overwrite) still the old copies: shown and measured, left to the
-forwarding outbox's re-send to delete.  Shown: no study left under a temporary ID in the index or in C-FIND,
+real ``appliance dicom`` and forwarded by our outbox to Orthanc as the site PACS
+(``OverwriteInstances``); a signed report on 3 of them; then all 10 linked to real
+identities through the CLI's functions, and every corrected object queued again by
+reconciliation and re-sent by the forwarding outbox: Orthanc then holds every corrected
+instance under the real ID, and (its ids hash the Patient ID, so a corrected instance is
+not an overwrite) still the old copies: shown and measured, not deleted (open).  Shown: no study left under a temporary ID in the index or in C-FIND,
 pixel data byte-identical, the old values in the Original Attributes Sequence and Other
 Patient IDs Sequence, the previous files kept as versions, the orders moved (worklist), the
 2 reports re-issued as signed correction addenda queued for delivery, each link audited
@@ -29,11 +28,14 @@ from pathlib import Path
 import pydicom
 from conftest import require_tool
 from dicom_data import write_series
+from forwarding_site import add_destination
 from orthanc import ORTHANC_BIN, Orthanc
 from pydicom.dataset import Dataset
 from test_patients import _cli
 
 from appliance.core import config, db
+from appliance.forwarding import outbox as forward_outbox
+from appliance.forwarding import sending
 from appliance.patients import orders as order_sql
 from appliance.patients import registry, studies
 from appliance.reports import model as reports
@@ -90,9 +92,11 @@ def test_trauma_identities_reconciled_everywhere_and_undone(dicom_site, dcmtk, t
                                                             monkeypatch, capsys):
     site = dicom_site
     pacs = Orthanc(tmp_path / "orthanc", binary=require_tool("Orthanc", ORTHANC_BIN),
-                   extra_config={"OverwriteInstances": True}).start()
+                   extra_config={"OverwriteInstances": True, "DicomModalities": {
+                       site.ae_title: [site.ae_title, "127.0.0.1", site.dicom_port]}}).start()
     cfg_path = site.data_dir / "appliance.yaml"
     cfg_path.write_text(cfg_path.read_text().replace("formats: [sr]", "formats: [print]"))
+    add_destination(site, pacs.aet, pacs.dicom_port)
     cfg = config.load(site.data_dir)
     desk = registry.Site.from_config(cfg)
     conn = db.open_db(cfg.db_path)
@@ -108,7 +112,9 @@ def test_trauma_identities_reconciled_everywhere_and_undone(dicom_site, dcmtk, t
                                       patient_name=t["name"], accession=f"T{i}S{j}")
             paths += made
     _storescu(dcmtk, site.dicom_port, site.ae_title, paths)
-    _storescu(dcmtk, pacs.dicom_port, pacs.aet, paths)  # what forwarding sent to the PACS
+    for (uid,) in conn.execute("SELECT study_uid FROM studies").fetchall():  # forward: PACS
+        forward_outbox.enqueue_study(conn, uid, [pacs.aet], "routine")
+    assert sending.run_due(cfg)["stored"] == 40
     assert _pacs_instances(pacs, temps[0]["patient_id"]) == 4
     study_of = {t["patient_id"]: _cfind(conn, t["patient_id"]) for t in temps}
     assert all(len(v) == 2 for v in study_of.values())
@@ -125,14 +131,15 @@ def test_trauma_identities_reconciled_everywhere_and_undone(dicom_site, dcmtk, t
                              "identified by family", "--json")
         assert code == 0, err
     took = time.monotonic() - started
-    # Re-sent to the PACS (here by the test: the forwarding outbox will do it at merge).
-    _storescu(dcmtk, pacs.dicom_port, pacs.aet, [
-        site.data_dir / "studies" / r[0] for r in conn.execute("SELECT path FROM instances")])
+    # Re-sent to the PACS by the forwarding outbox: every corrected instance queued again.
+    assert conn.execute("SELECT count(*) FROM forward_outbox WHERE state = 'waiting'"
+                        " AND origin = 'resend'").fetchone()[0] == 40
+    assert sending.run_due(cfg)["stored"] == 40
     assert all(_pacs_instances(pacs, r["patient_id"]) == 4 for r in reals)
     # Orthanc names an instance by a hash of (PatientID, Study, Series, SOP Instance UID), so
     # a corrected PatientID is a new Orthanc instance: OverwriteInstances replaces only
     # same-patient copies and the old ones stay (measured here: 40 + 40). Removing them
-    # (REST DELETE of the old Orthanc ids) belongs to the forwarding outbox's re-send.
+    # (REST DELETE of the old Orthanc ids) is not done: a PACS-specific step left open.
     assert len(pacs.instances()) == 80
     assert all(_pacs_instances(pacs, t["patient_id"]) == 4 for t in temps)
 
