@@ -40,6 +40,22 @@ def _cli(capsys, *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().out
 
 
+def _sign_with_addendum(conn, cfg, study_uid: str) -> int:
+    """A final report and a signed addendum on the study; returns the report's id."""
+    from appliance.reports import delivery
+    from appliance.reports import model as reports
+
+    templates = reports.load_templates()
+    rid = reports.create(conn, study_uid=study_uid, author="dr.ray", template_id="generic",
+                         templates=templates)
+    reports.autosave(conn, rid, actor="dr.ray", templates=templates, base_revision=0,
+                     findings="No acute abnormality.", impression="Normal.")
+    delivery.sign(conn, cfg, rid, actor="dr.ray", level="final", templates=templates)
+    add = reports.add_addendum(conn, rid, actor="dr.ray", text="Compared with the prior: same.")
+    delivery.sign(conn, cfg, add, actor="dr.ray", level="final", templates=templates)
+    return rid
+
+
 def test_handback_sends_what_is_missing_and_the_manifest_proves_it(tmp_path, pacs, capsys):
     site, cfg = forwarding_site(tmp_path, pacs)
     for f in (site.data_dir / "workflows").glob("*.yaml"):
@@ -50,6 +66,7 @@ def test_handback_sends_what_is_missing_and_the_manifest_proves_it(tmp_path, pac
         for uid in studies[:6]:  # forwarded already, before the PACS went down
             outbox.enqueue_study(conn, uid, ["SITEPACS"], "routine", FAR)
     assert sending.run_due(cfg, now=FAR)["stored"] == 12
+    reports = [_sign_with_addendum(conn, cfg, uid) for uid in (studies[0], studies[10])]
     d = ["--data-dir", str(site.data_dir)]
 
     code, out = _cli(capsys, "handback", "--to", "SITEPACS", "--dry-run", "--json", *d)
@@ -62,28 +79,41 @@ def test_handback_sends_what_is_missing_and_the_manifest_proves_it(tmp_path, pac
     result = json.loads(out)
     assert code == 0 and result["sent"] == 28 and result["not_delivered"] == 0
     held = pacs_sop_uids(pacs)
-    assert len(held) == len(set(held)) == 40
+    assert len(held) == len(set(held)) == 44  # 40 images, 2 reports and their 2 addenda
     body = json.loads(open(result["manifest"]).read())["body"]
-    proofs = collections.Counter(i["proof"] for st in body["studies"] for se in st["series"]
-                                 for i in se["instances"])
-    assert proofs == {"c-find": 28, "c-find (already held)": 12}
+    listed = [i for st in body["studies"] for se in st["series"] for i in se["instances"]]
+    proofs = collections.Counter(i["proof"] for i in listed)
+    assert proofs == {"c-find": 28 + 4, "c-find (already held)": 12}
+    docs = [i for i in listed if "document" in i]
+    assert sorted(i["document"] for i in docs) == ["addendum", "addendum", "report", "report"]
+    assert {i["report_id"] for i in docs} >= set(reports)
+    assert {i["sop_instance_uid"] for i in docs} <= set(held)
+    assert body["report_documents"] == result["report_documents"] == 4
     assert os.stat(result["manifest"]).st_mode & 0o777 == 0o600
 
     code, out = _cli(capsys, "handback", "verify", result["manifest"], "--to", "SITEPACS", *d)
-    assert code == 0 and "signature ok; 40 instance(s) listed; 0 missing" in out
+    assert code == 0 and \
+        "signature ok; 40 instance(s) and 4 report document(s) listed; 0 missing" in out, out
 
-    gone = pacs.instances()[5]
-    gone_uid = pacs.get(f"/instances/{gone}")["MainDicomTags"]["SOPInstanceUID"]
-    pacs.request("DELETE", f"/instances/{gone}")
+    sr = next(i for i in docs if i["document"] == "addendum")["sop_instance_uid"]
+    doc_uids = {i["sop_instance_uid"] for i in docs}
+    by_uid = {pacs.get(f"/instances/{o}")["MainDicomTags"]["SOPInstanceUID"]: o
+              for o in pacs.instances()}
+    gone_uids = [sr, next(u for u in sorted(by_uid) if u not in doc_uids)]  # an SR, an image
+    gone = [by_uid[u] for u in gone_uids]
+    for g in gone:
+        pacs.request("DELETE", f"/instances/{g}")
     code, out = _cli(capsys, "handback", "verify", result["manifest"], "--to", "SITEPACS",
                      "--host", "127.0.0.1", "--port", str(pacs.dicom_port), "--public-key",
                      str(site.data_dir / "keys" / "identity.pub"))
-    assert code == 1 and f"missing {gone_uid}" in out and "1 missing" in out, (gone_uid, out)
+    assert code == 1 and all(f"missing {u}" in out for u in gone_uids) and "2 missing" in out, \
+        (gone_uids, out)
 
     code, out = _cli(capsys, "handback", "--to", "SITEPACS", "--json", *d)
     again = json.loads(out)
-    assert (again["to_send"], again["sent"]) == (1, 1)
-    assert len(pacs.instances()) == 40
+    assert code == 0 and again["not_delivered"] == 0, again
+    assert len(pacs.instances()) == 44  # the image and the addendum SR, once each
+    assert sorted(pacs_sop_uids(pacs)) == sorted(held)
 
     tampered = json.loads(open(result["manifest"]).read())
     tampered["body"]["instances"] = 39

@@ -150,16 +150,17 @@ def cmd_handback(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     finally:
         conn.close()
+    code = 0 if args.dry_run or not result["not_delivered"] else 1
     if args.json:
         print(json.dumps(result, indent=2))
-        return 0
+        return code
     print(f"{result['instances']} instance(s) here; {result['already_held']} already on"
           f" {result['destination']}; {result['to_send']} to send"
           f" ({result['bytes_to_send'] / 1e6:.1f} MB)")
     if not args.dry_run:
-        print(f"sent {result['sent']}; not delivered {result['not_delivered']};"
-              f" manifest {result['manifest']}")
-    return 0 if args.dry_run or not result["not_delivered"] else 1
+        print(f"sent {result['sent']}; {result['report_documents']} report document(s);"
+              f" not delivered {result['not_delivered']}; manifest {result['manifest']}")
+    return code
 
 
 def cmd_handback_verify(args: argparse.Namespace) -> int:
@@ -186,7 +187,8 @@ def cmd_handback_verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"signature ok; {result['instances']} instance(s) listed;"
+        print(f"signature ok; {result['instances']} instance(s) and"
+              f" {result['report_documents']} report document(s) listed;"
               f" {len(result['missing'])} missing on {peer.name}")
         for m in result["missing"]:
             print(f"missing {m['sop_instance_uid']} (study {m['study_instance_uid']},"

@@ -6,6 +6,9 @@
    leased rows as ``forward:``, so an interrupted hand-back resumes where it stopped and
    a second run finds the instances already there and sends nothing twice.
 4. Send (passes of :func:`appliance.forwarding.sending.run_due`) with a progress line.
+   Then every report version and addendum signed here goes as an SR by report delivery
+   (:func:`appliance.reports.delivery.enqueue_handback`: once per version and PACS), and
+   is asked for by C-FIND like the images.
 5. Write the signed manifest (:mod:`appliance.forwarding.manifest`): every instance, its
    SHA-256, where it went and how its delivery was proved (``commitment``, ``c-find`` after
    sending, or ``c-find`` because the PACS already held it).
@@ -23,10 +26,12 @@ from typing import Any
 from appliance.core import audit
 from appliance.core.config import Config, KnownAE
 from appliance.forwarding import manifest, outbox, sending
+from appliance.reports import delivery as report_delivery
 from dicom_node import index as dicom_index
 from dicom_node import store_scu
 
 ORIGIN = "handback"
+REPORT_WAIT_S = 120.0  # for report documents to be stored (and committed) before the manifest
 Progress = Callable[[int, int, int, float], None]  # done, total, bytes sent, seconds
 
 
@@ -104,11 +109,13 @@ def run(conn: sqlite3.Connection, cfg: Config, to: str, since: float | None = No
     audit.record(conn, actor, "handback.start", peer.name, source="cli",
                  detail={k: v for k, v in summary.items() if k != "dry_run"})
     _send(conn, cfg, peer, lacking, progress)
-    body = _body(conn, cfg, peer, p["instances"], {r["sop_uid"] for r in lacking})
+    docs = _send_reports(conn, cfg, peer, since)
+    body = _body(conn, cfg, peer, p["instances"], {r["sop_uid"] for r in lacking}, docs)
     path = (out_dir or cfg.data_dir / "handback") / (
         f"manifest-{peer.name}-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%SZ')}.json")
     manifest.write(path, manifest.sign(body, cfg.keys_dir))
-    summary.update(manifest=str(path), sent=body["sent"], not_delivered=body["not_delivered"])
+    summary.update(manifest=str(path), sent=body["sent"], not_delivered=body["not_delivered"],
+                   report_documents=body["report_documents"])
     audit.record(conn, actor, "handback.done", peer.name, source="cli",
                  outcome="ok" if not body["not_delivered"] else "failed",
                  detail={"manifest": path.name, "instances": summary["instances"],
@@ -143,8 +150,45 @@ def _send(conn: sqlite3.Connection, cfg: Config, peer: KnownAE, lacking: list[sq
             idle = 0
 
 
+def _send_reports(conn: sqlite3.Connection, cfg: Config, peer: KnownAE,
+                  since: float | None) -> list[dict[str, Any]]:
+    """Every final report version and addendum to the PACS as an SR; each one's proof is a
+    C-FIND that finds it (or its storage commitment, which report delivery waits for)."""
+    ids = report_delivery.enqueue_handback(conn, peer.name, since or 0.0)
+    held = _held_documents(cfg, peer, report_delivery.handback_rows(conn, ids))
+    gone = [d["id"] for d in report_delivery.handback_rows(conn, ids)
+            if d["state"] == "delivered" and d["sop_uid"] not in held]
+    report_delivery.make_due(conn, gone, again=True)  # delivered once, lost since
+    deadline = time.monotonic() + REPORT_WAIT_S
+    while True:
+        pending = [r["id"] for r in report_delivery.handback_rows(conn, ids)
+                   if r["state"] != "delivered"]
+        if not pending or time.monotonic() > deadline:
+            break
+        report_delivery.make_due(conn, pending)
+        report_delivery.run_due(cfg, conn=conn)
+        if any(r["state"] != "delivered" for r in report_delivery.handback_rows(conn, pending)):
+            time.sleep(1.0)  # a commitment report on its way, or the PACS busy
+    docs = report_delivery.handback_rows(conn, ids)
+    held = _held_documents(cfg, peer, docs)
+    for d in docs:
+        d["proof"] = ("commitment" if peer.commitment else "c-find") \
+            if d["state"] == "delivered" and d["sop_uid"] in held else "not delivered"
+    return docs
+
+
+def _held_documents(cfg: Config, peer: KnownAE, docs: list[dict[str, Any]]) -> set[str]:
+    """SOP Instance UIDs of these report documents that the PACS holds (C-FIND)."""
+    expected: dict[tuple[str, str], set[str]] = {}
+    for d in docs:
+        expected.setdefault((d["study_uid"], d["series_uid"]), set()).add(d["sop_uid"])
+    if not expected:
+        return set()
+    return set().union(*held_by(cfg, peer, expected).values())
+
+
 def _body(conn: sqlite3.Connection, cfg: Config, peer: KnownAE, instances: list[sqlite3.Row],
-          sent: set[str]) -> dict[str, Any]:
+          sent: set[str], docs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     rows = outbox.rows_for(conn, peer.name, [r["sop_uid"] for r in instances])
     studies: dict[str, dict[str, list[dict[str, Any]]]] = {}
     missing = 0
@@ -158,10 +202,16 @@ def _body(conn: sqlite3.Connection, cfg: Config, peer: KnownAE, instances: list[
             proof, missing = "not delivered", missing + 1
         studies.setdefault(r["study_uid"], {}).setdefault(r["series_uid"], []).append(
             {"sop_instance_uid": r["sop_uid"], "sha256": r["sha256"], "proof": proof})
+    for d in docs or []:  # report documents, in their study like any instance
+        missing += d["proof"] == "not delivered"
+        studies.setdefault(d["study_uid"], {}).setdefault(d["series_uid"], []).append(
+            {"sop_instance_uid": d["sop_uid"], "sha256": d["sha256"], "proof": d["proof"],
+             "document": d["kind"], "report_id": d["report_id"]})
     return {"site": cfg["site"]["name"], "site_id": cfg["site"]["id"],
             "sent_to": {"ae_title": peer.name, "host": peer.host, "port": peer.port},
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "instances": len(instances), "sent": len(sent), "not_delivered": missing,
+            "instances": len(instances), "report_documents": len(docs or []),
+            "sent": len(sent), "not_delivered": missing,
             "studies": [{"study_instance_uid": st, "series": [
                 {"series_instance_uid": se, "instances": inst} for se, inst in sers.items()]}
                 for st, sers in studies.items()]}
@@ -181,4 +231,5 @@ def verify(cfg: Config, path: Path, public_key_pem: bytes, peer: KnownAE,
                for st in body["studies"] for se in st["series"] for i in se["instances"]
                if i["sop_instance_uid"] not in held[(st["study_instance_uid"],
                                                      se["series_instance_uid"])]]
-    return {"instances": body["instances"], "missing": missing}
+    return {"instances": body["instances"],
+            "report_documents": body.get("report_documents", 0), "missing": missing}

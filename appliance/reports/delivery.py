@@ -215,6 +215,56 @@ def enqueue(conn: sqlite3.Connection, cfg: Any, version_id: int,
     return ids
 
 
+def enqueue_handback(conn: sqlite3.Connection, destination: str, since: float = 0.0,
+                     now: float | None = None) -> list[int]:
+    """Return to service: every final version signed here since ``since`` (reports and
+    addenda) queued as an SR to ``destination``, once each (``UNIQUE (version, format,
+    destination)``: a version already queued or delivered there keeps its row and its UIDs,
+    so a second hand-back sends nothing twice). Returns the ids of all those rows."""
+    t = time.time() if now is None else now
+    with db.transaction(conn):
+        versions = conn.execute(
+            "SELECT v.id, v.report_id, r.read_item_id FROM report_versions v JOIN reports r"
+            " ON r.id = v.report_id WHERE v.level = 'final' AND v.signed_at >= ? ORDER BY v.id",
+            (since,)).fetchall()
+        for v in versions:
+            conn.execute(
+                "INSERT OR IGNORE INTO deliveries (version_id, report_id, read_item_id, format,"
+                " destination, series_uid, sop_uid, next_attempt_at, created_at)"
+                " VALUES (?,?,?,'sr',?,?,?,?,?)",
+                (v["id"], v["report_id"], v["read_item_id"], destination, generate_uid(),
+                 generate_uid(), t, t))
+        return [r[0] for r in conn.execute(
+            "SELECT d.id FROM deliveries d JOIN report_versions v ON v.id = d.version_id"
+            " WHERE d.format = 'sr' AND d.destination = ? AND v.level = 'final'"
+            " AND v.signed_at >= ? ORDER BY d.id", (destination, since))]
+
+
+def handback_rows(conn: sqlite3.Connection, ids: list[int]) -> list[dict[str, Any]]:
+    """The hand-back's report documents: study, series and SOP Instance UID of each SR, the
+    signed version's SHA-256, its kind (report or addendum) and delivery state."""
+    if not ids:
+        return []
+    return [dict(r) for r in conn.execute(
+        "SELECT d.id, d.report_id, r.kind, r.study_uid, d.series_uid, d.sop_uid, d.state,"
+        " d.last_error, v.sha256 FROM deliveries d JOIN reports r ON r.id = d.report_id"
+        f" JOIN report_versions v ON v.id = d.version_id WHERE d.id IN ({','.join('?' * len(ids))})"
+        " ORDER BY d.id", ids)]
+
+
+def make_due(conn: sqlite3.Connection, ids: list[int], now: float | None = None,
+             again: bool = False) -> None:
+    """Rows among ``ids`` due now (the hand-back is waiting for them); with ``again``,
+    delivered ones too (the PACS no longer holds them: same SOP Instance UID, sent again)."""
+    t = time.time() if now is None else now
+    with db.transaction(conn):
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            conn.execute("UPDATE deliveries SET next_attempt_at = ?, state = 'pending',"
+                         " delivered_at = NULL WHERE (state = 'pending' OR ?)"
+                         f" AND id IN ({','.join('?' * len(chunk))})", (t, int(again), *chunk))
+
+
 def for_report(conn: sqlite3.Connection, report_id: int) -> list[dict[str, Any]]:
     return [dict(r) for r in conn.execute(
         "SELECT * FROM deliveries WHERE report_id = ? ORDER BY id", (report_id,))]
