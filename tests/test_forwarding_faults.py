@@ -90,6 +90,35 @@ def test_a_refused_sop_class_is_failed_once_and_the_rest_arrives(tmp_path, pacs)
     refusals = [r for r in audit.rows(conn) if r["action"] == "forward.refused"]
     assert [(r["object"], r["outcome"]) for r in refusals] == [(odd.SOPInstanceUID, "failed")]
     assert len(pacs.instances()) == 2
+    _report_page_shows_the_refusal(cfg, conn, study_uid)
+
+
+def _report_page_shows_the_refusal(cfg, conn, study_uid: str) -> None:
+    """The study's signed report, as site staff open it, says what did not reach the PACS."""
+    from test_auth import HTML, PASSWORD, post_login
+
+    from appliance.accounts import users as accounts
+    from appliance.app import create_app
+    from appliance.reports import delivery
+    from appliance.reports import model as reports
+
+    templates = reports.load_templates()
+    rid = reports.create(conn, study_uid=study_uid, author="dr.ray", template_id="generic",
+                         templates=templates)
+    reports.autosave(conn, rid, actor="dr.ray", templates=templates, base_revision=0,
+                     findings="Normal.", impression="Normal.")
+    delivery.sign(conn, cfg, rid, actor="dr.ray", level="final", templates=templates)
+    accounts.add_user(conn, "clerk", "site_staff", PASSWORD)
+    client = create_app(cfg, {"TESTING": True}).test_client()
+    client.environ_base.update({"wsgi.url_scheme": "https", "REMOTE_ADDR": "127.0.0.1"})
+    assert post_login(client, "clerk", PASSWORD).status_code == 302
+    page = client.get(f"/reports/{rid}", headers=HTML)
+    text = page.get_data(as_text=True)
+    assert page.status_code == 200, text
+    line = text[text.index('data-testid="forwarding"'):]
+    line = line[:line.index("</p>")]
+    assert "SITEPACS" in line and "2 delivered" in line and "1 failed" in line, line
+    assert "refused for good" in line and "SOP class not supported" in line, line
 
 
 def test_kill_9_of_the_worker_during_a_300_instance_forward_loses_and_doubles_nothing(

@@ -285,3 +285,17 @@ def study_summary(conn: sqlite3.Connection, study_uid: str) -> dict[str, dict[st
             " GROUP BY destination, state", (study_uid,)):
         out.setdefault(dest, dict.fromkeys(STATES, 0))[state] = n
     return out
+
+
+def study_forwarding(conn: sqlite3.Connection, study_uid: str) -> list[dict[str, Any]]:
+    """What the report page says of a study's images at each destination: rows per state
+    and, when some were refused for good, the first refusal (its status and error)."""
+    out = []
+    for dest, states in sorted(study_summary(conn, study_uid).items()):
+        refusal = conn.execute(
+            "SELECT last_status, last_error FROM forward_outbox WHERE study_uid = ? AND"
+            " destination = ? AND state = 'failed' ORDER BY id LIMIT 1",
+            (study_uid, dest)).fetchone()
+        out.append({"destination": dest, "states": states,
+                    "refusal": dict(refusal) if refusal else None})
+    return out

@@ -33,6 +33,7 @@ from flask import (
 
 from appliance.accounts import permissions
 from appliance.accounts import sessions as auth
+from appliance.forwarding import outbox as forward_outbox
 from appliance.patients import studies as patient_orders
 from appliance.reports import critical_findings
 from appliance.reports import delivery as report_delivery
@@ -137,6 +138,7 @@ def _page_data(conn, report: dict[str, Any]) -> dict[str, Any]:
         "is_reader": _user()["role"] in permissions.READERS,
         "template_problems": g.get("template_problems", []),
         "order": patient_orders.study_order(conn, report["study_uid"]),  # reason for exam
+        "forwarding": forward_outbox.study_forwarding(conn, report["study_uid"]),
     }
 
 
