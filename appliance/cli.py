@@ -264,10 +264,12 @@ EXTENSION_MODULES = (
 
 
 def _load_extensions() -> None:
+    """Every capability's command registrars, once: a second call (main() run twice in one
+    process, as tests do) replaces the list rather than registering each group twice."""
     import importlib
 
-    for module in EXTENSION_MODULES:
-        _EXTENSIONS.extend(importlib.import_module(module).REGISTER)
+    loaded = [r for module in EXTENSION_MODULES for r in importlib.import_module(module).REGISTER]
+    _EXTENSIONS[:] = loaded
 
 
 def main(argv: list[str] | None = None) -> int:
