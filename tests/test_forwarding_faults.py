@@ -17,6 +17,7 @@ from forwarding_site import (
     forwarding_site,
     ingest,
     pacs_sop_uids,
+    sign_report,
     site_pacs,
     store_files,
 )
@@ -99,15 +100,8 @@ def _report_page_shows_the_refusal(cfg, conn, study_uid: str) -> None:
 
     from appliance.accounts import users as accounts
     from appliance.app import create_app
-    from appliance.reports import delivery
-    from appliance.reports import model as reports
 
-    templates = reports.load_templates()
-    rid = reports.create(conn, study_uid=study_uid, author="dr.ray", template_id="generic",
-                         templates=templates)
-    reports.autosave(conn, rid, actor="dr.ray", templates=templates, base_revision=0,
-                     findings="Normal.", impression="Normal.")
-    delivery.sign(conn, cfg, rid, actor="dr.ray", level="final", templates=templates)
+    rid = sign_report(conn, cfg, study_uid, findings="Normal.")
     accounts.add_user(conn, "clerk", "site_staff", PASSWORD)
     client = create_app(cfg, {"TESTING": True}).test_client()
     client.environ_base.update({"wsgi.url_scheme": "https", "REMOTE_ADDR": "127.0.0.1"})

@@ -13,7 +13,14 @@ import time
 
 import pytest
 from conftest import appliance_cmd
-from forwarding_site import FAR, forwarding_site, ingest, pacs_sop_uids, site_pacs
+from forwarding_site import (
+    FAR,
+    forwarding_site,
+    ingest,
+    pacs_sop_uids,
+    sign_report,
+    site_pacs,
+)
 
 from appliance import cli
 from appliance.core import audit, db
@@ -45,14 +52,10 @@ def _sign_with_addendum(conn, cfg, study_uid: str) -> int:
     from appliance.reports import delivery
     from appliance.reports import model as reports
 
-    templates = reports.load_templates()
-    rid = reports.create(conn, study_uid=study_uid, author="dr.ray", template_id="generic",
-                         templates=templates)
-    reports.autosave(conn, rid, actor="dr.ray", templates=templates, base_revision=0,
-                     findings="No acute abnormality.", impression="Normal.")
-    delivery.sign(conn, cfg, rid, actor="dr.ray", level="final", templates=templates)
+    rid = sign_report(conn, cfg, study_uid)
     add = reports.add_addendum(conn, rid, actor="dr.ray", text="Compared with the prior: same.")
-    delivery.sign(conn, cfg, add, actor="dr.ray", level="final", templates=templates)
+    delivery.sign(conn, cfg, add, actor="dr.ray", level="final",
+                  templates=reports.load_templates())
     return rid
 
 
