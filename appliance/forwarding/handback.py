@@ -155,9 +155,9 @@ def _send_reports(conn: sqlite3.Connection, cfg: Config, peer: KnownAE,
     """Every final report version and addendum to the PACS as an SR; each one's proof is a
     C-FIND that finds it (or its storage commitment, which report delivery waits for)."""
     ids = report_delivery.enqueue_handback(conn, peer.name, since or 0.0)
-    held = _held_documents(cfg, peer, report_delivery.handback_rows(conn, ids))
-    gone = [d["id"] for d in report_delivery.handback_rows(conn, ids)
-            if d["state"] == "delivered" and d["sop_uid"] not in held]
+    before = report_delivery.handback_rows(conn, ids)
+    held = _held_documents(cfg, peer, before)
+    gone = [d["id"] for d in before if d["state"] == "delivered" and d["sop_uid"] not in held]
     report_delivery.make_due(conn, gone, again=True)  # delivered once, lost since
     deadline = time.monotonic() + REPORT_WAIT_S
     while True:
