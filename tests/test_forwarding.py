@@ -197,3 +197,73 @@ def test_resend_instances_requeues_to_every_destination_they_went_to(tmp_path, p
         assert len(pacs.instances()) == len(other.instances()) == 3  # still one copy each
     finally:
         other.stop(kill=True)
+
+
+class _CountingPacs:
+    """A pynetdicom storage SCP (with C-FIND at IMAGE level, for the proof) that records
+    how many associations were open at once and every SOP Instance UID it stored."""
+
+    def __init__(self, port: int, expected: int):
+        import threading
+        from types import SimpleNamespace
+
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+        self.lock, self.open, self.most, self.stored = threading.Lock(), 0, 0, []
+        self.expected, self.all_open = expected, threading.Event()
+        ae = AE("COUNTPACS")
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ["1.2.840.10008.1.2.1",
+                                                          "1.2.840.10008.1.2"])
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        handlers = [(evt.EVT_ESTABLISHED, self._opened), (evt.EVT_RELEASED, self._closed),
+                    (evt.EVT_ABORTED, self._closed), (evt.EVT_C_STORE, self._store),
+                    (evt.EVT_C_FIND, self._find)]
+        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+        self.address = SimpleNamespace(dicom_port=port, node_port=port)
+
+    def _opened(self, event) -> None:
+        with self.lock:
+            self.open += 1
+            self.most = max(self.most, self.open)
+            if self.open >= self.expected:
+                self.all_open.set()
+
+    def _closed(self, event) -> None:
+        with self.lock:
+            self.open -= 1
+
+    def _store(self, event) -> int:
+        self.all_open.wait(10)  # the first stores wait for the other lanes (no timing luck)
+        with self.lock:
+            self.stored.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    def _find(self, event):
+        for uid in list(self.stored):
+            ident = pydicom.Dataset()
+            ident.QueryRetrieveLevel, ident.SOPInstanceUID = "IMAGE", uid
+            yield 0xFF00, ident
+
+
+@pytest.mark.parametrize("associations", [1, 3])
+def test_a_batch_goes_over_the_configured_number_of_associations_each_instance_once(
+        tmp_path, associations):
+    from conftest import free_port
+
+    scp = _CountingPacs(free_port(), associations)
+    try:
+        site, cfg = forwarding_site(tmp_path, scp.address, batch=90, associations=associations)
+        study_uid, paths = ingest(site, 90, rows=32, cols=32)
+        complete(cfg)
+        assert sending.run_due(cfg, now=FAR) == {"stored": 90, "refused": 0, "retry": 0}
+        assert scp.most == associations  # side by side, not one after another
+        assert sorted(scp.stored) == sorted(pydicom.dcmread(p).SOPInstanceUID for p in paths)
+        conn = db.connect(cfg.db_path)
+        assert {r["state"] for r in outbox.study_rows(conn, study_uid)} == {"delivered"}
+        sent = [r for r in audit.rows(conn) if r["action"] == "forward.sent"]
+        assert len(sent) == associations  # one audit row per association's batch
+        assert audit.verify(conn)[0]  # lanes writing side by side never fork the chain
+    finally:
+        scp.server.shutdown()

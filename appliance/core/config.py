@@ -209,6 +209,7 @@ SCHEMA: dict[str, Any] = {
         "retry_max_s": Leaf((int, float), 300, _positive),
         "lease_s": Leaf((int, float), 120, _positive),
         "batch": Leaf(int, 100, _positive),
+        "associations": Leaf(int, 3, _positive),
         "timeout_s": Leaf((int, float), 10, _positive),
         "commit_wait_s": Leaf((int, float), 600, _positive),
         "failing_alert_min": Leaf((int, float), 15, _positive),
