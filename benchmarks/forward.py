@@ -5,7 +5,9 @@ next to dcmtk's ``storescu`` pushing the same files to the same Orthanc in the s
   association per batch, each outcome committed to SQLite, then an N-ACTION) until every
   row is ``delivered`` by the commitment report Orthanc sends to our DICOM node;
 - the peer: ``storescu`` (one association, ``TCP_NODELAY=1``) of the same files, no
-  commitment; Orthanc's copy of the study is deleted between runs;
+  commitment; and, for a like-for-like view of our ``forwarding.associations`` lanes, as
+  many storescu processes side by side, each a share; Orthanc's copy of the study is
+  deleted between runs;
 - hand-back of N instances (``--handback``; small images): instances/s, and the time to
   build and verify the signed manifest.
 
@@ -65,6 +67,19 @@ def peer(storescu: str, pacs, files: list[Path]) -> float:
     return time.perf_counter() - t0
 
 
+def peer_side_by_side(storescu: str, pacs, files: list[Path], lanes: int) -> float:
+    """``lanes`` storescu processes at once, each a share of the files (as our lanes)."""
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([storescu, "-aet", "BENCH", "-aec", pacs.aet, "127.0.0.1",
+                               str(pacs.dicom_port), *map(str, files[i::lanes])],
+                              env={**os.environ, "TCP_NODELAY": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for i in range(lanes)]
+    if any(p.wait() for p in procs):
+        raise RuntimeError("storescu failed")
+    return time.perf_counter() - t0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--slices", type=int, default=300)
@@ -88,20 +103,27 @@ def main() -> int:
         node = dicom_service.build_node(cfg)  # receives Orthanc's commitment reports
         node.start()
         conn = db.connect(cfg.db_path)
-        mine, theirs = [], []
+        mine, theirs, wide = [], [], []
+        lanes = cfg["forwarding"]["associations"]
         for _ in range(args.runs):
             clear(pacs)
             theirs.append(peer(storescu, pacs, files))
+            clear(pacs)
+            wide.append(peer_side_by_side(storescu, pacs, files, lanes))
             clear(pacs)
             mine.append(ours(cfg, conn, study_uid, args.slices))
         mb = sum(f.stat().st_size for f in files) / 1e6
         m, t = statistics.median(mine), statistics.median(theirs)
         print(f"CT {args.slices} slices, {mb:.0f} MB, medians of {args.runs} runs")
-        print(f"  ours (outbox + C-STORE + storage commitment): {m:.2f} s,"
-              f" {args.slices / m:.0f} inst/s, {mb / m:.0f} MB/s")
-        print(f"  storescu TCP_NODELAY=1 (no commitment):        {t:.2f} s,"
+        w = statistics.median(wide)
+        print(f"  ours (outbox + C-STORE + storage commitment, {lanes} associations):"
+              f" {m:.2f} s, {args.slices / m:.0f} inst/s, {mb / m:.0f} MB/s")
+        print(f"  storescu TCP_NODELAY=1 (one association, no commitment): {t:.2f} s,"
               f" {args.slices / t:.0f} inst/s, {mb / t:.0f} MB/s")
-        print(f"  ratio storescu time / ours: {t / m:.2f} (target >= 0.8)")
+        print(f"  {lanes} storescu side by side (no commitment): {w:.2f} s,"
+              f" {args.slices / w:.0f} inst/s, {mb / w:.0f} MB/s")
+        print(f"  ratio storescu time / ours: {t / m:.2f} (target >= 0.8);"
+              f" {lanes} storescu / ours: {w / m:.2f}")
         if args.handback:
             bench_handback(work, pacs, site, cfg, conn, args.handback)
     finally:

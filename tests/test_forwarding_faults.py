@@ -117,7 +117,7 @@ def _report_page_shows_the_refusal(cfg, conn, study_uid: str) -> None:
 
 def test_kill_9_of_the_worker_during_a_300_instance_forward_loses_and_doubles_nothing(
         tmp_path, pacs):
-    site, cfg = forwarding_site(tmp_path, pacs, batch=25)
+    site, cfg = forwarding_site(tmp_path, pacs, batch=60)  # three associations of 20
     path = site.data_dir / "appliance.yaml"
     path.write_text(path.read_text().replace("  quiet_period_s: 30", "  quiet_period_s: 0.2")
                     .replace("  sweep_interval_s: 2", "  sweep_interval_s: 0.2"))
