@@ -151,14 +151,16 @@ def summary(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
 
 # -- the sweep --------------------------------------------------------------------------------
 def recover(conn: sqlite3.Connection) -> int:
-    """Leases of holders that died on this host are let go at once (expired ones lapse)."""
-    with db.transaction(conn):
-        held = conn.execute("SELECT id, lease_owner FROM superseded_copies WHERE lease_owner"
-                            " IS NOT NULL").fetchall()
-        gone = [r["id"] for r in held if leases.holder_gone(r["lease_owner"])]
-        for rid in gone:
-            conn.execute("UPDATE superseded_copies SET lease_owner = NULL, lease_until = NULL"
-                         " WHERE id = ?", (rid,))
+    """Leases of holders that died on this host are let go at once (expired ones lapse).
+    A read first: the common pass (nothing held) takes no write lock from ingest."""
+    held = conn.execute("SELECT id, lease_owner FROM superseded_copies WHERE lease_owner"
+                        " IS NOT NULL").fetchall()
+    gone = [r for r in held if leases.holder_gone(r["lease_owner"])]
+    if gone:
+        with db.transaction(conn):
+            for r in gone:
+                conn.execute("UPDATE superseded_copies SET lease_owner = NULL, lease_until ="
+                             " NULL WHERE id = ? AND lease_owner = ?", (r["id"], r["lease_owner"]))
     return len(gone)
 
 
@@ -191,14 +193,21 @@ def _candidates(conn: sqlite3.Connection, destination: str, now: float) -> list[
         " ORDER BY next_check_at, id LIMIT ?", (destination, now, now, CANDIDATES)).fetchall()
     waiting = [r for r in rows if r["state"] == "waiting"]
     done, failed = _delivered(conn, destination, waiting)
-    later = [r for r in waiting if r["sop_uid"] not in done]
+    _look_later(conn, [r for r in waiting if r["sop_uid"] not in done], failed, now)
+    return [r for r in rows if r["state"] == "manual" or r["sop_uid"] in done][:BATCH]
+
+
+def _look_later(conn: sqlite3.Connection, rows: list[sqlite3.Row], failed: dict[str, str],
+                now: float) -> None:
+    """Not delivered yet: back of the line (saying so when forwarding gave up on it)."""
+    if not rows:
+        return
     with db.transaction(conn):
-        for r in later:
-            why = (f"the corrected copy was refused by {destination} (appliance forward status)"
-                   if r["sop_uid"] in failed else "")
+        for r in rows:
+            why = (f"the corrected copy was refused by {r['destination']} (appliance forward"
+                   " status)" if r["sop_uid"] in failed else "")
             conn.execute("UPDATE superseded_copies SET next_check_at = ?, last_error = ?"
                          " WHERE id = ? AND state = 'waiting'", (now + RECHECK_S, why, r["id"]))
-    return [r for r in rows if r["state"] == "manual" or r["sop_uid"] in done][:BATCH]
 
 
 def _lease(conn: sqlite3.Connection, rows: list[sqlite3.Row], owner: str,
