@@ -111,6 +111,11 @@ def cmd_ae_add(args: argparse.Namespace) -> int:
         entry["worklist"] = True
     if args.description:
         entry["description"] = args.description
+    if args.orthanc_url:
+        msg = config._api_url(args.orthanc_url.strip())
+        if msg:  # the value is not repeated: it may carry a password
+            raise CliError(f"--orthanc-url {msg}")
+        entry["orthanc_url"] = args.orthanc_url.strip()  # old copies of corrected images removed
 
     def change(items) -> None:
         for i in reversed(range(len(items))):
@@ -128,7 +133,8 @@ def cmd_ae_add(args: argparse.Namespace) -> int:
               f"only from this machine; add --host to allow its workstation.", file=sys.stderr)
     print(f"added {name} ({entry['host'] or 'any host'}:{entry['port']}"
           f"{', query' if args.query else ''}{', move destination' if args.move_destination else ''}"
-          f"{', worklist' if args.worklist else ''})")
+          f"{', worklist' if args.worklist else ''}"
+          f"{', Orthanc REST API' if args.orthanc_url else ''})")
     return 0
 
 
@@ -229,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worklist", action="store_true",
                    help="allow it the Modality Worklist (C-FIND) and MPPS (a scanner)")
     p.add_argument("--description", help="free text, e.g. 'CT scanner, room 2'")
+    p.add_argument("--orthanc-url", metavar="URL",
+                   help="its Orthanc REST API (http://host:8042): after a reconciliation the"
+                        " copies under the old Patient ID are deleted there once the corrected"
+                        " ones are delivered (user and password: patients.pacs_credentials_file)")
     p.add_argument("--replace", action="store_true", help="replace an existing entry")
     p.set_defaults(func=cmd_ae_add)
     p = ae_sub.add_parser("list", help="list known AEs")

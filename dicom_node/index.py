@@ -380,3 +380,16 @@ def instances_to_send(conn: sqlite3.Connection, study_uid: str | None = None,
         out += conn.execute(f"SELECT {_SENDING_COLUMNS} FROM instances WHERE sop_uid IN"
                             f" ({','.join('?' * len(chunk))})", chunk).fetchall()
     return out
+
+
+def patient_ids(conn: sqlite3.Connection, study_uids: list[str]) -> dict[str, str]:
+    """Study Instance UID → the Patient ID the index holds for it (studies not stored are left
+    out): what a copy of the study's instances sent now would carry."""
+    out: dict[str, str] = {}
+    uids = list(dict.fromkeys(study_uids))
+    for i in range(0, len(uids), 500):
+        chunk = uids[i:i + 500]
+        out.update((r[0], r[1]) for r in conn.execute(
+            "SELECT study_uid, patient_id FROM studies WHERE study_uid IN"
+            f" ({','.join('?' * len(chunk))})", chunk))
+    return out

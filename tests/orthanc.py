@@ -18,6 +18,7 @@ or the ``orthanc`` pytest fixture below (import it into a test module with
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -39,8 +40,10 @@ class Orthanc:
 
     def __init__(self, workdir: Path, aet: str = "SITEPACS", binary: str = ORTHANC_BIN,
                  dicom_port: int | None = None, http_port: int | None = None,
-                 extra_config: dict[str, Any] | None = None):
+                 extra_config: dict[str, Any] | None = None,
+                 auth: tuple[str, str] | None = None):
         self.workdir = Path(workdir)
+        self.auth = auth  # (user, password) when the REST API asks for them
         self.aet = aet
         self.binary = binary
         self.dicom_port = dicom_port or free_port()
@@ -57,7 +60,8 @@ class Orthanc:
             "DicomPort": self.dicom_port,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": auth is not None,
+            "RegisteredUsers": {auth[0]: auth[1]} if auth else {},
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True,
             "Plugins": [],
@@ -131,6 +135,9 @@ class Orthanc:
         req = urllib.request.Request(self.url + path, data=body, method=method)
         if body is not None:
             req.add_header("Content-Type", content_type)
+        if self.auth:
+            token = base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.read()
 
@@ -158,6 +165,14 @@ class Orthanc:
 
     def upload(self, part10: bytes) -> dict[str, Any]:
         return json.loads(self.request("POST", "/instances", part10, "application/dicom"))
+
+    def find(self, query: dict[str, str], level: str = "Instance") -> list[str]:
+        """Orthanc ids at ``level`` matching ``query`` (``/tools/find``), e.g. by PatientID."""
+        return json.loads(self.request("POST", "/tools/find", json.dumps(
+            {"Level": level, "Query": query}).encode()))
+
+    def delete(self, instance_id: str) -> None:
+        self.request("DELETE", f"/instances/{instance_id}")
 
 
 @pytest.fixture

@@ -1,18 +1,21 @@
-"""Reconciliation of temporary identities, scaled down from the issue's mass casualty.
+"""Reconciliation of temporary identities in detail, at a small scale (the issue's own numbers,
+50 × 3 with removal of the old copies at Orthanc and restore: test_patients_mass_casualty.py).
 
 10 trauma registrations × 2 studies each (2 instances a study), pushed with storescu to the
 real ``appliance dicom`` and forwarded by our outbox to Orthanc as the site PACS
-(``OverwriteInstances``); a signed report on 3 of them; then all 10 linked to real
-identities through the CLI's functions, and every corrected object queued again by
-reconciliation and re-sent by the forwarding outbox: Orthanc then holds every corrected
-instance under the real ID, and (its ids hash the Patient ID, so a corrected instance is
-not an overwrite) still the old copies: shown and measured, not deleted (open).  Shown: no study left under a temporary ID in the index or in C-FIND,
-pixel data byte-identical, the old values in the Original Attributes Sequence and Other
-Patient IDs Sequence, the previous files kept as versions, the orders moved (worklist), the
-2 reports re-issued as signed correction addenda queued for delivery, each link audited
-with who and why; a replayed link, an inverted link and a self-merge change nothing; an
-unlink restores the temporary identity the same way.  Then a scanner that typed a name
-wrong: flagged by orders-meet-studies, put right with ``fix-study``, linked.
+(``OverwriteInstances``, no REST API declared); a signed report on 3 of them; then all 10
+linked to real identities through the CLI's functions, and every corrected object queued
+again by reconciliation and re-sent by the forwarding outbox: Orthanc then holds every
+corrected instance under the real ID and (its ids hash the Patient ID, so a corrected
+instance is not an overwrite) still the old copies, which, with no REST API to delete them,
+are listed for the PACS administrator once a C-FIND shows the corrected copy under the real
+ID.  Shown: no study left under a temporary ID in the index or in C-FIND, pixel data
+byte-identical, the old values in the Original Attributes Sequence and Other Patient IDs
+Sequence, the previous files kept as versions, the orders moved (worklist), the 3 reports
+re-issued as signed correction addenda queued for delivery, each link audited with who and
+why; a replayed link, an inverted link and a self-merge change nothing; an unlink restores
+the temporary identity the same way.  Then a scanner that typed a name wrong: flagged by
+orders-meet-studies, put right with ``fix-study``, linked.
 
 ``appliance restore`` of the corrected identities: tests/test_patients_restore.py.
 """
@@ -37,7 +40,7 @@ from appliance.core import config, db
 from appliance.forwarding import outbox as forward_outbox
 from appliance.forwarding import sending
 from appliance.patients import orders as order_sql
-from appliance.patients import registry, studies
+from appliance.patients import registry, studies, superseded
 from appliance.reports import model as reports
 from dicom_node import query
 
@@ -138,10 +141,14 @@ def test_trauma_identities_reconciled_everywhere_and_undone(dicom_site, dcmtk, t
     assert all(_pacs_instances(pacs, r["patient_id"]) == 4 for r in reals)
     # Orthanc names an instance by a hash of (PatientID, Study, Series, SOP Instance UID), so
     # a corrected PatientID is a new Orthanc instance: OverwriteInstances replaces only
-    # same-patient copies and the old ones stay (measured here: 40 + 40). Removing them
-    # (REST DELETE of the old Orthanc ids) is not done: a PACS-specific step left open.
+    # same-patient copies and the old ones stay (40 + 40). With no REST API declared for it,
+    # the superseded-copy sweep checks by C-FIND and lists them for the PACS administrator.
     assert len(pacs.instances()) == 80
     assert all(_pacs_instances(pacs, t["patient_id"]) == 4 for t in temps)
+    assert superseded.run_due(cfg) == 40
+    assert conn.execute("SELECT count(*) FROM superseded_copies WHERE state = 'manual'"
+                        ).fetchone()[0] == 40
+    assert len(pacs.instances()) == 80  # nothing deleted without an API
 
     # The index, C-FIND and the files: corrected, pixels untouched, old values kept.
     assert conn.execute("SELECT count(*) FROM studies WHERE patient_id LIKE ?",

@@ -41,6 +41,7 @@ class Leaf:
     default: Any
     check: Any = None  # callable(value) -> error message or None
     help: str = ""
+    echo: bool = True  # False: an error never repeats the value (it may hold a password)
 
 
 def _port(v: int) -> str | None:
@@ -70,6 +71,26 @@ def _public_url(v: str) -> str | None:
     u = urlsplit(v)
     if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment:
         return "must be empty or an address like https://pacs.example.org:8443"
+    return None
+
+
+def _api_url(v: str) -> str | None:
+    """A known AE's ``orthanc_url``: empty, or http(s)://host[:port][/path] with no user,
+    password, query or fragment (credentials go in ``patients.pacs_credentials_file``)."""
+    from urllib.parse import urlsplit
+
+    if not v:
+        return None
+    try:
+        u = urlsplit(v)
+        u.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        return "must be an address like http://10.0.0.5:8042"
+    if u.username is not None or u.password is not None:
+        return ("must not carry a user or password (put them in"
+                " patients.pacs_credentials_file)")
+    if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment:
+        return "must be empty or an address like http://10.0.0.5:8042"
     return None
 
 
@@ -218,6 +239,8 @@ SCHEMA: dict[str, Any] = {
         "temporary_prefix": Leaf(str, "", _temporary_prefix,
                                  "prefix of trauma identities (empty: site.id in capitals)"),
         "procedures": Leaf((list,), [], _procedures, "the site's procedure list (empty: built in)"),
+        "pacs_credentials_file": Leaf(str, "", None, "0600 file of AE = user:password lines for"
+                                      " the Orthanc REST APIs of known AEs (orthanc_url)"),
     },
     "auth": {
         "idle_timeout_min": Leaf((int, float), 15, _positive),
@@ -280,6 +303,7 @@ KNOWN_AE_KEYS: dict[str, Leaf] = {
     "worklist": Leaf(bool, False),
     "description": Leaf(str, ""),
     "commitment": Leaf(bool, False),
+    "orthanc_url": Leaf(str, "", _api_url, echo=False),
 }
 
 
@@ -295,6 +319,7 @@ class KnownAE:
     description: str = ""
     commitment: bool = False  # forwarding asks it for Storage Commitment (PS3.4 Annex J)
     worklist: bool = False
+    orthanc_url: str = ""  # its Orthanc REST API: old copies of corrected instances removed there
 
 
 class Config:
@@ -386,7 +411,8 @@ def _check_leaf(leaf: Leaf, value: Any, keypath: str, where: str) -> Any:
     if leaf.check is not None:
         msg = leaf.check(value)
         if msg:
-            raise ConfigError(f"{where}: {keypath}: {msg} (got {value!r})")
+            got = f" (got {value!r})" if leaf.echo else ""
+            raise ConfigError(f"{where}: {keypath}: {msg}{got}")
     return value
 
 

@@ -98,6 +98,43 @@ def resend_instances(conn: sqlite3.Connection, sop_instance_uids: Iterable[str],
     return n
 
 
+def holders(conn: sqlite3.Connection, sop_uids: Iterable[str]) -> dict[str, list[str]]:
+    """SOP Instance UID → destinations that may hold a copy of it as it was: once stored
+    there, or in flight (a C-STORE whose answer was lost may have stored it).  Read before
+    :func:`resend_instances` (which sends the corrected copy) to know whose old copy to
+    remove; report documents (origin ``report``) are report delivery's to tell."""
+    out: dict[str, list[str]] = {}
+    uids = list(sop_uids)
+    for i in range(0, len(uids), 500):
+        chunk = uids[i:i + 500]
+        for sop, dest in conn.execute(
+                "SELECT sop_uid, destination FROM forward_outbox WHERE origin != 'report' AND"
+                " (stored_at IS NOT NULL OR state IN ('sending', 'stored', 'delivered'))"
+                f" AND sop_uid IN ({','.join('?' * len(chunk))}) ORDER BY id", chunk):
+            out.setdefault(sop, []).append(dest)
+    return out
+
+
+def states(conn: sqlite3.Connection, destination: str, sop_uids: list[str]) -> dict[str, str]:
+    """SOP Instance UID → its row's state at one destination (``delivered``: the copy sent
+    since it was last queued is proved there)."""
+    return {uid: r["state"] for uid, r in rows_for(conn, destination, sop_uids).items()}
+
+
+def commit_documents_again(conn: sqlite3.Connection, sop_uids: Iterable[str]) -> int:
+    """Report documents about to be sent again (a corrected header, same SOP Instance UID):
+    their commitment is asked again, so the old copy's commitment does not count for the new
+    one.  Runs in the caller's transaction; returns the rows changed."""
+    uids, n = list(sop_uids), 0
+    for i in range(0, len(uids), 500):
+        chunk = uids[i:i + 500]
+        n += conn.execute(
+            "UPDATE forward_outbox SET state = 'stored', commit_uid = NULL, proof = '',"
+            " delivered_at = NULL WHERE origin = 'report' AND state = 'delivered' AND sop_uid IN"
+            f" ({','.join('?' * len(chunk))})", chunk).rowcount
+    return n
+
+
 def requeue(conn: sqlite3.Connection, destination: str, study_uid: str, sop_uids: list[str],
             origin: str, now: float) -> int:
     """Queue instances to one destination whatever their row says (the PACS lacks them):

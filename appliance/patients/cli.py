@@ -1,5 +1,5 @@
-"""``appliance patient list|show|register|trauma|order|wristband|link|merge|unlink|fix-study``:
-the registration desk and reconciliation from a shell.
+"""``appliance patient list|show|register|trauma|order|wristband|link|merge|unlink|fix-study|
+superseded``: the registration desk and reconciliation from a shell.
 
 Every command takes ``--json``; every registration is audited with the operator's login
 name (``cli`` source).  A typing error is one ``error:`` line and nothing is written.
@@ -16,7 +16,7 @@ from typing import Any
 
 from appliance.core import audit, config, db
 from appliance.core.command_line import CliError, actor, data_dir_arg
-from appliance.patients import reconciliation, registry, wristband
+from appliance.patients import reconciliation, registry, superseded, wristband
 from appliance.patients.registry import RegistrationError
 
 
@@ -209,6 +209,47 @@ def cmd_fix_study(args: argparse.Namespace) -> int:
         source="cli"))
 
 
+STATE_WORDS = {"waiting": "waiting for the corrected copy", "manual": "for the PACS administrator",
+               "removed": "removed", "absent": "none held", "obsolete": "current again"}
+
+
+def _superseded_text(cfg: config.Config, rows: list[dict[str, Any]],
+                     counts: dict[str, dict[str, int]]) -> str:
+    """Per destination a count line, then each row: what to remove, under which old ID."""
+    if not counts:
+        return "no copies superseded by a reconciliation"
+    out = []
+    for dest, states in sorted(counts.items()):
+        ae = cfg.known_ae(dest)
+        how = "Orthanc REST API" if ae and ae.orthanc_url else "no REST API: C-FIND checks"
+        out.append(f"{dest} ({how}): " + ", ".join(f"{states[k]} {STATE_WORDS[k]}"
+                                                   for k in superseded.STATES))
+        for r in (r for r in rows if r["destination"] == dest):
+            note = f"  [{r['last_error']}]" if r["last_error"] else ""
+            out.append(f"  #{r['id']:<6} {r['state']:<8} {r['kind']:<6} {r['old_patient_id']}"
+                       f" -> {r['patient_id'] or '?'}  study {r['study_uid']}  series"
+                       f" {r['series_uid']}  sop {r['sop_uid']}{note}")
+    return "\n".join(out)
+
+
+@_run
+def cmd_superseded(args: argparse.Namespace) -> int:
+    cfg, conn, site = _open(args)
+    try:
+        if args.to and cfg.known_ae(args.to) is None and args.to not in superseded.summary(conn):
+            raise CliError(f"no known AE named {args.to!r}")
+        rows = superseded.listing(conn, args.to, every=args.all, limit=args.limit)
+        counts = {d: c for d, c in superseded.summary(conn).items()
+                  if not args.to or d == args.to}
+        audit.record(conn, actor(), "patient.superseded.list", args.to or "", source="cli",
+                     detail={"rows": len(rows), "all": args.all})
+    finally:
+        conn.close()
+    _print(args, {"destinations": counts, "copies": rows},
+           _superseded_text(cfg, rows, counts))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     top = sub.add_parser("patient", help="registration desk: patients, trauma identities, orders")
     cmds = top.add_subparsers(dest="patient_command", metavar="ACTION")
@@ -260,6 +301,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("study_uid")
     p.add_argument("patient", help="the registered Patient ID the study belongs to")
     p.add_argument("--reason", required=True, help="why (audited)")
+    p = add("superseded", cmd_superseded,
+            "copies destinations hold under an identity a reconciliation replaced: waiting"
+            " for the corrected copy, or left to the PACS administrator (no REST API)")
+    p.add_argument("--to", metavar="AE", help="only this destination")
+    p.add_argument("--all", action="store_true",
+                   help="also the copies removed, none held, or current again")
+    p.add_argument("--limit", type=int, default=10_000)
 
 
 REGISTER = [register]

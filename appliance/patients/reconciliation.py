@@ -8,8 +8,12 @@ Patient IDs, the previous file kept as a version), and in the same pass the inde
 C-FIND and QIDO), the orders (so the worklist) and the registration are updated.  A signed
 report is never edited: each final report of an affected study gets a signed correction
 addendum naming the change, delivered like any addendum (its SR carries the corrected
-identity and names the original as its predecessor).  Corrected objects are re-sent
-through :func:`_resend_corrected` (forwarding's outbox).
+identity and names the original as its predecessor).  In the transaction that records the
+link, the corrected objects are queued again wherever they went (forwarding's outbox for
+images, report delivery for the SR/PDF documents, which carry the study's identity as the
+index holds it), and every copy a destination held under the old identity is recorded as
+superseded: :mod:`appliance.patients.superseded` removes it there once the corrected copy is
+proved delivered, never before.
 
 Who, what and why are audited.  Refused with a clear error and nothing changed: merging a
 record into itself, a loop (A→B when B is already merged into A), linking into a record
@@ -25,9 +29,10 @@ from typing import Any
 
 from appliance.core import audit, config, db
 from appliance.forwarding import outbox as forward_outbox
-from appliance.patients import registry
+from appliance.patients import registry, superseded
 from appliance.patients.registry import RegistrationError
 from dicom_node import correction
+from dicom_node import index as dicom_index
 from dicom_node.study_store import StudyStore
 
 SYSTEM = "APPLIANCE-RECONCILE"
@@ -85,6 +90,7 @@ def link(cfg: config.Config, conn: sqlite3.Connection, source_id: str, target_id
     if replay is not None:
         return {"link": replay["id"], "replayed": True, "instances": 0, "studies": []}
     studies = correction.studies_of_patient(conn, src["patient_id"])
+    old_ids = dicom_index.patient_ids(conn, studies)
     changed = _correct(cfg, studies, _identity(dst), f"{kind} {src['patient_id']}")
     orders = [o["id"] for o in registry.orders_of(conn, src["id"])]
     now = time.time()
@@ -102,10 +108,10 @@ def link(cfg: config.Config, conn: sqlite3.Connection, source_id: str, target_id
         audit.record(conn, actor, f"patient.{kind}", src["patient_id"], source=source,
                      detail={"link": cur.lastrowid, "to": dst["patient_id"], "reason": reason,
                              "studies": studies, "instances": len(changed)})
+        _resend_corrected(conn, changed, studies, old_ids, cur.lastrowid, now)
     reissued = _reissue_reports(cfg, conn, studies, actor,
                                 f"{src['patient_id']} ({src['name']}) is "
                                 f"{dst['patient_id']} ({dst['name']})")
-    _resend_corrected(conn, changed)
     return {"link": cur.lastrowid, "replayed": False, "instances": len(changed),
             "studies": studies, "reports_reissued": reissued}
 
@@ -121,6 +127,7 @@ def unlink(cfg: config.Config, conn: sqlite3.Connection, source_id: str, *, acto
     if live is None:
         raise ReconciliationError(f"{src['patient_id']} is not linked to anyone")
     detail = json.loads(live["detail"])
+    old_ids = dicom_index.patient_ids(conn, detail["studies"])
     changed = _correct(cfg, detail["studies"], detail["from"], f"unlink {src['patient_id']}")
     now = time.time()
     with db.transaction(conn):
@@ -134,11 +141,11 @@ def unlink(cfg: config.Config, conn: sqlite3.Connection, source_id: str, *, acto
         _recheck(conn, detail["studies"])
         audit.record(conn, actor, "patient.unlink", src["patient_id"], source=source,
                      detail={"link": live["id"], "reason": reason, "instances": len(changed)})
+        _resend_corrected(conn, changed, detail["studies"], old_ids, live["id"], now)
     to = detail["to"]
     reissued = _reissue_reports(cfg, conn, detail["studies"], actor,
                                 f"{to['PatientID']} is not {src['patient_id']}: the link was "
                                 f"undone; {src['patient_id']} ({src['name']}) is restored")
-    _resend_corrected(conn, changed)
     return {"link": live["id"], "instances": len(changed), "reports_reissued": reissued}
 
 
@@ -152,21 +159,23 @@ def fix_study(cfg: config.Config, conn: sqlite3.Connection, study_uid: str, pati
     if dst["merged_into"] is not None:
         raise ReconciliationError(f"{dst['patient_id']} was merged: use the record it was "
                                   "merged into")
+    old_ids = dicom_index.patient_ids(conn, [study_uid])
     changed = _correct(cfg, [study_uid], _identity(dst), "study correction")
     if not changed:
         return {"instances": 0, "replayed": True}
+    now = time.time()
     with db.transaction(conn):
-        conn.execute("INSERT INTO patient_links (kind, study_uid, to_ref, actor, reason, detail,"
-                     " at) VALUES ('study',?,?,?,?,?,?)",
-                     (study_uid, dst["id"], actor, reason.strip(),
-                      json.dumps({"instances": len(changed)}), time.time()))
+        cur = conn.execute("INSERT INTO patient_links (kind, study_uid, to_ref, actor, reason,"
+                           " detail, at) VALUES ('study',?,?,?,?,?,?)",
+                           (study_uid, dst["id"], actor, reason.strip(),
+                            json.dumps({"instances": len(changed)}), now))
         _recheck(conn, [study_uid])
         audit.record(conn, actor, "patient.fix_study", study_uid, source=source,
                      detail={"to": dst["patient_id"], "reason": reason,
                              "instances": len(changed)})
+        _resend_corrected(conn, changed, [study_uid], old_ids, cur.lastrowid, now)
     reissued = _reissue_reports(cfg, conn, [study_uid], actor,
                                 f"the study belongs to {dst['patient_id']} ({dst['name']})")
-    _resend_corrected(conn, changed)
     return {"instances": len(changed), "replayed": False, "reports_reissued": reissued}
 
 
@@ -207,8 +216,20 @@ def _reissue_reports(cfg: config.Config, conn: sqlite3.Connection, studies: list
     return made
 
 
-def _resend_corrected(conn: sqlite3.Connection, sop_uids: list[str]) -> int:
-    """Send corrected objects again wherever forwarding sent them (same SOP Instance UID,
-    corrected header); the correction addenda queued above are report delivery's re-sends.
-    Returns how many outbox rows were queued again."""
-    return forward_outbox.resend_instances(conn, sop_uids)
+def _resend_corrected(conn: sqlite3.Connection, sop_uids: list[str], studies: list[str],
+                      old_ids: dict[str, str], link_id: int, now: float) -> int:
+    """Send corrected objects again wherever they went (same SOP Instance UID, corrected
+    header): images through forwarding's outbox, the studies' delivered report documents
+    through report delivery; and record each copy held under the old identity as superseded.
+    In the caller's transaction, so the record and the re-sends stand or fall together (the
+    old copy is removed only once its row sees the corrected copy delivered).  Returns how
+    many outbox rows were queued again."""
+    from appliance.reports import delivery
+
+    with db.transaction(conn):
+        copies = superseded.held_copies(conn, sop_uids, studies)
+        superseded.record(conn, copies, old_ids, link_id, now)
+        documents = delivery.sent_documents(conn, studies)
+        forward_outbox.commit_documents_again(conn, [d["sop_uid"] for d in documents])
+        delivery.make_due(conn, [d["id"] for d in documents], now, again=True)
+        return forward_outbox.resend_instances(conn, sop_uids, now)

@@ -15,7 +15,7 @@ from flask import Blueprint, Response, current_app, jsonify, redirect, render_te
 from appliance.accounts import permissions
 from appliance.accounts import sessions as auth
 from appliance.core import db
-from appliance.patients import reconciliation, registry, studies, wristband
+from appliance.patients import reconciliation, registry, studies, superseded, wristband
 from appliance.patients.registry import RegistrationError
 from appliance.web import get_db
 
@@ -156,6 +156,23 @@ def _flagged() -> list[dict]:
     return rows
 
 
+@bp.get("/api/v1/patients/superseded")
+@auth.require(*DESK)
+@permissions.patient_data("list")
+def superseded_copies():
+    """Copies a PACS still holds under a replaced identity (``?all=1``: finished ones too)."""
+    return jsonify(_superseded(every=request.args.get("all") == "1"))
+
+
+def _superseded(every: bool = False, limit: int = 10_000) -> list[dict]:
+    """The rows of the caller's own site's studies, audited as a listing."""
+    rows = superseded.listing(get_db(), every=every, limit=limit)
+    seen = permissions.visible_to_caller({r["study_uid"] for r in rows})
+    rows = [r for r in rows if r["study_uid"] in seen]
+    auth.audit_event("patient.superseded.list", "", detail={"rows": len(rows)})
+    return rows
+
+
 @bp.get("/patients")
 @auth.require(*DESK)
 @permissions.patient_data("list")
@@ -170,7 +187,7 @@ def _page(error: str = ""):
     fresh = next((r for r in rows if r["id"] == new), None)
     auth.audit_event("patient.list", "", detail={"rows": len(rows), "page": True})
     return render_template("patients/desk.html", rows=rows, fresh=fresh, error=error,
-                           flagged=_flagged(),
+                           flagged=_flagged(), superseded=_superseded(limit=200),
                            procedures=_site().procedures, bands=list(registry.AGE_BANDS),
                            priorities=registry.PRIORITIES)
 

@@ -265,6 +265,37 @@ def make_due(conn: sqlite3.Connection, ids: list[int], now: float | None = None,
                          f" AND id IN ({','.join('?' * len(chunk))})", (t, int(again), *chunk))
 
 
+DICOM_FORMATS = ("sr", "pdf")
+
+
+def sent_documents(conn: sqlite3.Connection, study_uids: list[str]) -> list[dict[str, Any]]:
+    """The DICOM documents (SR, Encapsulated PDF) of these studies' reports that a PACS may
+    hold: delivered, or tried (a document stored but not yet committed counts).  Each with
+    its delivery id, destination, study, series and SOP Instance UID."""
+    out: list[dict[str, Any]] = []
+    uids = list(dict.fromkeys(study_uids))
+    for i in range(0, len(uids), 500):
+        chunk = uids[i:i + 500]
+        out += [dict(r) for r in conn.execute(
+            "SELECT d.id, d.destination, r.study_uid, d.series_uid, d.sop_uid FROM deliveries d"
+            " JOIN reports r ON r.id = d.report_id WHERE d.format IN ('sr', 'pdf')"
+            " AND (d.state = 'delivered' OR d.attempts > 0)"
+            f" AND r.study_uid IN ({','.join('?' * len(chunk))}) ORDER BY d.id", chunk)]
+    return out
+
+
+def delivered_documents(conn: sqlite3.Connection, destination: str,
+                        sop_uids: list[str]) -> set[str]:
+    """Which of these documents' SOP Instance UIDs are delivered (since last queued) there."""
+    out: set[str] = set()
+    for i in range(0, len(sop_uids), 500):
+        chunk = sop_uids[i:i + 500]
+        out |= {r[0] for r in conn.execute(
+            "SELECT sop_uid FROM deliveries WHERE destination = ? AND state = 'delivered' AND"
+            f" sop_uid IN ({','.join('?' * len(chunk))})", (destination, *chunk))}
+    return out
+
+
 def for_report(conn: sqlite3.Connection, report_id: int) -> list[dict[str, Any]]:
     return [dict(r) for r in conn.execute(
         "SELECT * FROM deliveries WHERE report_id = ? ORDER BY id", (report_id,))]

@@ -27,6 +27,7 @@ SWEEP_MODULES = (
     "appliance.reading.read_queue",  # study completion, read items, claims, SLA escalations
     "appliance.reports.delivery",  # signed reports back to the site
     "appliance.forwarding.sending",  # images to site PACS destinations (forward:, handback)
+    "appliance.patients.superseded",  # old copies of reconciled instances removed at PACS
     "appliance.sync.upload",  # bundles built and sent to the cloud
     "appliance.core.audit_heads",  # the audit chain head signed into DATA_DIR/audit-heads/
     "appliance.health.series",  # a health sample a minute, component restarts (status page)

@@ -74,4 +74,6 @@ MIGRATIONS: list[tuple[int, str, str]] = [
      reading.ARRIVING),
     (22, "HTJ2K frame cache: instance versions encoded (appliance/dicomweb/htj2k_cache.py)",
      dicomweb.HTJ2K_CACHE),
+    (24, "patients: copies superseded by a reconciliation at forwarding destinations, until"
+         " removed (appliance/patients/superseded.py)", patients.SUPERSEDED),
 ]

@@ -79,3 +79,39 @@ CREATE TABLE patient_links (
 CREATE UNIQUE INDEX patient_links_live ON patient_links(from_ref)
     WHERE undone_at IS NULL AND from_ref IS NOT NULL;
 """
+
+# Migration 24: copies a destination still holds under the identity a reconciliation
+# replaced (appliance/patients/superseded.py).  One row per (destination, SOP Instance, old
+# Patient ID): ``waiting`` until the corrected copy is proved delivered there, then
+# ``removed`` (deleted through the destination's Orthanc REST API, or seen gone by C-FIND),
+# ``absent`` (the destination held no copy under the old ID: it replaced it itself),
+# ``manual`` (no REST API: listed for the PACS administrator, re-checked by C-FIND), or
+# ``obsolete`` (a later correction made the old identity the current one again).
+# ``pacs_ref`` names the copies found before a DELETE was sent (a kill after the DELETE
+# still ends ``removed``, audited); ``lease_owner``/``lease_until`` hold a row while worked on.
+SUPERSEDED = """
+CREATE TABLE superseded_copies (
+    id INTEGER PRIMARY KEY,
+    destination TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('image', 'report')),
+    old_patient_id TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    sop_uid TEXT NOT NULL,
+    link_id INTEGER REFERENCES patient_links(id),
+    state TEXT NOT NULL DEFAULT 'waiting'
+        CHECK (state IN ('waiting', 'manual', 'removed', 'absent', 'obsolete')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_check_at REAL NOT NULL,
+    lease_owner TEXT,
+    lease_until REAL,
+    pacs_ref TEXT NOT NULL DEFAULT '',
+    proof TEXT NOT NULL DEFAULT '',
+    last_error TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    done_at REAL,
+    UNIQUE (destination, sop_uid, old_patient_id)
+);
+CREATE INDEX superseded_copies_due ON superseded_copies(state, next_check_at);
+CREATE INDEX superseded_copies_sop ON superseded_copies(sop_uid);
+"""
