@@ -356,7 +356,8 @@ def study_instances(conn: sqlite3.Connection, study_uid: str) -> list[sqlite3.Ro
 
 
 _SENDING_COLUMNS = ("sop_uid, study_uid, series_uid, sop_class_uid, transfer_syntax, path, size,"
-                    " sha256")
+                    " sha256, (SELECT s.patient_id FROM studies s WHERE s.study_uid ="
+                    " instances.study_uid) AS patient_id")
 
 
 def instances_to_send(conn: sqlite3.Connection, study_uid: str | None = None,
@@ -364,7 +365,8 @@ def instances_to_send(conn: sqlite3.Connection, study_uid: str | None = None,
                       received_since: float | None = None) -> list[sqlite3.Row]:
     """Current instances of a study, or those named, or all received since a time, with what a
     C-STORE SCU needs (its SOP class, stored transfer syntax, path under the store and
-    SHA-256), by series and number."""
+    SHA-256) and the study's current Patient ID (a proof must find the copy under it), by
+    series and number."""
     if received_since is not None:
         return conn.execute(f"SELECT {_SENDING_COLUMNS} FROM instances WHERE received_at >= ?"
                             " ORDER BY study_uid, series_uid, instance_number, sop_uid",

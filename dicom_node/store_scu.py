@@ -193,11 +193,14 @@ class Connection:
         return (self.assoc.send_c_store(ds), ExplicitVRLittleEndian,
                 f"decompressed from {item.transfer_syntax} to Explicit VR Little Endian")
 
-    def find_instances(self, study_uid: str, series_uid: str) -> set[str] | None:
-        """SOP Instance UIDs the PACS holds in a series (C-FIND, IMAGE level); None on no
-        answer."""
+    def find_instances(self, study_uid: str, series_uid: str,
+                       patient_id: str | None = None) -> set[str] | None:
+        """SOP Instance UIDs the PACS holds in a series (C-FIND, IMAGE level), only those
+        under ``patient_id`` when given; None on no answer."""
         q = Dataset()
         q.QueryRetrieveLevel = "IMAGE"
+        if patient_id is not None:
+            q.PatientID = patient_id
         q.StudyInstanceUID, q.SeriesInstanceUID, q.SOPInstanceUID = study_uid, series_uid, ""
         found: set[str] = set()
         self.assoc.dimse_timeout = FIND_TIMEOUT_S  # a dropped response (pynetdicom #875) costs

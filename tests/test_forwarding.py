@@ -267,3 +267,24 @@ def test_a_batch_goes_over_the_configured_number_of_associations_each_instance_o
         assert audit.verify(conn)[0]  # lanes writing side by side never fork the chain
     finally:
         scp.server.shutdown()
+
+
+def test_a_c_find_proof_counts_only_the_copy_under_the_current_patient_id(tmp_path, pacs):
+    """After a reconciliation the PACS may still hold the old copy (same SOP Instance UID)
+    under the temporary ID: that copy must not prove the corrected one arrived."""
+    site, cfg = forwarding_site(tmp_path, pacs)
+    study_uid, _paths = ingest(site, 3)
+    complete(cfg)
+    assert sending.run_due(cfg, now=FAR)["stored"] == 3
+    conn = db.connect(cfg.db_path)
+    held_as = conn.execute("SELECT patient_id FROM studies WHERE study_uid = ?",
+                           (study_uid,)).fetchone()[0]
+    conn.execute("UPDATE studies SET patient_id = 'REAL-0001' WHERE study_uid = ?", (study_uid,))
+    conn.execute("UPDATE forward_outbox SET state = 'stored', proof = '', stored_at = ?",
+                 (FAR,))  # as if the corrected copies were stored and the sender then died
+    sending.prove_left_over(conn, cfg, FAR + 10, lambda: FAR + 10)
+    assert {r["state"] for r in outbox.study_rows(conn, study_uid)} == {"stored"}
+    conn.execute("UPDATE studies SET patient_id = ? WHERE study_uid = ?", (held_as, study_uid))
+    sending.prove_left_over(conn, cfg, FAR + 20, lambda: FAR + 20)
+    assert {(r["state"], r["proof"]) for r in outbox.study_rows(conn, study_uid)} == {
+        ("delivered", "c-find")}

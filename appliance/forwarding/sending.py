@@ -36,12 +36,13 @@ MIN_PER_LANE = 20  # a batch smaller than this per association goes on one
 
 
 def _items(conn: sqlite3.Connection, cfg: Config,
-           rows: list[sqlite3.Row]) -> dict[str, tuple[store_scu.Item, str, str]]:
-    """sop_uid → (the file to send, its SHA-256, its series) for the rows still stored."""
+           rows: list[sqlite3.Row]) -> dict[str, tuple[store_scu.Item, str, tuple[str, str]]]:
+    """sop_uid → (the file to send, its SHA-256, (its series, its Patient ID now)) for the
+    rows still stored."""
     found = dicom_index.instances_to_send(conn, sop_uids=[r["sop_uid"] for r in rows])
     return {r["sop_uid"]: (store_scu.Item(r["sop_class_uid"], r["sop_uid"], r["transfer_syntax"],
                                           Path(cfg.studies_dir) / r["path"]),
-                           r["sha256"], r["series_uid"]) for r in found}
+                           r["sha256"], (r["series_uid"], r["patient_id"] or "")) for r in found}
 
 
 def send_batch(conn: sqlite3.Connection, cfg: Config, peer: KnownAE, rows: list[sqlite3.Row],
@@ -151,8 +152,10 @@ def _record(conn: sqlite3.Connection, r: sqlite3.Row, sent: store_scu.Sent, owne
 
 
 def _prove(conn: sqlite3.Connection, link: store_scu.Connection, peer: KnownAE,
-           done: list[tuple[sqlite3.Row, store_scu.Sent, str]], clock) -> None:
-    """Commitment request, or a C-FIND that finds each stored instance."""
+           done: list[tuple[sqlite3.Row, store_scu.Sent, tuple[str, str]]], clock) -> None:
+    """Commitment request, or a C-FIND that finds each stored instance under its current
+    Patient ID (after a reconciliation the PACS may still hold the old copy, same SOP
+    Instance UID, under the temporary ID: that one proves nothing)."""
     if peer.commitment:
         uid = generate_uid()
         commit.asked(conn, peer.name, uid, [r["sop_uid"] for r, _, _ in done], clock())
@@ -161,11 +164,11 @@ def _prove(conn: sqlite3.Connection, link: store_scu.Connection, peer: KnownAE,
         if status != 0x0000:
             log.warning("%s answered the commitment request with %s", peer.name, status)
         return
-    by_series: dict[tuple[str, str], list[str]] = {}
-    for r, _, series in done:
-        by_series.setdefault((r["study_uid"], series), []).append(r["sop_uid"])
-    for (study, series), uids in by_series.items():
-        found = link.find_instances(study, series)
+    by_series: dict[tuple[str, str, str], list[str]] = {}
+    for r, _, (series, patient_id) in done:
+        by_series.setdefault((r["study_uid"], series, patient_id), []).append(r["sop_uid"])
+    for (study, series, patient_id), uids in by_series.items():
+        found = link.find_instances(study, series, patient_id=patient_id or None)
         if found is None:
             continue  # no answer: the rows stay stored and are asked again (commit_wait_s)
         outbox.delivered(conn, peer.name, [u for u in uids if u in found], "c-find", clock())
