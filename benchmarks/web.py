@@ -277,6 +277,9 @@ def main() -> int:
                 cond, cond_rps = load(readers, "/worklist/items", args.requests,
                                       background=True, conditional=True)
             unchanged = sum(r.not_modified for r in readers)
+        except AssertionError:  # an answer that was not the expected one: the server's side
+            sys.stderr.write((data / "logs" / "bench-web.out").read_text()[-6000:])
+            raise
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
