@@ -49,7 +49,7 @@ lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 
 ## make bench: every benchmark, each printing its figures and the peer's from the same run
-BENCHMARKS := ingest read_queue web report_delivery dicomweb sync consult
+BENCHMARKS := ingest read_queue web report_delivery dicomweb sync consult forward worklist notify
 bench: $(TEST_STAMP) viewer
 	@sh provisioning/install-test-tools.sh
 	@for b in $(BENCHMARKS); do [ -f benchmarks/$$b.py ] || continue; \
