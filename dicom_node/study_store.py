@@ -393,8 +393,8 @@ class StudyStore:
 
     def _reindex(self, path: Path, rel: str) -> bool:
         data = path.read_bytes()
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        try:  # the whole dataset (pixels where they lie): the derive hook reads frame offsets
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=self.derive is None)
         except Exception:
             log.warning("unreadable file left in store: %s", rel)
             return False
@@ -409,14 +409,17 @@ class StudyStore:
         )
         if not (rec.study_uid and rec.series_uid and rec.sop_uid):
             return False
+        writer = self._derive(ds, data, rec)
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             current = idx.lookup(conn, rec.sop_uid)
             if current is None:
                 idx.insert(conn, rec)
+                self._write_derived(conn, writer, rec)
             elif current["sha256"] != rec.sha256:
                 idx.replace(conn, current, rec)
+                self._write_derived(conn, writer, rec)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -458,6 +458,10 @@ def test_start_removes_temp_files_and_indexes_unindexed_files(dicom_site, tmp_pa
     assert row and (studies / row["path"]) == orphan
     conn = site.db()
     assert conn.execute("SELECT num_instances FROM studies").fetchone()[0] == 2
+    # …with its DICOMweb metadata written by the recovery, so no reader's request reads the file.
+    made = conn.execute("SELECT m.sha256 FROM dicomweb_metadata m WHERE m.sop_uid = ?",
+                        (orphan_sop,)).fetchone()
+    assert made and made[0] == row["sha256"]
     recovered = conn.execute("SELECT detail FROM audit WHERE action = 'store.recovered'").fetchone()
     conn.close()
     assert recovered and '"reindexed":1' in recovered[0] and '"temp_files_removed":2' in recovered[0]

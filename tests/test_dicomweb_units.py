@@ -373,3 +373,48 @@ def test_metadata_from_a_received_dataset_leaves_it_whole() -> None:
     assert parsed.PixelData == ds.PixelData  # the store's dataset keeps its pixels
     assert json.loads(text)["7FE00010"]["BulkDataURI"].endswith("/bulkdata/7FE00010")
     assert json.loads(pixel)["size"] == 128
+
+
+def test_sweep_remakes_rows_of_instances_replaced_without_the_ingest_hook(store: Store,
+                                                                         monkeypatch) -> None:
+    """A corrected copy stored without ``derive`` (reconciliation) keeps its rowid: the sweep
+    still finds it through instance_versions, so no reader's request reads its file."""
+    class Cfg:
+        db_path, studies_dir = store.db_path, store.studies
+
+    st, se, dss = _series(store, 3, rows=16, cols=16)
+    assert md.sweep(Cfg) == 3 and md.sweep(Cfg) == 0
+    for ds in dss[:2]:
+        store.put(make_instance(st, se, int(ds.InstanceNumber), rows=16, cols=16,
+                                sop_uid=ds.SOPInstanceUID, series_description="CORRECTED"))
+    assert md.sweep(Cfg) == 2 and md.sweep(Cfg) == 0
+    read: list[str] = []
+    real = md.compute
+    monkeypatch.setattr(md, "compute", lambda p, *a: read.append(p) or real(p, *a))
+    body = json.loads(md.render(md.instances(store.conn, store.studies, "i.series_uid = ?",
+                                             (se,)), ""))
+    assert read == []  # answered from rows only
+    assert sorted(m["0008103E"]["Value"][0] for m in body) == ["AXIAL 5MM", "CORRECTED",
+                                                                "CORRECTED"]
+
+
+def test_start_up_recovery_writes_the_metadata_of_files_it_reindexes(tmp_path: Path) -> None:
+    studies, db_path = tmp_path / "studies", tmp_path / "appliance.db"
+    db.open_db(db_path).close()
+    plain = StudyStore(studies, db_path, connect=db.connect)
+    st, se = generate_uid(), generate_uid()
+    for i in range(2):
+        buf = io.BytesIO()
+        make_instance(st, se, i, rows=24, cols=24).save_as(buf, enforce_file_format=True)
+        assert plain.store(buf.getvalue(), calling_ae="TEST").success
+    plain.close()
+    conn = db.connect(db_path)
+    conn.execute("DELETE FROM instances")  # as if the process died between rename and commit
+    store = StudyStore(studies, db_path, connect=db.connect, derive=md.at_ingest)
+    assert store.recover()["reindexed"] == 2
+    rows = conn.execute("SELECT i.sop_uid, i.path, i.sha256 AS isha, m.sha256, m.json, m.pixel"
+                        " FROM instances i JOIN dicomweb_metadata m USING (sop_uid)").fetchall()
+    assert len(rows) == 2
+    for r in rows:
+        assert r["sha256"] == r["isha"]
+        assert (r["json"], r["pixel"]) == md.compute(studies / r["path"], st, se, r["sop_uid"])

@@ -3,10 +3,14 @@
 Orthanc reads every file of a series to answer ``/metadata`` (~240 ms for a
 300-slice CT here).  We parse each file's header once, keep its DICOM JSON in
 ``dicomweb_metadata`` (migration 8) together with where each frame's bytes lie
-in the file, and answer a series by concatenating stored rows.  Rows are made
-by the worker's sweep soon after ingest, or lazily by the first request that
-finds one missing; a row whose file hash differs from the index (the instance
-was replaced) is made again, so the cache can never serve stale metadata.
+in the file, and answer a series by concatenating stored rows (no JSON is parsed
+per request).  Rows are written at ingest in the index transaction (the store's
+``derive`` hook: node, STOW-RS, restore, start-up recovery); what is stored
+without it (a corrected copy from identity reconciliation, rows older than the
+hook) the worker's sweep makes from the file within a sweep interval, and the
+first request that still finds one missing makes it lazily.  A row whose file hash
+differs from the index (the instance was replaced) is made again, so the cache can
+never serve stale metadata.
 
 Bulk data (PixelData and large binary values) is not inlined: it is a
 ``BulkDataURI`` under the instance.  The stored JSON holds the marker
@@ -37,6 +41,7 @@ PIXEL_DATA = 0x7FE00010
 BULK_THRESHOLD = 1024  # binary values above this many bytes become BulkDataURIs
 SWEEP_BATCH = 400  # instances per sweep run, so one run stays short
 WATERMARK = "dicomweb_metadata.last_rowid"  # settings key: how far the sweep has come
+REPLACED_WATERMARK = "dicomweb_metadata.last_version_id"  # … through instance_versions
 _ITEM, _SEQ_END = 0xE000FFFE, 0xE0DDFFFE  # item / sequence delimitation tags (little endian)
 
 
@@ -228,9 +233,10 @@ def at_ingest(ds: pydicom.Dataset, data: bytes, rec: Any) -> Callable[[sqlite3.C
 
     Built from the dataset the store has just parsed, while the store fsyncs
     the file, so the first ``/metadata`` of a series never opens a file. The
-    row is derived data committed with the index row (no extra fsync); what
-    a crash or a restore leaves without one (files reindexed from disk) the
-    sweep and the lazy fill in :func:`instances` make again from the file.
+    row is derived data committed with the index row (no extra fsync); start-up
+    recovery calls it too for the files it reindexes. What is still stored
+    without one (a store opened without this hook) the sweep makes from the
+    file, and the lazy fill in :func:`instances` as a last resort.
     """
     text, pixel = from_received(ds, data, rec.study_uid, rec.series_uid, rec.sop_uid)
     row = (rec.sop_uid, rec.series_uid, rec.sha256, text, pixel)
@@ -294,27 +300,41 @@ def render(rows: list[dict], base_url: str) -> bytes:
 
 
 def sweep(cfg: Any) -> int:
-    """Worker sweep: metadata for instances indexed since the last run, a bounded batch.
+    """Worker sweep: metadata for instances indexed or replaced since the last run, bounded.
 
     It walks the index by rowid from a watermark kept in ``settings``, so a
     run costs the same with 300 or 300,000 instances stored, and a file that
-    cannot be read is passed over (its request then reports it). Replaced
-    instances keep their rowid: the request path notices their new hash.
+    cannot be read is passed over (its request then reports it). A replaced
+    instance keeps its rowid but leaves a row in ``instance_versions``: a second
+    watermark walks those, so a corrected copy stored without the ingest hook
+    (identity reconciliation) gets its row here, not in a reader's request.
     Killed mid-run, the next run redoes the batch; rows already made are skipped.
+    Returns how many index and version rows the run looked at.
     """
     from appliance.core import db
 
     conn = db.connect(cfg.db_path)
     try:
-        mark = conn.execute("SELECT value FROM settings WHERE key = ?", (WATERMARK,)).fetchone()
-        rows = conn.execute(f"{_row_sql()} WHERE i.rowid > ? ORDER BY i.rowid LIMIT ?",
-                            (int(mark["value"]) if mark else 0, SWEEP_BATCH)).fetchall()
-        if not rows:
-            return 0
-        _fill(conn, cfg.studies_dir, [r for r in rows if r["cached_sha"] != r["sha256"]])
-        conn.execute("INSERT INTO settings (key, value) VALUES (?, ?)"
-                     " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                     (WATERMARK, str(rows[-1]["rid"])))
-        return len(rows)
+        new = _sweep_walk(conn, cfg.studies_dir, WATERMARK,
+                          f"{_row_sql()} WHERE i.rowid > ? ORDER BY i.rowid LIMIT ?")
+        replaced = _sweep_walk(conn, cfg.studies_dir, REPLACED_WATERMARK,
+                               f"SELECT v.id AS mark, q.* FROM instance_versions v"
+                               f" JOIN ({_row_sql()}) q ON q.sop_uid = v.sop_uid"
+                               " WHERE v.id > ? ORDER BY v.id LIMIT ?")
+        return new + replaced
     finally:
         conn.close()
+
+
+def _sweep_walk(conn: sqlite3.Connection, studies_dir: Path, key: str, sql: str) -> int:
+    """One bounded batch after watermark ``key``: stale or missing rows made, mark moved on."""
+    mark = conn.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+    rows = conn.execute(sql, (int(mark["value"]) if mark else 0, SWEEP_BATCH)).fetchall()
+    if not rows:
+        return 0
+    stale = {r["sop_uid"]: r for r in rows if r["cached_sha"] != r["sha256"]}
+    _fill(conn, studies_dir, list(stale.values()))
+    last = rows[-1]["mark"] if "mark" in rows[-1].keys() else rows[-1]["rid"]
+    conn.execute("INSERT INTO settings (key, value) VALUES (?, ?)"
+                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, str(last)))
+    return len(rows)

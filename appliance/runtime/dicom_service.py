@@ -195,7 +195,8 @@ def run(cfg: config.Config) -> int:
 def _recover(cfg: config.Config) -> None:
     """Start-up recovery, once, in the parent, with connections closed afterwards."""
     auditor = Auditor(cfg.db_path)
-    store = StudyStore(cfg.studies_dir, cfg.db_path, on_event=auditor, connect=db.connect)
+    store = StudyStore(cfg.studies_dir, cfg.db_path, on_event=auditor, connect=db.connect,
+                       derive=dicomweb_metadata.at_ingest)  # reindexed series answer /metadata
     try:
         recovered = store.recover()
     finally:
