@@ -20,7 +20,9 @@ from dicom_data import write_series
 
 from appliance.accounts import tokens
 from appliance.accounts import users as accounts
+from appliance.core import config, db
 from appliance.dicomweb import metadata as md
+from dicom_node.study_store import StudyStore
 
 HOOK = '''
 import os, sys
@@ -89,6 +91,25 @@ def test_first_metadata_of_an_arriving_series_opens_no_file(tmp_path: Path) -> N
     assert full.status_code == 200  # more arrived: not 304
     assert {m["00080018"]["Value"][0]: m for m in full.json()} == expected
     assert opens.read_text() == ""  # neither answer opened a file of the study store
+
+    # Corrected copies stored without the ingest hook (as identity reconciliation stores
+    # them: same SOP Instance UIDs, other bytes) get their rows from the worker's sweep.
+    plain = StudyStore(site.data_dir / "studies", site.data_dir / "appliance.db",
+                       connect=db.connect)
+    for p in paths[:2]:
+        ds = pydicom.dcmread(p)
+        ds.SeriesDescription = "CORRECTED"
+        ds.save_as(p, enforce_file_format=True)
+        assert plain.store(p.read_bytes(), calling_ae="TEST").outcome == "replaced"
+    plain.close()
+    while md.sweep(config.load(site.data_dir)):  # what the worker runs every sweep interval
+        pass
+    corrected = s.get(url)
+    assert corrected.status_code == 200
+    assert {m["00080018"]["Value"][0]: m for m in corrected.json()} == \
+        _expected(paths, study, series)
+    assert sum(m["0008103E"]["Value"] == ["CORRECTED"] for m in corrected.json()) == 2
+    assert opens.read_text() == ""  # the corrected series answered from rows too
     # The hook is live in gunicorn's worker: a frame is read from its file, and shows here.
     sop = next(iter(expected))
     frame = s.get(url.replace("/metadata", f"/instances/{sop}/frames/1"), headers={
