@@ -216,7 +216,7 @@ AGE_CHUNK = 64 * 1024  # age's STREAM chunk (plaintext)
 AGE_TAG = 16
 BLOCK_CHUNKS = 16  # chunks encrypted per block: 1 MiB of plaintext
 BLOCK = AGE_CHUNK * BLOCK_CHUNKS
-DEPTH = 4  # blocks in flight per pipeline stage (memory: a few MiB, whatever the study)
+DEPTH = 6  # blocks in flight in the pipeline (memory: a few MiB, whatever the study)
 _BECH32 = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
 
 
@@ -326,8 +326,8 @@ class _FileCheck:
 class _AgeStream:
     """The plaintext tar, encrypted to age v1 a block at a time and written to ``fd``.
 
-    Files are read straight into the block buffer (readinto: no Python-level copy), the
-    block is encrypted into a ciphertext buffer (encrypt_into), and threads hash each file
+    Files are read straight into the block buffer (readinto: no Python-level copy); stage
+    threads encrypt the block into a ciphertext buffer (encrypt_into), hash each file
     against the index, hash the ciphertext (for the signature) and the whole file (for the
     outbox), and write it, starting writeback every 8 MiB.
     """
@@ -346,12 +346,14 @@ class _AgeStream:
                                 self.writer.q.put, "bundle-hash-ct")
         self.checker = _Stage(self._check_plain, lambda it: self._plain_free.put(it[0]),
                               "bundle-hash-files")
-        self.stages = [self.checker, self.ct_hasher, self.writer]  # stop in this order
-        for s in self.stages:
-            s.start()
+        self.encrypter = _Stage(self._encrypt, lambda it: self.checker.q.put((it[0], it[2])),
+                                "bundle-encrypt")
+        self.stages = [self.encrypter, self.checker, self.ct_hasher, self.writer]  # stop order
         header, key = _age_header(recipients)
         self.aead = ChaCha20Poly1305(key)
         self._emit(header, len(header), pooled=False)
+        for s in self.stages:
+            s.start()
         self.buf = self._plain_free.get()
         self.mv, self.pos, self.segs = memoryview(self.buf), 0, []
 
@@ -387,22 +389,26 @@ class _AgeStream:
             if s.error is not None:
                 raise s.error
 
-    # the plaintext, fed in order
-    def _encrypt_block(self, last: bool) -> None:
-        self._raise_early()
+    def _encrypt(self, item: tuple[bytearray, int, list, bool]) -> None:
+        """Encrypt a block into a ciphertext buffer (a stage: the STREAM counter is in order)."""
+        pmv, n, last = memoryview(item[0]), item[1], item[3]
         ct = self._ct_free.get()
-        cmv, n, off, o = memoryview(ct), self.pos, 0, 0
+        cmv, off, o = memoryview(ct), 0, 0
         while True:
             k = min(AGE_CHUNK, n - off)
             final = last and off + k == n
             nonce = self.counter.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
-            self.aead.encrypt_into(nonce, self.mv[off:off + k], None, cmv[o:o + k + AGE_TAG])
+            self.aead.encrypt_into(nonce, pmv[off:off + k], None, cmv[o:o + k + AGE_TAG])
             self.counter += 1
             off, o = off + k, o + k + AGE_TAG
             if off == n:
                 break
         self._emit(ct, o)
-        self.checker.q.put((self.buf, self.segs))
+
+    # the plaintext, fed in order
+    def _encrypt_block(self, last: bool) -> None:
+        self._raise_early()
+        self.encrypter.q.put((self.buf, self.pos, self.segs, last))
         self.buf = self._plain_free.get() if not last else bytearray()
         self.mv, self.pos, self.segs = memoryview(self.buf), 0, []
 
