@@ -53,8 +53,10 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from appliance.core import durable
 from appliance.core.identity import key_id as _key_id
 
-FORMAT = 1
-MAGIC = b"FIELDBUNDLE/1\n"
+FORMAT = 2  # what is written; 1 is still read (docs/bundle-format.md, "Versioning")
+MAGIC = b"FIELDBUNDLE/2\n"
+MAGIC_V1 = b"FIELDBUNDLE/1\n"
+FORMAT_OF_MAGIC = {MAGIC_V1: 1, MAGIC: 2}  # the same length: offsets do not depend on it
 END_MAGIC = b"\nFBEND/1"
 TRAILER_KEYS = frozenset({"format", "bundle_id", "key_id", "public_key", "ciphertext_sha256",
                           "ciphertext_size", "signature"})
@@ -99,10 +101,11 @@ class BundleInfo:
     seq: int
     key_id: str
     public_key: ed25519.Ed25519PublicKey
-    sha256: str  # of the ciphertext
+    sha256: str  # what the outer signature covers: SHA-256 of the ciphertext (format 1), of magic and ciphertext (2)
     size: int  # of the whole file
     ciphertext_size: int = 0
     file_sha256: str = ""  # of the whole file: what the cloud object must hash to
+    format: int = FORMAT
 
 
 def new_bundle_id(site_id: str, seq: int) -> str:
@@ -332,8 +335,8 @@ class _AgeStream:
     outbox), and write it, starting writeback every 8 MiB.
     """
 
-    def __init__(self, fd: int, recipients: list[bytes], whole: Any):
-        self.fd, self.whole, self.h = fd, whole, hashlib.sha256()
+    def __init__(self, fd: int, recipients: list[bytes], h: Any, whole: Any = None):
+        self.fd, self.h, self.whole = fd, h, whole  # whole: a second hash (format 1 only)
         self.n = self.written = self._synced = 0
         self.counter = 0
         self._plain_free: queue.Queue = queue.Queue()
@@ -368,7 +371,8 @@ class _AgeStream:
 
     def _write(self, item: tuple[bytearray, int, bool]) -> None:
         mv = memoryview(item[0])[:item[1]]
-        self.whole.update(mv)
+        if self.whole is not None:
+            self.whole.update(mv)
         while mv:
             mv = mv[os.write(self.fd, mv):]
         self.written += item[1]
@@ -468,14 +472,16 @@ def manifest_for(bundle_id: str, key_id: str, priority: int, kind: str, subject:
 
 def build(out: Path, bundle_id: str, signing_key: ed25519.Ed25519PrivateKey,
           recipients: list[str], entries: list[Entry], priority: int = PRIORITY_ROUTINE,
-          kind: str = "study", subject: str = "") -> BundleInfo:
-    """Write a bundle to ``out`` durably (temp + fsync + rename), streaming every file."""
+          kind: str = "study", subject: str = "", fmt: int = FORMAT) -> BundleInfo:
+    """Write a bundle to ``out`` durably (temp + fsync + rename), streaming every file.
+
+    ``fmt=1`` writes the old format (for tests of reading it; nothing else needs it)."""
     for e in entries:
         if not MEMBER_RE.match(e.name) or ".." in e.name:
             raise BundleError(f"unsafe member name {e.name!r}")
     kid = _key_id(signing_key.public_key())
-    manifest = json.dumps(manifest_for(bundle_id, kid, priority, kind, subject, entries),
-                          sort_keys=True, separators=(",", ":")).encode()
+    manifest = json.dumps({**manifest_for(bundle_id, kid, priority, kind, subject, entries),
+                           "format": fmt}, sort_keys=True, separators=(",", ":")).encode()
     sig = signing_key.sign(manifest)
     inner = [Entry("manifest.json", "", len(manifest), data=manifest),
              Entry("manifest.sig", "", len(sig), data=sig), *entries]
@@ -490,21 +496,23 @@ def build(out: Path, bundle_id: str, signing_key: ed25519.Ed25519PrivateKey,
             s.write(_pad(e.size))
         s.write(b"\0" * (2 * tarfile.BLOCKSIZE))
 
-    return _seal(out, bundle_id, signing_key, recipients, feed)
+    return _seal(out, bundle_id, signing_key, recipients, feed, fmt)
 
 
 def seal(out: Path, bundle_id: str, signing_key: ed25519.Ed25519PrivateKey,
-         recipients: list[str], plaintext: Iterator[bytes]) -> BundleInfo:
+         recipients: list[str], plaintext: Iterator[bytes], fmt: int = FORMAT) -> BundleInfo:
     """Encrypt a plaintext stream to the recipients and sign the outside."""
     def feed(s: _AgeStream) -> None:
         for chunk in plaintext:
             s.write(chunk)
 
-    return _seal(out, bundle_id, signing_key, recipients, feed)
+    return _seal(out, bundle_id, signing_key, recipients, feed, fmt)
 
 
 def _seal(out: Path, bundle_id: str, signing_key: ed25519.Ed25519PrivateKey,
-          recipients: list[str], feed: Callable[[_AgeStream], None]) -> BundleInfo:
+          recipients: list[str], feed: Callable[[_AgeStream], None],
+          fmt: int = FORMAT) -> BundleInfo:
+    magic = {v: k for k, v in FORMAT_OF_MAGIC.items()}[fmt]
     parse_bundle_id(bundle_id)
     parse_recipients(recipients)  # the same checks and messages as ever
     rcpts = [age_recipient_bytes(r) for r in recipients]
@@ -516,19 +524,26 @@ def _seal(out: Path, bundle_id: str, signing_key: ed25519.Ed25519PrivateKey,
                      0o600)
         try:
             os.fchmod(fd, 0o600)
-            os.write(fd, MAGIC)
-            whole = hashlib.sha256(MAGIC)
-            stream = _AgeStream(fd, rcpts, whole)
+            os.write(fd, magic)
+            # Format 2 signs SHA-256(magic || ciphertext): the whole file's hash is that
+            # state, copied, plus the trailer (format 1 hashed the ciphertext twice).
+            if fmt == 1:
+                h, whole = hashlib.sha256(), hashlib.sha256(magic)
+            else:
+                h, whole = hashlib.sha256(magic), None
+            stream = _AgeStream(fd, rcpts, h, whole)
             try:
                 feed(stream)
             except BaseException:
                 stream.abort()
                 raise
             stream.close()
-            digest = stream.h.digest()
+            digest = h.digest()
+            if whole is None:
+                whole = h.copy()
             pub = signing_key.public_key()
             trailer = json.dumps({
-                "format": FORMAT, "bundle_id": bundle_id, "key_id": _key_id(pub),
+                "format": fmt, "bundle_id": bundle_id, "key_id": _key_id(pub),
                 "public_key": base64.b64encode(_raw(pub)).decode(),
                 "ciphertext_sha256": digest.hex(), "ciphertext_size": stream.n,
                 "signature": base64.b64encode(signing_key.sign(digest + bundle_id.encode()))
@@ -547,7 +562,7 @@ def _seal(out: Path, bundle_id: str, signing_key: ed25519.Ed25519PrivateKey,
         tmp.unlink(missing_ok=True)
         raise
     return BundleInfo(bundle_id, *parse_bundle_id(bundle_id), _key_id(pub), pub, digest.hex(),
-                      out.stat().st_size, stream.n, whole.hexdigest())
+                      out.stat().st_size, stream.n, whole.hexdigest(), fmt)
 
 
 def _raw(pub: ed25519.Ed25519PublicKey) -> bytes:
@@ -560,7 +575,8 @@ def read_trailer(f: BinaryIO, size: int) -> dict[str, Any]:
     if size < len(MAGIC) + tail + 2:
         raise BundleError("not a bundle: too short (truncated?)")
     f.seek(0)
-    if f.read(len(MAGIC)) != MAGIC:
+    fmt = FORMAT_OF_MAGIC.get(f.read(len(MAGIC)))
+    if fmt is None:
         raise BundleError("not a bundle: bad magic at the start")
     f.seek(size - tail)
     end = f.read(tail)
@@ -576,8 +592,9 @@ def read_trailer(f: BinaryIO, size: int) -> dict[str, Any]:
         raise BundleError("bundle is damaged: trailer is not valid JSON") from None
     if not isinstance(trailer, dict) or set(trailer) != TRAILER_KEYS:
         raise BundleError("bundle is damaged: trailer fields are wrong")
-    if trailer["format"] != FORMAT:
-        raise BundleError(f"unsupported bundle format {trailer['format']!r} (this is {FORMAT})")
+    if trailer["format"] != fmt:
+        raise BundleError(f"unsupported bundle format {trailer['format']!r} (the magic says "
+                          f"{fmt}; this reads 1 and 2)")
     if trailer["ciphertext_size"] != size - len(MAGIC) - tail - n:
         raise BundleError("bundle is truncated or padded: ciphertext size does not match")
     return trailer
@@ -605,15 +622,21 @@ def verify(path: Path, trusted_key_ids: Iterable[str] | None = None) -> BundleIn
         if trusted and t["key_id"] not in trusted:
             raise BundleError(f"bundle signed by key {t['key_id']}, which is not trusted here")
         site_id, seq = parse_bundle_id(str(t["bundle_id"]))
-        f.seek(len(MAGIC))
-        h, left, whole = hashlib.sha256(), t["ciphertext_size"], hashlib.sha256(MAGIC)
+        f.seek(0)
+        magic = f.read(len(MAGIC))
+        # format 1: the hash of the ciphertext; 2: of magic and ciphertext (one pass for both)
+        h, left = hashlib.sha256(magic if t["format"] == 2 else b""), t["ciphertext_size"]
+        whole = hashlib.sha256(magic) if t["format"] == 1 else None
         while left:
             chunk = f.read(min(CHUNK, left))
             if not chunk:
                 raise BundleError("bundle is truncated")
             h.update(chunk)
-            whole.update(chunk)
+            if whole is not None:
+                whole.update(chunk)
             left -= len(chunk)
+        if whole is None:
+            whole = h.copy()
         whole.update(f.read())
         digest = h.digest()
         if digest.hex() != t["ciphertext_sha256"]:
@@ -624,7 +647,7 @@ def verify(path: Path, trusted_key_ids: Iterable[str] | None = None) -> BundleIn
             raise BundleError("bundle signature is invalid (tampered with, or a signature "
                               "from another bundle)") from None
     return BundleInfo(t["bundle_id"], site_id, seq, t["key_id"], pub, digest.hex(), size,
-                      t["ciphertext_size"], whole.hexdigest())
+                      t["ciphertext_size"], whole.hexdigest(), t["format"])
 
 
 # -- opening --------------------------------------------------------------------------------
@@ -689,8 +712,9 @@ class Opened:
 def _check_manifest(m: Any, info: BundleInfo) -> None:
     if not isinstance(m, dict) or set(m) != MANIFEST_KEYS:
         raise BundleError("manifest fields are wrong")
-    if m["format"] != FORMAT:
-        raise BundleError(f"unsupported manifest format {m['format']!r}")
+    if m["format"] != info.format:
+        raise BundleError(f"unsupported manifest format {m['format']!r} (the outside says "
+                          f"{info.format})")
     if m["bundle_id"] != info.bundle_id:
         raise BundleError(f"manifest belongs to bundle {m['bundle_id']}, not {info.bundle_id}")
     if (m["site_id"], m["seq"], m["key_id"]) != (info.site_id, info.seq, info.key_id):
