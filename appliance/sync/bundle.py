@@ -2,8 +2,8 @@
 
 Layout of a bundle file (docs/bundle-format.md is the reference)::
 
-    b"FIELDBUNDLE/1\\n"                 magic
-    age v1 ciphertext                   X25519 recipients (cloud + escrow), via pyrage
+    b"FIELDBUNDLE/2\\n"                 magic (b"FIELDBUNDLE/1\\n": format 1, still read)
+    age v1 ciphertext                   X25519 recipients (cloud + escrow)
     trailer                             compact JSON, see TRAILER_KEYS
     8-byte big-endian trailer length
     b"\\nFBEND/1"                        end magic
@@ -11,14 +11,17 @@ Layout of a bundle file (docs/bundle-format.md is the reference)::
 Inside the ciphertext is a plain tar: ``manifest.json``, ``manifest.sig``
 (Ed25519 by the appliance identity key), then every file the manifest lists,
 in its order.  The trailer carries a detached Ed25519 signature over
-``SHA-256(ciphertext) || bundle_id`` so that anyone holding only the public
-key (the cloud, a courier's laptop) rejects junk before decrypting, and the
-bundle id names the site and the sequence number, so both are signed too.
+``SHA-256(magic || ciphertext) || bundle_id`` (format 1: ``SHA-256(ciphertext)``)
+so that anyone holding only the public key (the cloud, a courier's laptop)
+rejects junk before decrypting, and the bundle id names the site and the
+sequence number, so both are signed too.
 
 Why a trailer and not a header: the ciphertext hash is known only once the
 stream has been written, and a build must stay streaming (bounded memory
-whatever the study size).  Nothing here hand-rolls cryptography: age does
-the AEAD, ``cryptography`` does Ed25519 and SHA-256.
+whatever the study size).  No new cryptography here: the ciphertext is age v1 as
+specified (age-encryption.org/v1), written with ``cryptography``'s X25519, HKDF,
+HMAC and ChaCha20-Poly1305 so that it runs at disk speed (pyrage and ``age -d``
+decrypt it, and restore decrypts with pyrage); ``cryptography`` does Ed25519 too.
 """
 
 from __future__ import annotations
