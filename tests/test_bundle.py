@@ -337,3 +337,45 @@ def test_keygen_writes_a_private_identity_and_prints_the_recipient(tmp_path):
     assert str(ident[0].to_public()) == pub
     again = run_cli("bundle", "keygen", "--out", str(tmp_path / "escrow.key"))
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr
+
+
+def test_format_1_bundles_still_verify_and_open(keys, tmp_path):
+    """Bundles written before format 2 (the ciphertext hashed on its own) still read."""
+    d = tmp_path / "src"
+    d.mkdir()
+    entries = _entries(d, n=2, size=300_000, tag="old")
+    p = tmp_path / "old.bundle"
+    built = bnd.build(p, bnd.new_bundle_id("site-old", 1), keys["sign"], [keys["pub"]], entries,
+                      fmt=1)
+    blob = p.read_bytes()
+    assert blob.startswith(bnd.MAGIC_V1) and _trailer(blob)[0]["format"] == 1
+    t, n = _trailer(blob)
+    assert t["ciphertext_sha256"] == hashlib.sha256(blob[len(bnd.MAGIC_V1):-16 - n]).hexdigest()
+    info = bnd.verify(p)
+    assert (info.format, info.file_sha256) == (1, hashlib.sha256(blob).hexdigest())
+    assert info.file_sha256 == built.file_sha256
+    opened = bnd.open_bundle(p, keys["ident"], tmp_path / "out")
+    for e in entries[:-1]:
+        assert (tmp_path / "out" / e.name).read_bytes() == e.source.read_bytes()
+    # A format 1 trailer under the format 2 magic (or the reverse) is refused.
+    assert "unsupported bundle format" in _rejected(keys, bnd.MAGIC + blob[len(bnd.MAGIC):],
+                                                    tmp_path)
+    assert opened.manifest["format"] == 1
+
+
+def test_format_2_signs_magic_and_ciphertext_and_age_decrypts_it(keys, pair, tmp_path):
+    blob = pair[0]
+    assert blob.startswith(bnd.MAGIC)
+    t, n = _trailer(blob)
+    assert t["format"] == 2
+    assert t["ciphertext_sha256"] == hashlib.sha256(blob[:-16 - n]).hexdigest()
+    age = shutil.which("age")
+    if age is None:
+        pytest.skip("no age binary")
+    ct = tmp_path / "ct.age"
+    ct.write_bytes(blob[len(bnd.MAGIC):-16 - n])
+    out = subprocess.run([age, "-d", "-i", str(keys["dir"] / "cloud.key"), str(ct)],
+                         capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(out)) as tar:
+        names = [m.name for m in tar.getmembers()]
+    assert names[:2] == ["manifest.json", "manifest.sig"] and len(names) == 6

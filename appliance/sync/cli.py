@@ -74,7 +74,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"{args.file}: signature OK")
     print(f"  bundle {info.bundle_id}  site {info.site_id}  sequence {info.seq}")
     print(f"  signed by key {info.key_id}{'' if args.trust else ' (not checked against a trusted key: pass --trust KEY_ID)'}")
-    print(f"  ciphertext SHA-256 {info.sha256}  size {info.size} bytes")
+    signed = "ciphertext" if info.format == 1 else "magic and ciphertext"
+    print(f"  SHA-256 of the {signed} {info.sha256}  size {info.size} bytes"
+          f"  (format {info.format})")
     return 0
 
 
