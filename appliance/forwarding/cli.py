@@ -15,7 +15,7 @@ import time
 
 from appliance.core import audit, config, db
 from appliance.core.command_line import CliError, actor
-from appliance.forwarding import outbox, sending, status
+from appliance.forwarding import outbox, progress, sending, status
 from dicom_node import index as dicom_index
 
 
@@ -117,20 +117,34 @@ def _since(text: str | None) -> float | None:
         raise CliError(f"--since {text!r}: expected a date such as 2026-07-01") from None
 
 
-def _bar(done: int, total: int, sent_bytes: int, seconds: float) -> None:
-    """One self-overwriting line on a terminal: instances and MB sent, rate, time left."""
+def bar_line(s: progress.Snapshot, width: int = 30) -> str:
+    """The terminal bar for a snapshot: instances and MB sent of planned, rate, time left
+    (the figures the status page's hand-back panel shows, read from the same row)."""
+    fill = int(width * s.instances_sent / s.instances_planned) if s.instances_planned else width
+    return (f"[{'#' * fill}{'.' * (width - fill)}] {s.instances_sent}/{s.instances_planned}"
+            f" instances, {s.bytes_sent / 1e6:.1f}/{s.bytes_planned / 1e6:.1f} MB,"
+            f" {s.rate_bytes_s / 1e6:.1f} MB/s ({s.rate_instances_s:.0f}/s),"
+            f" {progress.duration_text(s.seconds_left)} left"
+            + (f", reports {s.reports_sent}/{s.reports_planned}" if s.reports_planned else ""))
+
+
+def _bar(s: progress.Snapshot) -> None:
+    """One self-overwriting line on a terminal (nothing when stderr is not one)."""
     import sys
 
     if not sys.stderr.isatty():
         return
-    rate = done / seconds if seconds > 0 else 0.0
-    left = (total - done) / rate if rate > 0 else float("nan")
-    width = 30
-    fill = int(width * done / total) if total else width
-    sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} instances,"
-                     f" {sent_bytes / 1e6:.1f} MB, {rate:.0f}/s, {left:.0f} s left ")
+    sys.stderr.write(f"\r{bar_line(s)} ")
+    if s.state != "running":
+        sys.stderr.write("\n")
     sys.stderr.flush()
-    if done >= total:
+
+
+def _end_bar(args: argparse.Namespace) -> None:
+    """End the bar's line before an error is printed under it."""
+    import sys
+
+    if not args.json and sys.stderr.isatty():
         sys.stderr.write("\n")
 
 
@@ -147,6 +161,7 @@ def cmd_handback(args: argparse.Namespace) -> int:
         result = handback.run(conn, cfg, args.to.strip(), _since(args.since), args.dry_run,
                               None if args.json else _bar, actor())
     except (handback.HandbackError, manifest.ManifestError) as e:
+        _end_bar(args)
         raise CliError(str(e)) from None
     finally:
         conn.close()
