@@ -21,11 +21,12 @@ FAR = 4_000_000_000.0  # a clock after every quiet period
 
 
 def forwarding_site(base: Path, pacs: Orthanc, destination: str = "SITEPACS",
-                    commitment: bool = False, port: int | None = None, **forwarding: float):
+                    commitment: bool = False, port: int | None = None,
+                    dicomweb_url: str = "", **forwarding: float):
     """A site whose workflow forwards everything to ``destination`` (Orthanc; at ``port``
     when a relay stands in front of it)."""
     site = local_site(base)
-    add_destination(site, destination, port or pacs.dicom_port, commitment)
+    add_destination(site, destination, port or pacs.dicom_port, commitment, dicomweb_url)
     for other in (site.data_dir / "workflows").glob("*.yaml"):
         other.unlink()  # only this rule decides
     (site.data_dir / "workflows" / "forward.yaml").write_text(f"""\
@@ -66,12 +67,15 @@ def site_pacs(workdir: Path, aet: str = "SITEPACS", **extra) -> Orthanc:
     return pacs
 
 
-def add_destination(site, name: str, port: int, commitment: bool = False) -> None:
+def add_destination(site, name: str, port: int, commitment: bool = False,
+                    dicomweb_url: str = "") -> None:
     from ruamel.yaml.comments import CommentedMap
 
     entry = {"name": name, "host": "127.0.0.1", "port": port}
     if commitment:
         entry["commitment"] = True
+    if dicomweb_url:
+        entry["dicomweb_url"] = dicomweb_url
     config.edit_known_aes(site.data_dir, lambda items: items.append(CommentedMap(entry)))
 
 

@@ -185,7 +185,12 @@ def cmd_handback_verify(args: argparse.Namespace) -> int:
 
     if args.host:
         cfg = config.Config(Path("."), config.parse("{}", Path("<defaults>")))
-        peer = config.KnownAE(name=args.to.strip(), host=args.host, port=args.port)
+        url = (args.dicomweb_url or "").strip().rstrip("/")
+        msg = config._dicomweb_url(url)
+        if msg:
+            raise CliError(f"--dicomweb-url {msg}")  # not repeated: it may hold a password
+        peer = config.KnownAE(name=args.to.strip(), host=args.host, port=args.port,
+                              dicomweb_url=url)
     else:
         cfg = config.load(args.data_dir)
         peer = cfg.known_ae(args.to.strip())
@@ -227,6 +232,8 @@ def register_handback(sub: argparse._SubParsersAction) -> None:
                    " keys/identity.pub)")
     v.add_argument("--host", help="the PACS address (instead of a data directory)")
     v.add_argument("--port", type=int, default=104, help="the PACS port (with --host)")
+    v.add_argument("--dicomweb-url", metavar="URL", help="with --host: ask the PACS by QIDO-RS"
+                   " at this DICOMweb root instead of C-FIND")
     v.add_argument("--calling-ae", help="our AE title towards the PACS (default: the site's)")
     v.add_argument("--public-key", help="the appliance's identity.pub (default: the data"
                    " directory's)")

@@ -1,7 +1,8 @@
 """Return to service: hand everything acquired on the appliance back to the restored PACS.
 
 1. List the instances stored here (since ``--since``), by study and series.
-2. Ask the PACS what it already holds (C-FIND at IMAGE level, one query per series).
+2. Ask the PACS what it already holds: C-FIND at IMAGE level, one query per series, or
+   QIDO-RS (one search per study) when its known AE has a ``dicomweb_url``.
 3. Queue what it lacks in the forwarding outbox (origin ``handback``): the same durable,
    leased rows as ``forward:``, so an interrupted hand-back resumes where it stopped and
    a second run finds the instances already there and sends nothing twice.
@@ -11,7 +12,7 @@
    is asked for by C-FIND like the images.
 5. Write the signed manifest (:mod:`appliance.forwarding.manifest`): every instance, its
    SHA-256, where it went and how its delivery was proved (``commitment``, ``c-find`` after
-   sending, or ``c-find`` because the PACS already held it).
+   sending, or ``c-find``/``qido`` because the PACS already held it).
 
 Progress (instances, bytes and report documents planned and sent, rate, state) is written to
 ``handback_progress`` as the run goes (:mod:`appliance.forwarding.progress`): the terminal
@@ -30,7 +31,7 @@ from typing import Any
 
 from appliance.core import audit
 from appliance.core.config import Config, KnownAE
-from appliance.forwarding import manifest, outbox, sending
+from appliance.forwarding import manifest, outbox, qido, sending
 from appliance.forwarding import progress as runs
 from appliance.reports import delivery as report_delivery
 from dicom_node import index as dicom_index
@@ -46,8 +47,26 @@ class HandbackError(Exception):
     """The hand-back cannot start or cannot finish now (resumable: run it again)."""
 
 
+def asked_by(peer: KnownAE) -> str:
+    """How :func:`held_by` asks this PACS what it holds: ``qido`` or ``c-find``."""
+    return "qido" if peer.dicomweb_url else "c-find"
+
+
 def held_by(cfg: Config, peer: KnownAE, expected: dict[tuple[str, str], set[str]],
             calling_ae: str | None = None, tries: int = 3) -> dict[tuple[str, str], set[str]]:
+    """(study, series) → SOP Instance UIDs the PACS holds: by QIDO-RS when the AE has a
+    ``dicomweb_url`` (a failure is an error, never an empty answer), else by C-FIND."""
+    if peer.dicomweb_url:
+        try:
+            return qido.held(peer.dicomweb_url, expected, cfg["forwarding"]["timeout_s"])
+        except qido.QidoError as e:
+            raise HandbackError(f"cannot ask {peer.name} what it holds by QIDO-RS: {e}"
+                                " (check dicomweb_url in appliance ae list)") from None
+    return _held_by_find(cfg, peer, expected, calling_ae, tries)
+
+
+def _held_by_find(cfg: Config, peer: KnownAE, expected: dict[tuple[str, str], set[str]],
+                  calling_ae: str | None, tries: int) -> dict[tuple[str, str], set[str]]:
     """(study, series) → SOP Instance UIDs the PACS holds (C-FIND IMAGE level).
 
     A series answered without all ``expected`` instances is asked again on a fresh
@@ -251,7 +270,7 @@ def _body(conn: sqlite3.Connection, cfg: Config, peer: KnownAE, instances: list[
     for r in instances:
         row = rows.get(r["sop_uid"])
         if r["sop_uid"] not in sent:
-            proof = "c-find (already held)"
+            proof = f"{asked_by(peer)} (already held)"
         elif row is not None and row["state"] == "delivered":
             proof = row["proof"]
         else:
