@@ -235,3 +235,35 @@ def test_kill_9_shows_interrupted_and_the_resumed_run_ends_done_with_orthancs_to
     gauges = _metrics(client)
     assert gauges[("appliance_handback_instances", "SITEPACS", "sent")] == 160
     assert gauges[("appliance_handback_bytes", "SITEPACS", "sent")] == total
+
+
+def test_a_running_row_is_interrupted_only_when_its_writer_is_gone(tmp_path):
+    """This host: by the writer's pid, however long its last pass took; another host: once
+    the row has not moved for STALE_S (a fixed clock, no waiting)."""
+    import socket
+
+    from reporting_site import local_site
+
+    site = local_site(tmp_path)
+    conn = db.connect(site.data_dir / "appliance.db")
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid of this host that is gone
+    t = 1_800_000_000.0
+    for dest, host, pid in (("LIVE", socket.gethostname(), os.getpid()),
+                            ("DEAD", socket.gethostname(), dead.pid),
+                            ("AWAY", "another-box", 1)):
+        conn.execute("INSERT INTO handback_progress (destination, started_at, updated_at,"
+                     " instances_planned, owner_host, owner_pid) VALUES (?,?,?,10,?,?)",
+                     (dest, t, t, host, pid))
+    conn.commit()
+
+    def states(now):
+        return {s.destination: s.state for s in progress.recent(conn, now)}
+
+    assert states(t + 1) == {"LIVE": "running", "DEAD": "interrupted", "AWAY": "running"}
+    later = t + progress.STALE_S + 1
+    assert states(later) == {"LIVE": "running", "DEAD": "interrupted", "AWAY": "interrupted"}
+    with pytest.raises(progress.AlreadyRunning, match="pid"):
+        progress.check_not_running(conn, "LIVE", later)
+    assert progress.check_not_running(conn, "AWAY", later).state == "interrupted"
+    assert states(t + progress.RECENT_S + 10) == {"LIVE": "running"}  # old ones drop off

@@ -97,7 +97,11 @@ def _snapshot(row: sqlite3.Row, now: float) -> Snapshot:
 
 
 def _gone(snap: Snapshot, now: float) -> bool:
-    return holder_gone(f"{snap.owner_host}:{snap.owner_pid}") or now - snap.updated_at > STALE_S
+    """Its writer is dead: a process of this host that no longer exists (however long its
+    last pass took), or, for a writer on another host, no update for :data:`STALE_S`."""
+    if snap.owner_host == socket.gethostname():
+        return holder_gone(f"{snap.owner_host}:{snap.owner_pid}")
+    return now - snap.updated_at > STALE_S
 
 
 def latest(conn: sqlite3.Connection, destination: str, now: float) -> Snapshot | None:
