@@ -148,6 +148,7 @@ def run(conn: sqlite3.Connection, cfg: Config, to: str, since: float | None = No
 
 
 def _not_running(conn: sqlite3.Connection, to: str) -> None:
+    """Fail fast, before asking the PACS, when a live process already hands back there."""
     try:
         runs.check_not_running(conn, to.strip(), time.time())
     except runs.AlreadyRunning as e:
