@@ -116,6 +116,12 @@ def cmd_ae_add(args: argparse.Namespace) -> int:
         if msg:  # the value is not repeated: it may carry a password
             raise CliError(f"--orthanc-url {msg}")
         entry["orthanc_url"] = args.orthanc_url.strip()  # old copies of corrected images removed
+    if args.dicomweb_url is not None:
+        url = args.dicomweb_url.strip().rstrip("/")
+        msg = config._dicomweb_url(url) or (None if url else "must not be empty")
+        if msg:  # the value is not repeated: it may carry a password
+            raise CliError(f"--dicomweb-url {msg}")
+        entry["dicomweb_url"] = url  # the hand-back asks it by QIDO-RS what the PACS holds
 
     def change(items) -> None:
         for i in reversed(range(len(items))):
@@ -134,7 +140,8 @@ def cmd_ae_add(args: argparse.Namespace) -> int:
     print(f"added {name} ({entry['host'] or 'any host'}:{entry['port']}"
           f"{', query' if args.query else ''}{', move destination' if args.move_destination else ''}"
           f"{', worklist' if args.worklist else ''}"
-          f"{', Orthanc REST API' if args.orthanc_url else ''})")
+          f"{', Orthanc REST API' if args.orthanc_url else ''}"
+          f"{', DICOMweb ' + entry['dicomweb_url'] if entry.get('dicomweb_url') else ''})")
     return 0
 
 
@@ -164,10 +171,10 @@ def cmd_ae_list(args: argparse.Namespace) -> int:
     if not aes:
         print("no known AEs (any AE may C-ECHO/C-STORE unless dicom.store_from is 'known')")
         return 0
-    print(f"{'AE title':<17}{'host':<24}{'port':>6}  query  move-destination")
+    print(f"{'AE title':<17}{'host':<24}{'port':>6}  query  move-destination  DICOMweb")
     for ae in aes:
         print(f"{ae.name:<17}{ae.host or '(any)':<24}{ae.port:>6}  {'yes' if ae.query else 'no':<5}  "
-              f"{'yes' if ae.move_destination else 'no'}")
+              f"{'yes' if ae.move_destination else 'no':<16}  {ae.dicomweb_url or '-'}")
     return 0
 
 
@@ -239,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="its Orthanc REST API (http://host:8042): after a reconciliation the"
                         " copies under the old Patient ID are deleted there once the corrected"
                         " ones are delivered (user and password: patients.pacs_credentials_file)")
+    p.add_argument("--dicomweb-url", metavar="URL",
+                   help="a PACS's DICOMweb root (http:// or https://): the hand-back asks it"
+                        " by QIDO-RS what the PACS holds, instead of C-FIND")
     p.add_argument("--replace", action="store_true", help="replace an existing entry")
     p.set_defaults(func=cmd_ae_add)
     p = ae_sub.add_parser("list", help="list known AEs")

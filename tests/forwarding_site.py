@@ -3,6 +3,9 @@ through the real study store, the read queue run on a fake clock, a real Orthanc
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from pathlib import Path
 
 from conftest import free_port, require_tool
@@ -18,10 +21,12 @@ FAR = 4_000_000_000.0  # a clock after every quiet period
 
 
 def forwarding_site(base: Path, pacs: Orthanc, destination: str = "SITEPACS",
-                    commitment: bool = False, **forwarding: float):
-    """A site whose workflow forwards everything to ``destination`` (Orthanc)."""
+                    commitment: bool = False, port: int | None = None,
+                    dicomweb_url: str = "", **forwarding: float):
+    """A site whose workflow forwards everything to ``destination`` (Orthanc; at ``port``
+    when a relay stands in front of it)."""
     site = local_site(base)
-    add_destination(site, destination, pacs.dicom_port, commitment)
+    add_destination(site, destination, port or pacs.dicom_port, commitment, dicomweb_url)
     for other in (site.data_dir / "workflows").glob("*.yaml"):
         other.unlink()  # only this rule decides
     (site.data_dir / "workflows" / "forward.yaml").write_text(f"""\
@@ -62,12 +67,15 @@ def site_pacs(workdir: Path, aet: str = "SITEPACS", **extra) -> Orthanc:
     return pacs
 
 
-def add_destination(site, name: str, port: int, commitment: bool = False) -> None:
+def add_destination(site, name: str, port: int, commitment: bool = False,
+                    dicomweb_url: str = "") -> None:
     from ruamel.yaml.comments import CommentedMap
 
     entry = {"name": name, "host": "127.0.0.1", "port": port}
     if commitment:
         entry["commitment"] = True
+    if dicomweb_url:
+        entry["dicomweb_url"] = dicomweb_url
     config.edit_known_aes(site.data_dir, lambda items: items.append(CommentedMap(entry)))
 
 
@@ -110,3 +118,53 @@ def sign_report(conn, cfg, study_uid: str, findings: str = "No acute abnormality
                      findings=findings, impression="Normal.")
     delivery.sign(conn, cfg, rid, actor="dr.ray", level="final", templates=templates)
     return rid
+
+
+class ThrottledLink:
+    """A TCP relay on a free port in front of the PACS that carries at most ``bytes_per_s``
+    each way: a thin link, so a hand-back takes several sending passes and its progress can
+    be read while it moves (loopback alone sends a small test set in one pass)."""
+
+    def __init__(self, upstream_port: int, bytes_per_s: float):
+        self.upstream, self.rate = upstream_port, float(bytes_per_s)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.socks: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:
+                return
+            self.socks += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        due = time.monotonic()
+        try:
+            while data := src.recv(16384):
+                due = max(due, time.monotonic()) + len(data) / self.rate
+                time.sleep(max(0.0, due - time.monotonic()))  # the link's pace, by design
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                _shut(sock)
+
+    def close(self) -> None:
+        _shut(self.listener)  # shutdown wakes the accepting thread
+        for sock in self.socks:
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()

@@ -94,6 +94,26 @@ def _api_url(v: str) -> str | None:
     return None
 
 
+def _dicomweb_url(v: str) -> str | None:
+    """Empty, or the http(s) root of a PACS's DICOMweb service (QIDO-RS asks it what it
+    holds).  No credentials in it: secrets never go in URLs (they would reach logs)."""
+    from urllib.parse import urlsplit
+
+    if not v:
+        return None
+    try:
+        u = urlsplit(v)
+        u.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        u = None
+    if u is None or u.scheme not in ("http", "https") or not u.hostname or u.query \
+            or u.fragment:
+        return "must be an http:// or https:// address like http://pacs:8042/dicom-web"
+    if u.username is not None or u.password is not None:
+        return "must not carry a user name or password"
+    return None
+
+
 def _positive(v: float) -> str | None:
     return None if v > 0 else "must be greater than 0"
 
@@ -304,6 +324,7 @@ KNOWN_AE_KEYS: dict[str, Leaf] = {
     "description": Leaf(str, ""),
     "commitment": Leaf(bool, False),
     "orthanc_url": Leaf(str, "", _api_url, echo=False),
+    "dicomweb_url": Leaf(str, "", _dicomweb_url, echo=False),
 }
 
 
@@ -320,6 +341,7 @@ class KnownAE:
     commitment: bool = False  # forwarding asks it for Storage Commitment (PS3.4 Annex J)
     worklist: bool = False
     orthanc_url: str = ""  # its Orthanc REST API: old copies of corrected instances removed there
+    dicomweb_url: str = ""  # QIDO-RS root: the hand-back asks it what the PACS holds
 
 
 class Config:
@@ -599,6 +621,7 @@ dicom:
   # Remote AEs this site knows. C-FIND, C-MOVE and C-GET are answered only
   # for AEs with query: true; C-MOVE sends only to move_destination: true.
   # Manage with: appliance ae add NAME --host H --port P [--query] [--move-destination]
+  # A PACS with dicomweb_url (--dicomweb-url URL) is asked by QIDO-RS what it holds.
   known_aes: []
   # Modalities this site is expected to send (e.g. [CT, MR, CR]; [] = any).
   # A study of another modality is still stored, and the status page raises an alert.

@@ -15,7 +15,7 @@ import time
 
 from appliance.core import audit, config, db
 from appliance.core.command_line import CliError, actor
-from appliance.forwarding import outbox, sending, status
+from appliance.forwarding import outbox, progress, sending, status
 from dicom_node import index as dicom_index
 
 
@@ -117,20 +117,34 @@ def _since(text: str | None) -> float | None:
         raise CliError(f"--since {text!r}: expected a date such as 2026-07-01") from None
 
 
-def _bar(done: int, total: int, sent_bytes: int, seconds: float) -> None:
-    """One self-overwriting line on a terminal: instances and MB sent, rate, time left."""
+def bar_line(s: progress.Snapshot, width: int = 30) -> str:
+    """The terminal bar for a snapshot: instances and MB sent of planned, rate, time left
+    (the figures the status page's hand-back panel shows, read from the same row)."""
+    fill = int(width * s.instances_sent / s.instances_planned) if s.instances_planned else width
+    return (f"[{'#' * fill}{'.' * (width - fill)}] {s.instances_sent}/{s.instances_planned}"
+            f" instances, {s.bytes_sent / 1e6:.1f}/{s.bytes_planned / 1e6:.1f} MB,"
+            f" {s.rate_bytes_s / 1e6:.1f} MB/s ({s.rate_instances_s:.0f}/s),"
+            f" {progress.duration_text(s.seconds_left)} left"
+            + (f", reports {s.reports_sent}/{s.reports_planned}" if s.reports_planned else ""))
+
+
+def _bar(s: progress.Snapshot) -> None:
+    """One self-overwriting line on a terminal (nothing when stderr is not one)."""
     import sys
 
     if not sys.stderr.isatty():
         return
-    rate = done / seconds if seconds > 0 else 0.0
-    left = (total - done) / rate if rate > 0 else float("nan")
-    width = 30
-    fill = int(width * done / total) if total else width
-    sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} instances,"
-                     f" {sent_bytes / 1e6:.1f} MB, {rate:.0f}/s, {left:.0f} s left ")
+    sys.stderr.write(f"\r{bar_line(s)} ")
+    if s.state != "running":
+        sys.stderr.write("\n")
     sys.stderr.flush()
-    if done >= total:
+
+
+def _end_bar(args: argparse.Namespace) -> None:
+    """End the bar's line before an error is printed under it."""
+    import sys
+
+    if not args.json and sys.stderr.isatty():
         sys.stderr.write("\n")
 
 
@@ -147,6 +161,7 @@ def cmd_handback(args: argparse.Namespace) -> int:
         result = handback.run(conn, cfg, args.to.strip(), _since(args.since), args.dry_run,
                               None if args.json else _bar, actor())
     except (handback.HandbackError, manifest.ManifestError) as e:
+        _end_bar(args)
         raise CliError(str(e)) from None
     finally:
         conn.close()
@@ -170,7 +185,12 @@ def cmd_handback_verify(args: argparse.Namespace) -> int:
 
     if args.host:
         cfg = config.Config(Path("."), config.parse("{}", Path("<defaults>")))
-        peer = config.KnownAE(name=args.to.strip(), host=args.host, port=args.port)
+        url = (args.dicomweb_url or "").strip().rstrip("/")
+        msg = config._dicomweb_url(url)
+        if msg:
+            raise CliError(f"--dicomweb-url {msg}")  # not repeated: it may hold a password
+        peer = config.KnownAE(name=args.to.strip(), host=args.host, port=args.port,
+                              dicomweb_url=url)
     else:
         cfg = config.load(args.data_dir)
         peer = cfg.known_ae(args.to.strip())
@@ -212,6 +232,8 @@ def register_handback(sub: argparse._SubParsersAction) -> None:
                    " keys/identity.pub)")
     v.add_argument("--host", help="the PACS address (instead of a data directory)")
     v.add_argument("--port", type=int, default=104, help="the PACS port (with --host)")
+    v.add_argument("--dicomweb-url", metavar="URL", help="with --host: ask the PACS by QIDO-RS"
+                   " at this DICOMweb root instead of C-FIND")
     v.add_argument("--calling-ae", help="our AE title towards the PACS (default: the site's)")
     v.add_argument("--public-key", help="the appliance's identity.pub (default: the data"
                    " directory's)")

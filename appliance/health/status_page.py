@@ -32,6 +32,7 @@ from markupsafe import Markup
 
 from appliance.core import metrics
 from appliance.forwarding import outbox as forward_outbox
+from appliance.forwarding import progress as handback_progress
 from appliance.forwarding import status as forward_status
 from appliance.health import readiness, status_report
 from appliance.health import series as health_series
@@ -188,6 +189,44 @@ def _sql_families(conn, now, Gauge, Counter):
         yield Counter("appliance_sync_bytes", "Bytes uploaded to the sync target", value=sent)
     yield from _consult_families(conn, now, Gauge)
     yield from _forward_families(conn, now, Gauge)
+    yield from _handback_families(conn, now, Gauge)
+
+
+def _handback_families(conn, now, Gauge):
+    """Each destination's recent hand-back: planned and sent, its state, rate and time left
+    (the figures of the status page's panel, from the same rows)."""
+    import sqlite3
+
+    try:
+        runs = handback_progress.recent(conn, now)
+    except sqlite3.OperationalError:
+        return
+    figures = {name: Gauge(f"appliance_handback_{name}", text, labels=["destination", "figure"])
+               for name, text in (("instances", "Hand-back instances planned and sent"),
+                                  ("bytes", "Hand-back bytes planned and sent"),
+                                  ("report_documents", "Hand-back report SRs planned and sent"))}
+    state = Gauge("appliance_handback_state", "1 for the hand-back's current state",
+                  labels=["destination", "state"])
+    rate = Gauge("appliance_handback_bytes_per_second", "Hand-back rate while running",
+                 labels=["destination"])
+    left = Gauge("appliance_handback_seconds_left", "Hand-back time left at its rate",
+                 labels=["destination"])
+    started = Gauge("appliance_handback_started_timestamp_seconds", "When the hand-back began",
+                    labels=["destination"])
+    for h in runs:
+        d = h.destination
+        for name, planned, sent in (("instances", h.instances_planned, h.instances_sent),
+                                    ("bytes", h.bytes_planned, h.bytes_sent),
+                                    ("report_documents", h.reports_planned, h.reports_sent)):
+            figures[name].add_metric([d, "planned"], planned)
+            figures[name].add_metric([d, "sent"], sent)
+        for st in handback_progress.STATES:
+            state.add_metric([d, st], int(h.state == st))
+        rate.add_metric([d], h.rate_bytes_s if h.state == "running" else 0.0)
+        if h.seconds_left is not None:
+            left.add_metric([d], h.seconds_left)
+        started.add_metric([d], h.started_at)
+    yield from (*figures.values(), state, rate, left, started)
 
 
 def _forward_families(conn, now, Gauge):
@@ -279,12 +318,18 @@ def status_html():
     user = _user()
     report = _report(detailed=user is not None)
     html = render_template("health/status.html", r=report, user=user, plots=_plots(report),
-                                  fmt_pct=_pct, when=_when, ms=_ms)
+                           fmt_pct=_pct, when=_when, ms=_ms, mb=_mb,
+                           duration=handback_progress.duration_text)
     return html, (200 if report["status"] != "red" else 503), {"Refresh": "30"}
 
 
 def _pct(x: float | None, digits: int = 2) -> str:
     return "—" if x is None else f"{x * 100:.{digits}f}%"
+
+
+def _mb(n: float) -> str:
+    """Bytes as MB with one decimal, as the hand-back's terminal bar prints them."""
+    return f"{n / 1e6:.1f}"
 
 
 def _ms(x: float | None) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 from appliance.consults import rooms as consults
 from appliance.core import components
+from appliance.forwarding import progress as handback_progress
 from appliance.forwarding import status as forward_status
 from appliance.health import readiness
 from appliance.health import series as health_series
@@ -215,6 +216,15 @@ def _forwarding(cfg, conn: sqlite3.Connection, now: float) -> list[dict[str, Any
         return []
 
 
+def handback_figures(conn: sqlite3.Connection, now: float) -> list[dict[str, Any]]:
+    """Each destination's recent hand-back (running, done or interrupted): counts, sizes,
+    rate, time left, the manifest's path; nothing when there was none lately."""
+    try:
+        return [s.as_dict() for s in handback_progress.recent(conn, now)]
+    except sqlite3.OperationalError:  # a database not migrated to 23 yet
+        return []
+
+
 def consult_figures(conn: sqlite3.Connection, now: float) -> dict[str, Any] | None:
     """Consult join time p50/p95, drop rate and share of time degraded (last 30 days)."""
     try:
@@ -242,6 +252,7 @@ def collect(cfg, conn: sqlite3.Connection, now: float | None = None) -> dict[str
         "alerts": [asdict(a) for a in found],
         "consults": consult_figures(conn, now),
         "forwarding": _forwarding(cfg, conn, now),
+        "handback": handback_figures(conn, now),
         "series": {name: health_series.series(conn, name, now - 86400)
                    for name in health_series.SERIES},
     }

@@ -74,6 +74,9 @@ MIGRATIONS: list[tuple[int, str, str]] = [
      reading.ARRIVING),
     (22, "HTJ2K frame cache: instance versions encoded (appliance/dicomweb/htj2k_cache.py)",
      dicomweb.HTJ2K_CACHE),
+    (23, "hand-back progress: per run, instances/bytes/report documents planned and sent,"
+         " state, owner process (appliance/forwarding/progress.py)",
+     forwarding.HANDBACK_PROGRESS),
     (24, "patients: copies superseded by a reconciliation at forwarding destinations, until"
          " removed (appliance/patients/superseded.py)", patients.SUPERSEDED),
 ]

@@ -40,3 +40,32 @@ CREATE INDEX forward_outbox_due ON forward_outbox(state, priority_rank, next_att
 CREATE INDEX forward_outbox_study ON forward_outbox(study_uid);
 CREATE INDEX forward_outbox_commit ON forward_outbox(commit_uid);
 """
+
+# Migration 23: how far each hand-back has got (appliance/forwarding/progress.py).  One row
+# per hand-back; a run resumed after an interruption continues its row.  ``owner_host`` and
+# ``owner_pid`` name the process that writes it, so a run killed with -9 reads as interrupted.
+HANDBACK_PROGRESS = """
+CREATE TABLE handback_progress (
+    id INTEGER PRIMARY KEY,
+    destination TEXT NOT NULL,
+    since REAL NOT NULL DEFAULT 0,
+    started_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'running' CHECK (state IN ('running', 'done', 'interrupted')),
+    instances_planned INTEGER NOT NULL DEFAULT 0,
+    instances_sent INTEGER NOT NULL DEFAULT 0,
+    instances_failed INTEGER NOT NULL DEFAULT 0,
+    bytes_planned INTEGER NOT NULL DEFAULT 0,
+    bytes_sent INTEGER NOT NULL DEFAULT 0,
+    reports_planned INTEGER NOT NULL DEFAULT 0,
+    reports_sent INTEGER NOT NULL DEFAULT 0,
+    rate_instances_s REAL NOT NULL DEFAULT 0,
+    rate_bytes_s REAL NOT NULL DEFAULT 0,
+    resumes INTEGER NOT NULL DEFAULT 0,
+    manifest TEXT NOT NULL DEFAULT '',
+    note TEXT NOT NULL DEFAULT '',
+    owner_host TEXT NOT NULL,
+    owner_pid INTEGER NOT NULL
+);
+CREATE INDEX handback_progress_destination ON handback_progress(destination, id);
+"""
