@@ -116,6 +116,7 @@ class Connection:
                    "aborted the association" if self.assoc.is_aborted else "did not answer")
             raise AssociationFailed(f"{called_ae} at {host}:{port} {why}",
                                     unreachable=not self.assoc.is_rejected)
+        keep_responses(self.assoc)
         self.accepted: dict[str, set[str]] = {}
         for cx in self.assoc.accepted_contexts:
             self.accepted.setdefault(cx.abstract_syntax, set()).add(cx.transfer_syntax[0])
@@ -228,6 +229,28 @@ class Connection:
         status, _reply = self.assoc.send_n_action(ds, 1, StorageCommitmentPushModel,
                                                   "1.2.840.10008.1.20.1.1")
         return int(status.Status) if status is not None and "Status" in status else None
+
+
+def keep_responses(assoc) -> None:
+    """Give a response the association's reactor took back to the request waiting for it.
+
+    pynetdicom pauses its reactor thread while a ``send_*`` call waits for its response,
+    but the pause is a flag the two threads race on: between two C-STOREs sent back to back
+    the reactor may wake, take the next C-STORE response off the queue, log "Received
+    unexpected C-STORE service message" and drop it, and the sender then waits out the whole
+    DIMSE timeout (30 s here) for an answer that came in a millisecond.  A response is never
+    something the reactor serves, so it goes back on the queue (once) for the sender."""
+    serve = assoc._serve_request
+
+    def serve_or_return(msg, context_id: int) -> None:
+        if not msg.is_valid_request and not assoc._sent_release \
+                and not getattr(msg, "_given_back", False):
+            msg._given_back = True
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_or_return
 
 
 def commitment_request(transaction_uid: str, refs: list[tuple[str, str]]) -> Dataset:

@@ -288,3 +288,33 @@ def test_a_c_find_proof_counts_only_the_copy_under_the_current_patient_id(tmp_pa
     sending.prove_left_over(conn, cfg, FAR + 20, lambda: FAR + 20)
     assert {(r["state"], r["proof"]) for r in outbox.study_rows(conn, study_uid)} == {
         ("delivered", "c-find")}
+
+
+def test_a_c_store_response_the_reactor_took_goes_back_to_the_waiting_sender(tmp_path):
+    """pynetdicom's reactor may take a C-STORE response off the queue between two sends
+    (its pause flag races); dropped, the sender waits out the DIMSE timeout. We give it back."""
+    from conftest import free_port
+    from dicom_data import write_series
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from dicom_node import store_scu
+
+    scp = _CountingPacs(free_port(), 1)
+    try:
+        _st, _se, paths = write_series(tmp_path / "ct", 2, rows=16, cols=16)
+        items = []
+        for p in paths:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            items.append(store_scu.Item(str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                        str(ds.file_meta.TransferSyntaxUID), p))
+        with store_scu.Connection("FIELDAPP", "COUNTPACS", "127.0.0.1",
+                                  scp.address.dicom_port, items) as link:
+            rsp = C_STORE()
+            rsp.MessageIDBeingRespondedTo, rsp.Status = 1, 0x0000
+            link.assoc._serve_request(rsp, 1)  # what the reactor does with what it took
+            assert link.assoc.dimse.get_msg(block=False) == (1, rsp)
+            link.assoc._serve_request(rsp, 1)  # once only: a stray answer is not kept forever
+            assert link.assoc.dimse.get_msg(block=False) == (None, None)
+            assert [link.send(it).outcome for it in items] == ["stored", "stored"]
+    finally:
+        scp.server.shutdown()
