@@ -85,6 +85,8 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--handback", type=int, default=5000, help="instances (0: skip)")
+    ap.add_argument("--associations", type=int, default=0,
+                    help="forwarding.associations (0: the default)")
     args = ap.parse_args()
     storescu = shutil.which("storescu")
     if not storescu:
@@ -95,7 +97,8 @@ def main() -> int:
     pacs.start()
     node = None
     try:
-        site, cfg = forwarding_site(work, pacs, commitment=True, batch=300)
+        extra = {"associations": args.associations} if args.associations else {}
+        site, cfg = forwarding_site(work, pacs, commitment=True, batch=300, **extra)
         for f in (site.data_dir / "workflows").glob("*.yaml"):
             f.unlink()
         study_uid, _s, files = write_series(work / "ct", args.slices, rows=512, cols=512)
