@@ -260,6 +260,12 @@ def test_without_a_rest_api_the_copies_are_listed_for_the_pacs_administrator(
     assert page.count('data-testid="superseded-row"') == 2 and temp["patient_id"] in page
     api = browser.get("/api/v1/patients/superseded").get_json()
     assert {c["sop_uid"] for c in api} == {x["sop_uid"] for x in listed}
+    status = browser.get("/status", headers=HTML).get_data(as_text=True)
+    panel = status[status.index('id="superseded"'):]
+    panel = panel[:panel.index("</section>")]
+    assert f'data-destination="{pacs.aet}"' in panel
+    assert '<td data-figure="manual">2</td>' in panel
+    assert temp["patient_id"] not in panel  # counts only on the status page
 
     # Hospital IT deletes them; the next C-FIND after the re-check interval sees it.
     for oid in pacs.find({"PatientID": temp["patient_id"]}):
@@ -270,6 +276,7 @@ def test_without_a_rest_api_the_copies_are_listed_for_the_pacs_administrator(
     assert len(audits(conn, "patient.superseded.removed")) == 2
     code, out, _ = cli()
     assert "0 for the PACS administrator" in out and "2 removed" in out
+    assert 'id="superseded"' not in browser.get("/status", headers=HTML).get_data(as_text=True)
     conn.close()
     pacs.stop(kill=True)
 

@@ -225,6 +225,20 @@ def handback_figures(conn: sqlite3.Connection, now: float) -> list[dict[str, Any
         return []
 
 
+def superseded_figures(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Per destination, old copies under a temporary identity still at the PACS: waiting
+    for their corrected copy to arrive, or left to the PACS administrator (counts only)."""
+    from appliance.patients import superseded
+
+    try:
+        found = superseded.summary(conn)
+    except sqlite3.OperationalError:  # a database not migrated to 24 yet
+        return []
+    return [{"destination": d, "waiting": n["waiting"], "manual": n["manual"],
+             "removed": n["removed"]} for d, n in sorted(found.items())
+            if n["waiting"] or n["manual"]]
+
+
 def consult_figures(conn: sqlite3.Connection, now: float) -> dict[str, Any] | None:
     """Consult join time p50/p95, drop rate and share of time degraded (last 30 days)."""
     try:
@@ -253,6 +267,7 @@ def collect(cfg, conn: sqlite3.Connection, now: float | None = None) -> dict[str
         "consults": consult_figures(conn, now),
         "forwarding": _forwarding(cfg, conn, now),
         "handback": handback_figures(conn, now),
+        "superseded": superseded_figures(conn),
         "series": {name: health_series.series(conn, name, now - 86400)
                    for name in health_series.SERIES},
     }
