@@ -13,8 +13,8 @@ ID.  Shown: no study left under a temporary ID in the index or in C-FIND, pixel 
 byte-identical, the old values in the Original Attributes Sequence and Other Patient IDs
 Sequence, the previous files kept as versions, the orders moved (worklist), the 3 reports
 re-issued as signed correction addenda queued for delivery and each original marked
-superseded by its addendum (tests/test_reports_corrections.py shows where), each link audited with who and
-why; a replayed link, an inverted link and a self-merge change nothing; an unlink restores
+superseded by its addendum (where that shows: tests/test_reports_corrections.py), each link
+audited with who and why; a replayed link, an inverted link and a self-merge change nothing; an unlink restores
 the temporary identity the same way.  Then a scanner that typed a name wrong: flagged by
 orders-meet-studies, put right with ``fix-study``, linked.
 
