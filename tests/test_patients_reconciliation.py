@@ -12,8 +12,9 @@ are listed for the PACS administrator once a C-FIND shows the corrected copy und
 ID.  Shown: no study left under a temporary ID in the index or in C-FIND, pixel data
 byte-identical, the old values in the Original Attributes Sequence and Other Patient IDs
 Sequence, the previous files kept as versions, the orders moved (worklist), the 3 reports
-re-issued as signed correction addenda queued for delivery, each link audited with who and
-why; a replayed link, an inverted link and a self-merge change nothing; an unlink restores
+re-issued as signed correction addenda queued for delivery and each original marked
+superseded by its addendum (where that shows: tests/test_reports_corrections.py), each link
+audited with who and why; a replayed link, an inverted link and a self-merge change nothing; an unlink restores
 the temporary identity the same way.  Then a scanner that typed a name wrong: flagged by
 orders-meet-studies, put right with ``fix-study``, linked.
 
@@ -41,6 +42,7 @@ from appliance.forwarding import outbox as forward_outbox
 from appliance.forwarding import sending
 from appliance.patients import orders as order_sql
 from appliance.patients import registry, studies, superseded
+from appliance.reports import corrections
 from appliance.reports import model as reports
 from dicom_node import query
 
@@ -175,11 +177,15 @@ def test_trauma_identities_reconciled_everywhere_and_undone(dicom_site, dcmtk, t
     # Orders (the worklist) follow; reports re-issued, never edited; audit names each link.
     assert {o["patient_ref"] for o in registry.orders_of(conn, reals[0]["id"])} == \
         {reals[0]["id"]}
-    for rid in signed:
-        assert reports.get_report(conn, rid)["status"] == "final"
+    for k, rid in enumerate(signed):
+        report = reports.get_report(conn, rid)
+        assert report["status"] == "final"
         (add,) = reports.addenda(conn, rid)
         assert add["status"] == "final" and "Identity correction" in add["findings"]
         assert "REAL^PERSON" in add["findings"]
+        mark = corrections.superseded_by(conn, report)  # marked, naming the addendum
+        assert (mark["addendum_id"], mark["action"], mark["patient_id"]) == \
+            (add["id"], "link", f"MRN-{k}")
     assert conn.execute("SELECT count(*) FROM deliveries d JOIN reports r ON r.id = d.report_id"
                         " WHERE r.kind = 'addendum'").fetchone()[0] == 3
     links = conn.execute("SELECT actor, object, detail FROM audit WHERE action = 'patient.link'"

@@ -18,6 +18,8 @@ from appliance.core import audit, config, db
 from appliance.core.command_line import CliError, actor, data_dir_arg
 from appliance.patients import reconciliation, registry, superseded, wristband
 from appliance.patients.registry import RegistrationError
+from appliance.reports import corrections
+from dicom_node import correction as dicom_correction
 
 
 def _open(args: argparse.Namespace):
@@ -143,18 +145,34 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line a signed report or addendum, then what supersedes it (as the report page's
+    banner says it)."""
+    out = []
+    for r in rows:
+        name = f"report {r['id']}" if r["kind"] == "report" else \
+            f"addendum {r['id']} to report {r['parent_id']}"
+        out.append(f"  {name:<26} {r['status']:<12} by {r['author']}  study {r['study_uid']}")
+        if r["superseded_by"]:
+            out.append(f"    {corrections.sentence(r['superseded_by'])}")
+    return out
+
+
 @_run
 def cmd_show(args: argparse.Namespace) -> int:
     cfg, conn, site = _open(args)
     try:
         p = registry.find(conn, args.patient)
         p["orders"] = registry.orders_of(conn, p["id"])
-        audit.record(conn, actor(), "patient.view", p["patient_id"], source="cli")
+        p["reports"] = corrections.of_studies(
+            conn, dicom_correction.studies_of_patient(conn, p["patient_id"]))
+        audit.record(conn, actor(), "patient.view", p["patient_id"], source="cli",
+                     detail={"orders": len(p["orders"]), "reports": len(p["reports"])})
     finally:
         conn.close()
     text = [_line(p)] + [f"  {o['accession']:<16} {o['procedure_name']:<24} {o['modality']:<3}"
                          f" {o['priority']:<8} {o['status']:<13} {o['reason']}"
-                         for o in p["orders"]]
+                         for o in p["orders"]] + _report_lines(p["reports"])
     _print(args, p, "\n".join(text))
     return 0
 
@@ -282,7 +300,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temporary", action="store_true", help="only temporary identities not "
                                                            "yet reconciled")
     p.add_argument("--limit", type=int, default=500)
-    p = add("show", cmd_show, "one patient and their orders")
+    p = add("show", cmd_show, "one patient, their orders and the signed reports of their"
+                              " studies (and what superseded them)")
     p.add_argument("patient", help="Patient ID")
     p = add("wristband", cmd_wristband, "write a patient's wristband PDF")
     p.add_argument("patient", help="Patient ID")

@@ -8,10 +8,12 @@ Patient IDs, the previous file kept as a version), and in the same pass the inde
 C-FIND and QIDO), the orders (so the worklist) and the registration are updated.  A signed
 report is never edited: each final report of an affected study gets a signed correction
 addendum naming the change, delivered like any addendum (its SR carries the corrected
-identity and names the original as its predecessor).  In the transaction that records the
-link, the corrected objects are queued again wherever they went (forwarding's outbox for
-images, report delivery for the SR/PDF documents, which carry the study's identity as the
-index holds it), and every copy a destination held under the old identity is recorded as
+identity and names the original as its predecessor), and the original is marked superseded
+by it (:mod:`appliance.reports.corrections`; an unlink's addendum supersedes the link's).
+In the transaction that records the link, those addenda and marks are made, the corrected
+objects are queued again wherever they went (forwarding's outbox for images, report
+delivery for the SR/PDF documents, which carry the study's identity as the index holds
+it), and every copy a destination held under the old identity is recorded as
 superseded: :mod:`appliance.patients.superseded` removes it there once the corrected copy is
 proved delivered, never before.
 
@@ -31,6 +33,7 @@ from appliance.core import audit, config, db
 from appliance.forwarding import outbox as forward_outbox
 from appliance.patients import registry, superseded
 from appliance.patients.registry import RegistrationError
+from appliance.reports import corrections
 from dicom_node import correction
 from dicom_node import index as dicom_index
 from dicom_node.study_store import StudyStore
@@ -109,9 +112,10 @@ def link(cfg: config.Config, conn: sqlite3.Connection, source_id: str, target_id
                      detail={"link": cur.lastrowid, "to": dst["patient_id"], "reason": reason,
                              "studies": studies, "instances": len(changed)})
         _resend_corrected(conn, changed, studies, old_ids, cur.lastrowid, now)
-    reissued = _reissue_reports(cfg, conn, studies, actor,
-                                f"{src['patient_id']} ({src['name']}) is "
-                                f"{dst['patient_id']} ({dst['name']})")
+        reissued = corrections.issue(conn, cfg, studies, _correction(
+            cur.lastrowid, kind, dst, f"{src['patient_id']} ({src['name']}) is "
+                                      f"{dst['patient_id']} ({dst['name']})"),
+            actor=actor, source=source, now=now)
     return {"link": cur.lastrowid, "replayed": False, "instances": len(changed),
             "studies": studies, "reports_reissued": reissued}
 
@@ -142,10 +146,11 @@ def unlink(cfg: config.Config, conn: sqlite3.Connection, source_id: str, *, acto
         audit.record(conn, actor, "patient.unlink", src["patient_id"], source=source,
                      detail={"link": live["id"], "reason": reason, "instances": len(changed)})
         _resend_corrected(conn, changed, detail["studies"], old_ids, live["id"], now)
-    to = detail["to"]
-    reissued = _reissue_reports(cfg, conn, detail["studies"], actor,
-                                f"{to['PatientID']} is not {src['patient_id']}: the link was "
-                                f"undone; {src['patient_id']} ({src['name']}) is restored")
+        reissued = corrections.issue(conn, cfg, detail["studies"], _correction(
+            live["id"], "unlink", src, f"{detail['to']['PatientID']} is not"
+                                       f" {src['patient_id']}: the link was undone;"
+                                       f" {src['patient_id']} ({src['name']}) is restored"),
+            actor=actor, source=source, now=now)
     return {"link": live["id"], "instances": len(changed), "reports_reissued": reissued}
 
 
@@ -174,8 +179,10 @@ def fix_study(cfg: config.Config, conn: sqlite3.Connection, study_uid: str, pati
                      detail={"to": dst["patient_id"], "reason": reason,
                              "instances": len(changed)})
         _resend_corrected(conn, changed, [study_uid], old_ids, cur.lastrowid, now)
-    reissued = _reissue_reports(cfg, conn, [study_uid], actor,
-                                f"the study belongs to {dst['patient_id']} ({dst['name']})")
+        reissued = corrections.issue(conn, cfg, [study_uid], _correction(
+            cur.lastrowid, "study", dst, f"the study belongs to {dst['patient_id']}"
+                                         f" ({dst['name']})"), actor=actor, source=source,
+            now=now)
     return {"instances": len(changed), "replayed": False, "reports_reissued": reissued}
 
 
@@ -197,23 +204,14 @@ def _recheck(conn: sqlite3.Connection, studies: list[str]) -> None:
         conn.execute("UPDATE order_studies SET checked_at = 0 WHERE study_uid = ?", (uid,))
 
 
-def _reissue_reports(cfg: config.Config, conn: sqlite3.Connection, studies: list[str],
-                     actor: str, what: str) -> list[int]:
-    """A signed correction addendum for each final report of the studies (never an edit)."""
-    from appliance.reports import delivery, model
-
-    made = []
-    templates = model.load_templates(cfg.data_dir / "report_templates", [])
-    for uid in studies:
-        for report in model.reports_for_study(conn, uid):
-            if report["kind"] != "report" or report["status"] != "final":
-                continue
-            add = model.add_addendum(conn, report["id"], actor=actor,
-                                     text=f"Identity correction: {what}. The findings and "
-                                          "impression of the report are unchanged.")
-            delivery.sign(conn, cfg, add, actor=actor, level="final", templates=templates)
-            made.append(add)
-    return made
+def _correction(link_id: int, action: str, now_is: dict[str, Any],
+                statement: str) -> corrections.Correction:
+    """What the reports are told: which link, what was done, the registration the studies
+    belong to now.  Issued inside the link's transaction (a link is never recorded without
+    its correction addenda and marks; a replay returns before, so nothing is marked twice)."""
+    return corrections.Correction(link_id=link_id, action=action,
+                                  patient_id=now_is["patient_id"], patient_name=now_is["name"],
+                                  statement=statement)
 
 
 def _resend_corrected(conn: sqlite3.Connection, sop_uids: list[str], studies: list[str],

@@ -4,7 +4,8 @@ When the site PACS was down, deliveries wait with a growing delay (at most
 ``reports.retry_max_backoff_s``). ``deliveries`` shows what waits and why;
 ``retry`` makes waiting deliveries due now (the worker sends them at its next
 sweep, within seconds), for when the responder knows the PACS is back.
-No patient data is printed: rows name reports and destinations only.
+No patient data is printed: rows name reports and destinations only (a report an identity
+correction superseded names the correction addendum's id, not the identity).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 
 from appliance.core import audit, config, db
 from appliance.core.command_line import CliError, actor, data_dir_arg
+from appliance.reports import corrections
 
 
 def _ago(seconds: float) -> str:
@@ -35,8 +37,11 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
             "SELECT id, report_id, read_item_id, format, destination, state, attempts,"
             f" next_attempt_at, last_error, created_at, delivered_at FROM deliveries {where}"
             " ORDER BY id DESC LIMIT ?", (args.limit,))]
+        marks = corrections.for_report_ids(conn, [r["report_id"] for r in rows])
     finally:
         conn.close()
+    for r in rows:  # an addendum id, never the identity: this listing names no patient
+        r["superseded_by"] = (marks.get(r["report_id"]) or {}).get("addendum_id")
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -55,6 +60,9 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
               f"{r['state']:<10}{r['attempts']:>5}  {when}")
         if r["state"] == "pending" and r["last_error"]:
             print(f"{'':>7}last error: {r['last_error']}")
+        if r["superseded_by"]:
+            print(f"{'':>7}report {r['report_id']} is superseded by identity correction"
+                  f" addendum {r['superseded_by']}")
     return 0
 
 

@@ -9,6 +9,9 @@
   first, each acknowledged with one click (who and when are recorded).
 - ``/reports/<id>/print`` and ``/reports/<id>.pdf``: the signed report for a
   site on paper (HTML with print CSS, or a PDF made in pure Python).
+- ``/api/v1/reports/<id>``: the same report as JSON, with ``superseded_by`` when an
+  identity correction superseded it (:mod:`appliance.reports.corrections`), which the page
+  and the printable page show as a banner.
 
 Every view of a report is an access to patient data and is audited; every
 change is audited by the domain functions in the same transaction.
@@ -35,7 +38,7 @@ from appliance.accounts import permissions
 from appliance.accounts import sessions as auth
 from appliance.forwarding import outbox as forward_outbox
 from appliance.patients import studies as patient_orders
-from appliance.reports import critical_findings
+from appliance.reports import corrections, critical_findings
 from appliance.reports import delivery as report_delivery
 from appliance.reports import documents as report_documents
 from appliance.reports import model as reports
@@ -127,11 +130,14 @@ def _page_data(conn, report: dict[str, Any]) -> dict[str, Any]:
             item = _worklist().get_item(conn, report["read_item_id"])
         except Exception:
             item = None
+    chain = corrections.chain(conn, report)
     return {
         "report": report, "template": template, "templates": templates,
         "study": reports.study_row(conn, report["study_uid"]) or {},
         "versions": reports.versions(conn, report["id"]),
         "addenda": reports.addenda(conn, report["id"]), "parent": parent,
+        "superseded_by": corrections.superseded_by(conn, report), "corrections": chain,
+        "correction_of": {c["addendum_id"]: c for c in chain},
         "findings": critical_findings.for_report(conn, report["id"]),
         "deliveries": report_delivery.for_report(conn, report["id"]), "item": item,
         "editable": report["status"] != "final" and report["author"] == _user()["username"],
@@ -182,6 +188,36 @@ def page(rid: int):
     auth.audit_event("report.view", f"report:{rid}", detail={"study_uid": report["study_uid"]})
     return render_template("reports/report.html", **_page_data(conn, report),
                            fmt_time=fmt_time)
+
+
+@bp.get("/api/v1/reports/<int:rid>")
+@auth.require(*VIEWERS)
+@permissions.patient_data("report")
+def api_report(rid: int):
+    """The report as JSON for scripts and other tools: its signed versions, addenda and, when
+    an identity correction superseded it, ``superseded_by`` (the newest correction) and
+    ``corrections`` (the chain, oldest first).  The same right as the page, audited alike."""
+    try:
+        report = _checked_report(rid, "report.view")
+    except ReportError as e:
+        return _fail(e)
+    auth.audit_event("report.view", f"report:{rid}", detail={"study_uid": report["study_uid"],
+                                                               "api": True})
+    return jsonify(_report_json(get_db(), report))
+
+
+def _report_json(conn, report: dict[str, Any]) -> dict[str, Any]:
+    keep = ("id", "kind", "parent_id", "study_uid", "status", "template_id", "author",
+            "created_at", "updated_at")
+    version_keys = ("id", "level", "signed_by", "signer_name", "signed_at", "sha256", "text")
+    return {
+        **{k: report[k] for k in keep},
+        "versions": [{k: v[k] for k in version_keys} for v in reports.versions(conn, report["id"])],
+        "addenda": [{"id": a["id"], "status": a["status"], "author": a["author"]}
+                    for a in reports.addenda(conn, report["id"])],
+        "superseded_by": corrections.superseded_by(conn, report),
+        "corrections": corrections.chain(conn, report),
+    }
 
 
 @bp.app_template_filter("dicom_date")
@@ -307,8 +343,10 @@ def results():
         " ORDER BY r.updated_at DESC LIMIT 200", (int(mine), user["username"]))]
     seen = permissions.visible_to_caller(r["study_uid"] for r in rows)
     rows = [r for r in rows if r["study_uid"] in seen]  # the staff's own site, the reader's pool
+    marks = corrections.for_listing(get_db(), rows)
     for r in rows:
         r["patient_name"] = (r["patient_name"] or "").replace("^", " ").strip()
+        r["superseded_by"] = marks.get(r["id"])
     auth.audit_event("report.list", "", detail={"rows": len(rows)})
     return render_template("reports/list.html", rows=rows, fmt_time=fmt_time)
 
@@ -390,6 +428,7 @@ def printable(rid: int):
     cfg = current_app.config["SITE"]
     return render_template("reports/print.html", report=report, version=version, addenda=adds,
                            study=reports.study_row(get_db(), report["study_uid"]) or {},
+                           superseded_by=corrections.superseded_by(get_db(), report),
                            site=cfg["site"]["name"], fmt_time=fmt_time)
 
 

@@ -79,4 +79,6 @@ MIGRATIONS: list[tuple[int, str, str]] = [
      forwarding.HANDBACK_PROGRESS),
     (24, "patients: copies superseded by a reconciliation at forwarding destinations, until"
          " removed (appliance/patients/superseded.py)", patients.SUPERSEDED),
+    (25, "reports: a final report superseded by an identity correction addendum (who, when,"
+         " which link; appliance/reports/corrections.py)", reports.SUPERSESSIONS),
 ]

@@ -105,3 +105,32 @@ CREATE TABLE deliveries (
 CREATE INDEX deliveries_due ON deliveries(state, next_attempt_at);
 CREATE INDEX deliveries_item ON deliveries(read_item_id);
 """
+
+# Migration 25: a final report superseded by an identity correction
+# (appliance/reports/corrections.py).  The report row is locked (``reports_final_locked``),
+# so the mark is a row of its own: which report, which signed correction addendum supersedes
+# it, which reconciliation (``patient_links`` row and what was done to it: link, merge,
+# unlink, study), who, when, and the identity the study carries since.  An unlink marks the
+# original again and the link's addendum too: the newest correction of an original wins.
+# Append-only, like the signatures: a mark is history.
+SUPERSESSIONS = """
+CREATE TABLE report_supersessions (
+    id INTEGER PRIMARY KEY,
+    report_id INTEGER NOT NULL REFERENCES reports(id),
+    addendum_id INTEGER NOT NULL REFERENCES reports(id),
+    link_id INTEGER NOT NULL REFERENCES patient_links(id),
+    action TEXT NOT NULL CHECK (action IN ('link', 'merge', 'unlink', 'study')),
+    patient_id TEXT NOT NULL,
+    patient_name TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    at REAL NOT NULL,
+    CHECK (report_id != addendum_id),
+    UNIQUE (report_id, addendum_id)
+);
+CREATE INDEX report_supersessions_report ON report_supersessions(report_id, id);
+CREATE INDEX report_supersessions_link ON report_supersessions(link_id);
+CREATE TRIGGER report_supersessions_no_update BEFORE UPDATE ON report_supersessions
+BEGIN SELECT RAISE(ABORT, 'report supersessions are append-only'); END;
+CREATE TRIGGER report_supersessions_no_delete BEFORE DELETE ON report_supersessions
+BEGIN SELECT RAISE(ABORT, 'report supersessions are append-only'); END;
+"""
