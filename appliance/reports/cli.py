@@ -49,14 +49,14 @@ def cmd_deliveries(args: argparse.Namespace) -> int:
         print("no deliveries waiting" if not args.all else "no deliveries yet")
         return 0
     now = time.time()
-    print(f"{'id':>5}  {'report':>6}  {'format':<6}{'to':<17}{'state':<10}{'tries':>5}  when")
+    print(f"{'id':>5}  {'report':>6}  {'format':<7}{'to':<17}{'state':<10}{'tries':>5}  when")
     for r in rows:
         if r["state"] == "pending":
             due = r["next_attempt_at"] - now
             when = f"next try in {_ago(due)}" if due > 0 else "due now"
         else:
             when = f"delivered {_ago(now - (r['delivered_at'] or now))} ago"
-        print(f"{r['id']:>5}  {r['report_id']:>6}  {r['format']:<6}{r['destination']:<17}"
+        print(f"{r['id']:>5}  {r['report_id']:>6}  {r['format']:<7}{r['destination']:<17}"
               f"{r['state']:<10}{r['attempts']:>5}  {when}")
         if r["state"] == "pending" and r["last_error"]:
             print(f"{'':>7}last error: {r['last_error']}")
