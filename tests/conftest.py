@@ -141,6 +141,9 @@ def _stop_every_site() -> Iterator[None]:
     yield
     for s in _SITES:
         s.stop_all()
+    orthanc = sys.modules.get("orthanc")  # a test that failed before its pacs.stop()
+    for pacs in getattr(orthanc, "STARTED", []):
+        pacs.stop(kill=True)
 
 
 def make_site(base: Path, **init_args: str) -> Site:

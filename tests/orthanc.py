@@ -33,6 +33,7 @@ import pytest
 from conftest import free_port, require_tool
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
+STARTED: list[Orthanc] = []  # every Orthanc a test started; conftest stops them at the end
 
 
 class Orthanc:
@@ -85,6 +86,7 @@ class Orthanc:
         self.proc = subprocess.Popen([self.binary, str(self.config_path)], stdout=log,
                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
+        STARTED.append(self)
         self.wait_ready(timeout)
         return self
 
