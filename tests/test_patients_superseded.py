@@ -296,3 +296,58 @@ def test_a_password_in_the_api_address_is_refused_and_not_repeated(site, monkeyp
     with pytest.raises(config.ConfigError) as e:
         config.load(site.data_dir)
     assert "orthanc_url" in str(e.value) and "pw-in-url" not in str(e.value)
+
+
+def test_a_link_killed_while_it_corrects_the_files_is_finished_by_running_it_again(
+        tmp_path: Path, monkeypatch, capsys):
+    """The files are corrected before the link's transaction (a study cannot be rewritten in
+    one): killed in between, the same command finishes the same correction, where it used
+    to find no study left under the temporary ID and record an empty link."""
+    a = make_auth_app(tmp_path)
+    pacs = start_pacs(tmp_path / "orthanc", "FIELDAPP")
+    add_pacs(monkeypatch, capsys, a.data_dir, pacs, api=False)
+    cfg = config.load(a.data_dir)
+    conn = db.open_db(cfg.db_path)
+    (temp,), (real,) = trauma_studies(conn, cfg, a.data_dir, tmp_path, 1, 3, 60)
+    forward_all(conn, cfg, pacs.aet)
+    assert conn.execute("SELECT count(*) FROM forward_outbox WHERE state = 'delivered'"
+                        ).fetchone()[0] == 180
+    link = [sys.executable, "-m", "appliance", "patient", "link", temp["patient_id"],
+            real["patient_id"], "--reason", "identified by her son", "--data-dir",
+            str(a.data_dir)]
+    proc = subprocess.Popen(link, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None and conn.execute(
+            "SELECT count(*) FROM instance_versions").fetchone()[0] < 20:
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    assert conn.execute("SELECT count(*) FROM patient_links").fetchone()[0] == 0, \
+        "the link finished before the kill"
+    assert conn.execute("SELECT count(*) FROM instance_versions").fetchone()[0] >= 20
+
+    other = registry.register(conn, registry.Site.from_config(cfg), actor="desk",
+                              name="Other^Person", patient_id="MRN-9", birth="1980-02-02",
+                              sex_code="M")
+    with pytest.raises(reconciliation.ReconciliationError, match="interrupted"):
+        reconciliation.link(cfg, conn, temp["patient_id"], other["patient_id"], actor="desk",
+                            reason="a different guess")
+    assert conn.execute("SELECT count(*) FROM patient_links").fetchone()[0] == 0
+
+    done = subprocess.run(link, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (detail,) = [json.loads(r[0]) for r in conn.execute("SELECT detail FROM patient_links")]
+    assert detail["instances"] == 180 and len(detail["studies"]) == 3
+    assert study_uids(conn, temp["patient_id"]) == []
+    assert len(study_uids(conn, real["patient_id"])) == 3
+    # Every instance goes again to the PACS, and every old copy is recorded under the
+    # temporary ID (the interrupted run's plan kept the IDs the studies had before it).
+    assert conn.execute("SELECT count(*) FROM forward_outbox WHERE state = 'waiting'"
+                        ).fetchone()[0] == 180
+    assert {r["old_patient_id"] for r in rows(conn)} == {temp["patient_id"]}
+    assert len(rows(conn)) == 180
+    assert len(audits(conn, "patient.link")) == 1
+    assert conn.execute("SELECT count(*) FROM settings WHERE key LIKE ?",
+                        (reconciliation.PENDING + "%",)).fetchone()[0] == 0
+    conn.close()
+    pacs.stop(kill=True)

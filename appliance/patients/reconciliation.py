@@ -92,12 +92,17 @@ def link(cfg: config.Config, conn: sqlite3.Connection, source_id: str, target_id
     replay = _check(conn, src, dst, kind)
     if replay is not None:
         return {"link": replay["id"], "replayed": True, "instances": 0, "studies": []}
-    studies = correction.studies_of_patient(conn, src["patient_id"])
-    old_ids = dicom_index.patient_ids(conn, studies)
-    changed = _correct(cfg, studies, _identity(dst), f"{kind} {src['patient_id']}")
+    key = f"link:{src['id']}"
+    plan = _begin(conn, key, {"kind": kind, "to": dst["id"]}, lambda: _plan(
+        conn, correction.studies_of_patient(conn, src["patient_id"])),
+        f"{kind} of {src['patient_id']} to {dst['patient_id']}")
+    studies, old_ids = plan["studies"], plan["old_ids"]
+    _correct(cfg, studies, _identity(dst), f"{kind} {src['patient_id']}")
+    changed = _instances(conn, studies)
     orders = [o["id"] for o in registry.orders_of(conn, src["id"])]
     now = time.time()
     with db.transaction(conn):
+        _done(conn, key)
         conn.execute("UPDATE orders SET patient_ref = ?, updated_at = ? WHERE patient_ref = ?",
                      (dst["id"], now, src["id"]))
         conn.execute("UPDATE patients SET merged_into = ? WHERE id = ?", (dst["id"], src["id"]))
@@ -131,10 +136,15 @@ def unlink(cfg: config.Config, conn: sqlite3.Connection, source_id: str, *, acto
     if live is None:
         raise ReconciliationError(f"{src['patient_id']} is not linked to anyone")
     detail = json.loads(live["detail"])
-    old_ids = dicom_index.patient_ids(conn, detail["studies"])
-    changed = _correct(cfg, detail["studies"], detail["from"], f"unlink {src['patient_id']}")
+    key = f"unlink:{src['id']}"
+    plan = _begin(conn, key, {"link": live["id"]}, lambda: _plan(conn, detail["studies"]),
+                  f"unlink of {src['patient_id']}")
+    old_ids = plan["old_ids"]
+    _correct(cfg, detail["studies"], detail["from"], f"unlink {src['patient_id']}")
+    changed = _instances(conn, detail["studies"])
     now = time.time()
     with db.transaction(conn):
+        _done(conn, key)
         if detail["orders"]:
             marks = ",".join("?" * len(detail["orders"]))
             conn.execute(f"UPDATE orders SET patient_ref = ?, updated_at = ? WHERE id IN ({marks})",
@@ -164,12 +174,18 @@ def fix_study(cfg: config.Config, conn: sqlite3.Connection, study_uid: str, pati
     if dst["merged_into"] is not None:
         raise ReconciliationError(f"{dst['patient_id']} was merged: use the record it was "
                                   "merged into")
-    old_ids = dicom_index.patient_ids(conn, [study_uid])
-    changed = _correct(cfg, [study_uid], _identity(dst), "study correction")
-    if not changed:
+    key = f"study:{study_uid}"
+    resumed = _pending(conn, key) is not None
+    plan = _begin(conn, key, {"to": dst["id"]}, lambda: _plan(conn, [study_uid]),
+                  f"correction of study {study_uid} to {dst['patient_id']}")
+    old_ids = plan["old_ids"]
+    if not _correct(cfg, [study_uid], _identity(dst), "study correction") and not resumed:
+        _done(conn, key)
         return {"instances": 0, "replayed": True}
+    changed = _instances(conn, [study_uid])
     now = time.time()
     with db.transaction(conn):
+        _done(conn, key)
         cur = conn.execute("INSERT INTO patient_links (kind, study_uid, to_ref, actor, reason,"
                            " detail, at) VALUES ('study',?,?,?,?,?,?)",
                            (study_uid, dst["id"], actor, reason.strip(),
@@ -184,6 +200,54 @@ def fix_study(cfg: config.Config, conn: sqlite3.Connection, study_uid: str, pati
                                          f" ({dst['name']})"), actor=actor, source=source,
             now=now)
     return {"instances": len(changed), "replayed": False, "reports_reissued": reissued}
+
+
+# -- write-ahead: the files are corrected before the link's transaction ---------------------
+# Rewriting every instance cannot happen inside one SQLite transaction, so the plan (which
+# studies, under which Patient IDs they were) is committed first and removed by the
+# transaction that records the link.  A process killed in between leaves the plan: the same
+# command run again finishes the same correction (the files already corrected are skipped,
+# every instance of the studies is sent again and its old copy recorded), where it would
+# otherwise find no study left under the temporary ID and record an empty link.
+PENDING = "patients.reconcile_pending."
+
+
+def _pending(conn: sqlite3.Connection, key: str) -> dict[str, Any] | None:
+    row = conn.execute("SELECT value FROM settings WHERE key = ?", (PENDING + key,)).fetchone()
+    return json.loads(row[0]) if row else None
+
+
+def _plan(conn: sqlite3.Connection, studies: list[str]) -> dict[str, Any]:
+    return {"studies": studies, "old_ids": dicom_index.patient_ids(conn, studies)}
+
+
+def _begin(conn: sqlite3.Connection, key: str, what: dict[str, Any], make, name: str
+           ) -> dict[str, Any]:
+    """The interrupted plan for ``key`` if there is one (it must be the same operation),
+    else a new one, committed before any file is touched."""
+    with db.transaction(conn):
+        found = _pending(conn, key)
+        if found is not None:
+            if {k: found.get(k) for k in what} != what:
+                raise ReconciliationError(
+                    f"the {found['name']} was interrupted and is not finished: run that"
+                    " command again first (nothing was changed)")
+            return found
+        plan = {**what, **make(), "name": name}
+        conn.execute("INSERT INTO settings (key, value) VALUES (?, ?)",
+                     (PENDING + key, json.dumps(plan)))
+        return plan
+
+
+def _done(conn: sqlite3.Connection, key: str) -> None:
+    conn.execute("DELETE FROM settings WHERE key = ?", (PENDING + key,))
+
+
+def _instances(conn: sqlite3.Connection, studies: list[str]) -> list[str]:
+    """Every instance of the studies (each has its corrected version now, whether this run or
+    an interrupted one wrote it): all are sent again."""
+    return [r["sop_uid"] for uid in studies
+            for r in dicom_index.instances_to_send(conn, study_uid=uid)]
 
 
 def _correct(cfg: config.Config, studies: list[str], identity: dict[str, str],
