@@ -121,11 +121,18 @@ def test_ohif_loads_the_stack_progressively_and_ends_at_full_quality(
                                       ".numRequests)]; }")
                 raise AssertionError(f"stuck at {state}: requests {ranges[-6:]} console"
                                      f" {console[-15:]}") from None
-            load = page.evaluate("() => window.applianceProgressive.loads[0]")
-            assert load["errors"] == 0
             # Every slice is at full quality in cornerstone's cache: what OHIF shows.
             page.wait_for_function(f"() => ({QUALITY_JS})().every(q => q === {FULL_RESOLUTION})",
                                    timeout=30_000)
+            # Read the record after that wait, once each slice our loader previewed has its
+            # full load recorded: the wait above lets one be outstanding (the slice OHIF
+            # itself loads may never pass through our loader), and a record read too early
+            # lacks the last one.
+            page.wait_for_function("() => { const l = window.applianceProgressive.loads[0];"
+                                   " return l.errors > 0 || Object.keys(l.preview)"
+                                   ".every(k => k in l.full); }", timeout=30_000)
+            load = page.evaluate("() => window.applianceProgressive.loads[0]")
+            assert load["errors"] == 0
             # The previews came first, from byte ranges of HTJ2K codestreams.
             # Most slices show a preview first (on loopback some are whole before their turn).
             assert len(load["preview"]) >= SLICES // 2, load
