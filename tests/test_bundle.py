@@ -13,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import require_tool
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
@@ -294,6 +295,7 @@ def test_build_refuses_a_file_changed_on_disk(keys, tmp_path):
 BUILD_BIG = """
 import hashlib, sys
 from pathlib import Path
+from conftest import require_tool
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from appliance.sync import bundle as bnd
 src = Path(sys.argv[1]); data_sha, size = sys.argv[2], int(sys.argv[3])
@@ -369,9 +371,7 @@ def test_format_2_signs_magic_and_ciphertext_and_age_decrypts_it(keys, pair, tmp
     t, n = _trailer(blob)
     assert t["format"] == 2
     assert t["ciphertext_sha256"] == hashlib.sha256(blob[:-16 - n]).hexdigest()
-    age = shutil.which("age")
-    if age is None:
-        pytest.skip("no age binary")
+    age = require_tool("age")
     ct = tmp_path / "ct.age"
     ct.write_bytes(blob[len(bnd.MAGIC):-16 - n])
     out = subprocess.run([age, "-d", "-i", str(keys["dir"] / "cloud.key"), str(ct)],
