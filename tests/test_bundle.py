@@ -295,7 +295,6 @@ def test_build_refuses_a_file_changed_on_disk(keys, tmp_path):
 BUILD_BIG = """
 import hashlib, sys
 from pathlib import Path
-from conftest import require_tool
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from appliance.sync import bundle as bnd
 src = Path(sys.argv[1]); data_sha, size = sys.argv[2], int(sys.argv[3])
