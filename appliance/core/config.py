@@ -74,17 +74,40 @@ def _public_url(v: str) -> str | None:
     return None
 
 
-def _api_url(v: str) -> str | None:
-    """A known AE's ``orthanc_url``: empty, or http(s)://host[:port][/path] with no user,
-    password, query or fragment (credentials go in ``patients.pacs_credentials_file``)."""
+def _split_address(v: str):
+    """``urlsplit`` of an address, or None when it does not parse (a bad port included)."""
     from urllib.parse import urlsplit
 
-    if not v:
-        return None
     try:
         u = urlsplit(v)
         u.port  # noqa: B018 (raises on a bad port)
     except ValueError:
+        return None
+    return u
+
+
+def read_secret_file(path: Path, error: type[Exception]) -> str:
+    """The text of a credentials file, refused (``error``) unless only its owner may read it:
+    secrets live in 0600 files, never in ``appliance.yaml``, a command line or a URL."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise error(f"cannot read credentials file {path}: {e.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise error(f"{path} is readable by others: chmod 600 {path}")
+    return text
+
+
+def _api_url(v: str) -> str | None:
+    """A known AE's ``orthanc_url``: empty, or http(s)://host[:port][/path] with no user,
+    password, query or fragment (credentials go in ``patients.pacs_credentials_file``)."""
+    if not v:
+        return None
+    u = _split_address(v)
+    if u is None:
         return "must be an address like http://10.0.0.5:8042"
     if u.username is not None or u.password is not None:
         return ("must not carry a user or password (put them in"
@@ -97,15 +120,9 @@ def _api_url(v: str) -> str | None:
 def _dicomweb_url(v: str) -> str | None:
     """Empty, or the http(s) root of a PACS's DICOMweb service (QIDO-RS asks it what it
     holds).  No credentials in it: secrets never go in URLs (they would reach logs)."""
-    from urllib.parse import urlsplit
-
     if not v:
         return None
-    try:
-        u = urlsplit(v)
-        u.port  # noqa: B018 (raises on a bad port)
-    except ValueError:
-        u = None
+    u = _split_address(v)
     if u is None or u.scheme not in ("http", "https") or not u.hostname or u.query \
             or u.fragment:
         return "must be an http:// or https:// address like http://pacs:8042/dicom-web"

@@ -7,7 +7,6 @@ a 0600 file of ``name = value`` lines, never from appliance.yaml, and never logg
 from __future__ import annotations
 
 import os
-import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,13 +26,7 @@ class CredentialsError(Exception):
 
 def read_credentials(path: Path) -> dict[str, str]:
     """``smtp_password = …`` / ``webhook_secret = …``; refused unless only its owner reads it."""
-    try:
-        mode = path.stat().st_mode
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise CredentialsError(f"cannot read credentials file {path}: {e.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise CredentialsError(f"{path} is readable by others: chmod 600 {path}")
+    text = config.read_secret_file(path, CredentialsError)
     out = {}
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):

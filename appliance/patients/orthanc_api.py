@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import base64
 import json
-import stat
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from appliance.core import config
 
 
 class ApiError(Exception):
@@ -34,13 +35,7 @@ class CredentialsError(ApiError):
 def read_credentials(path: Path) -> dict[str, tuple[str, str]]:
     """``AE = user:password`` lines → {AE: (user, password)}; refused unless only its owner
     may read it (the password may hold ``:``, the user may not, as in HTTP Basic)."""
-    try:
-        mode = path.stat().st_mode
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise CredentialsError(f"cannot read credentials file {path}: {e.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise CredentialsError(f"{path} is readable by others: chmod 600 {path}")
+    text = config.read_secret_file(path, CredentialsError)
     out: dict[str, tuple[str, str]] = {}
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
