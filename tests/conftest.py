@@ -164,6 +164,17 @@ def make_site(base: Path, **init_args: str) -> Site:
 
 
 @pytest.fixture
+def pacs(tmp_path: Path):
+    """A real Orthanc as the site PACS, knowing our node (tests/forwarding_site.py)."""
+    from forwarding_site import site_pacs
+
+    p = site_pacs(tmp_path / "orthanc")
+    p.start()
+    yield p
+    p.stop(kill=True)
+
+
+@pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
     s = make_site(tmp_path)
     yield s

@@ -17,14 +17,6 @@ from appliance.core import audit, db
 from appliance.forwarding import outbox, sending
 
 
-@pytest.fixture
-def pacs(tmp_path):
-    p = site_pacs(tmp_path / "orthanc")
-    p.start()
-    yield p
-    p.stop(kill=True)
-
-
 def test_a_forward_rule_sends_the_study_as_stored_and_proves_it_by_c_find(tmp_path, pacs):
     site, cfg = forwarding_site(tmp_path, pacs)
     study_uid, paths = ingest(site, 5)

@@ -8,7 +8,6 @@ import collections
 import signal
 import time
 
-import pytest
 from conftest import Site
 from dicom_data import write_series
 from forwarding_site import (
@@ -18,20 +17,11 @@ from forwarding_site import (
     ingest,
     pacs_sop_uids,
     sign_report,
-    site_pacs,
     store_files,
 )
 
 from appliance.core import audit, db, leases
 from appliance.forwarding import outbox, sending
-
-
-@pytest.fixture
-def pacs(tmp_path):
-    p = site_pacs(tmp_path / "orthanc")
-    p.start()
-    yield p
-    p.stop(kill=True)
 
 
 def _states(conn) -> dict[str, int]:

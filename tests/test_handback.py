@@ -11,7 +11,6 @@ import signal
 import subprocess
 import time
 
-import pytest
 from conftest import appliance_cmd
 from forwarding_site import (
     FAR,
@@ -19,20 +18,11 @@ from forwarding_site import (
     ingest,
     pacs_sop_uids,
     sign_report,
-    site_pacs,
 )
 
 from appliance import cli
 from appliance.core import audit, db
 from appliance.forwarding import outbox, sending
-
-
-@pytest.fixture
-def pacs(tmp_path):
-    p = site_pacs(tmp_path / "orthanc")
-    p.start()
-    yield p
-    p.stop(kill=True)
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str]:

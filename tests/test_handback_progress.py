@@ -24,7 +24,6 @@ from forwarding_site import (
     ingest,
     pacs_sop_uids,
     sign_report,
-    site_pacs,
 )
 from test_auth import HTML, PASSWORD, post_login
 
@@ -34,14 +33,6 @@ from appliance.core import db
 from appliance.forwarding import cli as forwarding_cli
 from appliance.forwarding import handback, outbox, progress, sending
 from dicom_node import index as dicom_index
-
-
-@pytest.fixture
-def pacs(tmp_path):
-    p = site_pacs(tmp_path / "orthanc")
-    p.start()
-    yield p
-    p.stop(kill=True)
 
 
 @pytest.fixture
