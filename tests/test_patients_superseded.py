@@ -82,6 +82,19 @@ class _Dir:
         self.data_dir = data_dir
 
 
+def forwarded_trauma(data_dir: Path, tmp_path: Path, monkeypatch, capsys, ae_title: str,
+                     api: bool, studies: int, instances: int):
+    """Orthanc as the site PACS, one trauma patient's studies forwarded to it, and the real
+    record they belong to: (pacs, cfg, conn, temporary registration, real registration)."""
+    pacs = start_pacs(tmp_path / "orthanc", ae_title)
+    add_pacs(monkeypatch, capsys, data_dir, pacs, api=api)
+    cfg = config.load(data_dir)
+    conn = db.open_db(cfg.db_path)
+    (temp,), (real,) = trauma_studies(conn, cfg, data_dir, tmp_path, 1, studies, instances)
+    forward_all(conn, cfg, pacs.aet)
+    return pacs, cfg, conn, temp, real
+
+
 def forward_all(conn, cfg, destination: str) -> None:
     for (uid,) in conn.execute("SELECT study_uid FROM studies").fetchall():
         forward_outbox.enqueue_study(conn, uid, [destination], "routine")
@@ -199,12 +212,9 @@ superseded.run_due(config.load(sys.argv[1]), now=float(sys.argv[2]))
 
 def test_a_worker_killed_between_deletes_leaves_each_deletion_audited(site, tmp_path: Path,
                                                                       monkeypatch, capsys):
-    pacs = start_pacs(tmp_path / "orthanc", site.ae_title)
-    add_pacs(monkeypatch, capsys, site.data_dir, pacs, api=True)
-    cfg = config.load(site.data_dir)
-    conn = db.open_db(cfg.db_path)
-    (temp,), (real,) = trauma_studies(conn, cfg, site.data_dir, tmp_path, 1, 1, 4)
-    forward_all(conn, cfg, pacs.aet)
+    pacs, cfg, conn, temp, real = forwarded_trauma(
+        site.data_dir, tmp_path, monkeypatch, capsys, site.ae_title, api=True, studies=1,
+        instances=4)
     reconciliation.link(cfg, conn, temp["patient_id"], real["patient_id"], actor="desk",
                         reason="fingerprints")
     assert sending.run_due(cfg)["stored"] == 4
@@ -226,12 +236,9 @@ def test_without_a_rest_api_the_copies_are_listed_for_the_pacs_administrator(
         tmp_path: Path, monkeypatch, capsys):
     a = make_auth_app(tmp_path)
     a.add_user("desk", "site_staff")
-    pacs = start_pacs(tmp_path / "orthanc", "FIELDAPP")
-    add_pacs(monkeypatch, capsys, a.data_dir, pacs, api=False)
-    cfg = config.load(a.data_dir)
-    conn = db.open_db(cfg.db_path)
-    (temp,), (real,) = trauma_studies(conn, cfg, a.data_dir, tmp_path, 1, 1, 2)
-    forward_all(conn, cfg, pacs.aet)
+    pacs, cfg, conn, temp, real = forwarded_trauma(
+        a.data_dir, tmp_path, monkeypatch, capsys, "FIELDAPP", api=False, studies=1,
+        instances=2)
     reconciliation.link(cfg, conn, temp["patient_id"], real["patient_id"], actor="desk",
                         reason="identified by her son")
     assert sending.run_due(cfg)["stored"] == 2
@@ -304,12 +311,9 @@ def test_a_link_killed_while_it_corrects_the_files_is_finished_by_running_it_aga
     one): killed in between, the same command finishes the same correction, where it used
     to find no study left under the temporary ID and record an empty link."""
     a = make_auth_app(tmp_path)
-    pacs = start_pacs(tmp_path / "orthanc", "FIELDAPP")
-    add_pacs(monkeypatch, capsys, a.data_dir, pacs, api=False)
-    cfg = config.load(a.data_dir)
-    conn = db.open_db(cfg.db_path)
-    (temp,), (real,) = trauma_studies(conn, cfg, a.data_dir, tmp_path, 1, 3, 60)
-    forward_all(conn, cfg, pacs.aet)
+    pacs, cfg, conn, temp, real = forwarded_trauma(
+        a.data_dir, tmp_path, monkeypatch, capsys, "FIELDAPP", api=False, studies=3,
+        instances=60)
     assert conn.execute("SELECT count(*) FROM forward_outbox WHERE state = 'delivered'"
                         ).fetchone()[0] == 180
     link = [sys.executable, "-m", "appliance", "patient", "link", temp["patient_id"],
