@@ -59,20 +59,25 @@ def ours(cfg, conn, study_uid: str, n: int) -> float:
     return time.perf_counter() - t0
 
 
+def _storescu(storescu: str, pacs, files: list[Path]) -> list[str]:
+    return [storescu, "-aet", "BENCH", "-aec", pacs.aet, "127.0.0.1", str(pacs.dicom_port),
+            *map(str, files)]
+
+
+NODELAY = {**os.environ, "TCP_NODELAY": "1"}
+
+
 def peer(storescu: str, pacs, files: list[Path]) -> float:
     t0 = time.perf_counter()
-    subprocess.run([storescu, "-aet", "BENCH", "-aec", pacs.aet, "127.0.0.1",
-                    str(pacs.dicom_port), *map(str, files)], check=True,
-                   env={**os.environ, "TCP_NODELAY": "1"}, capture_output=True)
+    subprocess.run(_storescu(storescu, pacs, files), check=True, env=NODELAY,
+                   capture_output=True)
     return time.perf_counter() - t0
 
 
 def peer_side_by_side(storescu: str, pacs, files: list[Path], lanes: int) -> float:
     """``lanes`` storescu processes at once, each a share of the files (as our lanes)."""
     t0 = time.perf_counter()
-    procs = [subprocess.Popen([storescu, "-aet", "BENCH", "-aec", pacs.aet, "127.0.0.1",
-                               str(pacs.dicom_port), *map(str, files[i::lanes])],
-                              env={**os.environ, "TCP_NODELAY": "1"},
+    procs = [subprocess.Popen(_storescu(storescu, pacs, files[i::lanes]), env=NODELAY,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for i in range(lanes)]
     if any(p.wait() for p in procs):
